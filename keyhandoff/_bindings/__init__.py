@@ -1,0 +1,1 @@
+"""Private compiled cffi modules.  Only one wrapper module per library imports each."""

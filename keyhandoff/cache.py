@@ -1,0 +1,284 @@
+"""The passphrase cache in the kernel keyring.
+
+Two stores live here:
+
+* :class:`PassphraseCache`: keyhandoff's own keyring ``keyhandoff`` linked into root's user
+  keyring, one ``user`` key per LUKS volume named ``keyhandoff:luks:<UUID>``.  Every key
+  has a kernel timeout; the API has no way to store one without.
+* :class:`SystemdCache`: systemd's ``cryptsetup`` key, written and read exactly as
+  systemd 252's ``ask-password-api.c`` does, so ``systemd-ask-password --accept-cached``,
+  ``systemd-cryptsetup``, gdm's ``pam_gdm`` and ``pam_systemd_loadkey`` interoperate.
+
+Reading either store requires *possession* of root's ``@u`` (it must be linked into the
+caller's session keyring: ``KeyringMode=shared`` in a unit).  Keys are created with the
+kernel's default permissions for user keys, which are exactly ``0x3f010000``
+(possessor: all; owner uid: view only; group, other: nothing), and those are set again
+explicitly before a key becomes reachable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid as _uuid
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final
+
+from keyhandoff import keyring
+from keyhandoff.errors import KeyExpired, KeyhandoffError, KeyNotFound, KeyRevoked
+from keyhandoff.secret import Secret
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+__all__ = [
+    "ASK_PASSWORD_DIR",
+    "KEY_PERM",
+    "MAX_TIMEOUT",
+    "CacheEntry",
+    "InvalidVolume",
+    "PassphraseCache",
+    "SystemdCache",
+    "normalize_uuid",
+]
+
+#: possessor: view, read, write, search, link, setattr; owning uid: view; nobody else.
+KEY_PERM: Final = keyring.PERM_POSSESSOR_ALL | keyring.PERM_USER_VIEW
+KEYRING_NAME: Final = "keyhandoff"
+VOLUME_PREFIX: Final = "keyhandoff:luks:"
+#: A cache entry never lives longer than a day (a handoff chain re-puts its keys).
+MAX_TIMEOUT: Final = 86400
+ASK_PASSWORD_DIR: Final = "/run/systemd/ask-password"
+SYSTEMD_KEYNAME: Final = "cryptsetup"
+SYSTEMD_TIMEOUT: Final = 150
+
+
+class InvalidVolume(KeyhandoffError, ValueError):
+    """A volume identifier is not a LUKS UUID."""
+
+
+def normalize_uuid(text: str) -> str:
+    """Return the canonical lower-case form of a LUKS UUID, or raise :class:`InvalidVolume`."""
+    if len(text) != 36:
+        raise InvalidVolume("volume must be a UUID like 12345678-1234-1234-1234-123456789abc")
+    try:
+        value = _uuid.UUID(text)
+    except ValueError:
+        raise InvalidVolume(
+            "volume must be a UUID like 12345678-1234-1234-1234-123456789abc"
+        ) from None
+    return str(value)
+
+
+def _check_timeout(timeout: int) -> int:
+    if not isinstance(timeout, int) or isinstance(timeout, bool):
+        raise TypeError("timeout must be an int number of seconds")
+    if not 1 <= timeout <= MAX_TIMEOUT:
+        raise ValueError(f"timeout must be between 1 and {MAX_TIMEOUT} seconds")
+    return timeout
+
+
+def _new_key_with_timeout(description: str, payload: Secret, timeout: int) -> int:
+    """Create a key that is born with its permissions and expiry before anyone can reach it.
+
+    The key is added to this thread's keyring first, given its permissions and timeout, and
+    only then linked where readers find it.  If any step fails it is invalidated, so a key
+    without expiry never becomes visible in the cache (the attack: a crash between
+    ``add_key`` and ``KEYCTL_SET_TIMEOUT`` leaving a passphrase with no deadline).
+    """
+    serial = keyring.add("user", description, payload, keyring.THREAD)
+    try:
+        keyring.set_perm(serial, KEY_PERM)
+        keyring.set_timeout(serial, timeout)
+    except BaseException:
+        keyring.invalidate(serial)
+        raise
+    return serial
+
+
+@dataclass(frozen=True, slots=True)
+class CacheEntry:
+    """A cached passphrase as listed: which volume and how long it has left.  No payload."""
+
+    volume: str
+    serial: int
+    seconds_left: int | None
+
+    def as_dict(self) -> dict[str, object]:
+        """JSON-friendly form."""
+        return {"volume": self.volume, "serial": self.serial, "seconds_left": self.seconds_left}
+
+
+class PassphraseCache:
+    """Per-volume passphrases in the kernel keyring, each with a kernel-enforced timeout.
+
+    ``parent`` is the keyring our ``keyhandoff`` keyring is linked into: root's user
+    keyring in production; tests pass a keyring of their own.
+    """
+
+    def __init__(self, *, parent: int = keyring.USER, name: str = KEYRING_NAME) -> None:
+        self._parent = parent
+        self._name = name
+        self._serial: int | None = None
+
+    @property
+    def keyring_serial(self) -> int:
+        """Serial of the ``keyhandoff`` keyring, created (empty) on first use."""
+        if self._serial is None:
+            self._serial = keyring.named_keyring(self._name, self._parent, KEY_PERM)
+        return self._serial
+
+    def _find(self, volume: str) -> int | None:
+        try:
+            return keyring.search(self.keyring_serial, "user", VOLUME_PREFIX + volume)
+        except KeyNotFound:
+            return None
+
+    def put(self, volume: str, passphrase: Secret, *, timeout: int) -> int:
+        """Store ``passphrase`` for ``volume`` for ``timeout`` seconds; return the key serial.
+
+        Replaces an existing entry for the same volume (the old key is invalidated).
+        """
+        volume = normalize_uuid(volume)
+        _check_timeout(timeout)
+        passphrase.check_passphrase()
+        old = self._find(volume)
+        serial = _new_key_with_timeout(VOLUME_PREFIX + volume, passphrase, timeout)
+        try:
+            keyring.link(serial, self.keyring_serial)  # displaces an old key of the same name
+        finally:
+            with contextlib.suppress(KeyNotFound):
+                keyring.unlink(serial, keyring.THREAD)
+        if old is not None and old != serial:
+            with contextlib.suppress(KeyNotFound):
+                keyring.invalidate(old)
+        return serial
+
+    def get(self, volume: str) -> Secret:
+        """The passphrase for ``volume``; :class:`KeyNotFound`/:class:`KeyExpired` if none."""
+        volume = normalize_uuid(volume)
+        serial = keyring.search(self.keyring_serial, "user", VOLUME_PREFIX + volume)
+        return keyring.read(serial)
+
+    def entries(self) -> list[CacheEntry]:
+        """The volumes we hold a passphrase for, with seconds left.  Never reads a payload."""
+        serials = set(keyring.list_keyring(self.keyring_serial))
+        out = []
+        for info in keyring.proc_keys(serials):
+            if info.key_type == "user" and info.description.startswith(VOLUME_PREFIX):
+                out.append(
+                    CacheEntry(info.description[len(VOLUME_PREFIX) :], info.serial,
+                               info.seconds_left),
+                )
+        return sorted(out, key=lambda e: e.volume)
+
+    def forget(self, volume: str) -> bool:
+        """Destroy the entry for ``volume``; return whether there was one."""
+        serial = self._find(normalize_uuid(volume))
+        if serial is None:
+            return False
+        keyring.invalidate(serial)
+        return True
+
+    def forget_all(self) -> int:
+        """Destroy every entry; return how many there were."""
+        count = 0
+        for serial in keyring.list_keyring(self.keyring_serial):
+            with contextlib.suppress(KeyNotFound):
+                keyring.invalidate(serial)
+                count += 1
+        return count
+
+
+class SystemdCache:
+    """systemd's ``cryptsetup`` key: NUL-separated passwords in root's user keyring.
+
+    Matches systemd 252 ``add_to_keyring()``: existing entries first, new ones appended,
+    duplicates skipped, no trailing NUL, empty passwords never stored, the 150 s timeout set
+    only when something was added, and the ask directory touched afterwards so waiting
+    queriers look again.
+    """
+
+    def __init__(
+        self,
+        *,
+        keyname: str = SYSTEMD_KEYNAME,
+        keyring_id: int = keyring.USER,
+        ask_dir: str = ASK_PASSWORD_DIR,
+    ) -> None:
+        self.keyname = keyname
+        self._keyring = keyring_id
+        self._ask_dir = ask_dir
+
+    def _serial(self) -> int:
+        # systemd uses request_key("user", keyname, NULL, 0): the caller's keyrings, no upcall
+        return keyring.find("user", self.keyname)
+
+    def read(self) -> list[Secret]:
+        """All cached passwords, oldest first (empty list when the key is missing/expired)."""
+        try:
+            raw = keyring.read(self._serial())
+        except (KeyNotFound, KeyExpired, KeyRevoked):
+            return []
+        with raw:
+            return _split_nulstr(raw.view())
+
+    def last(self) -> Secret | None:
+        """The newest entry, the one pam_gdm and pam_systemd_loadkey hand to PAM."""
+        entries = self.read()
+        if not entries:
+            return None
+        for e in entries[:-1]:
+            e.wipe()
+        return entries[-1]
+
+    def add(self, passwords: Iterable[Secret], *, timeout: int = SYSTEMD_TIMEOUT) -> bool:
+        """Append ``passwords`` (skipping empty ones and duplicates); return whether it changed."""
+        current = self.read()
+        try:
+            added = False
+            for pw in passwords:
+                if len(pw) == 0 or any(pw == c for c in current):
+                    continue
+                pw.check_passphrase()
+                current.append(pw.copy())
+                added = True
+            if not added:
+                return False
+            # sized once: growing a bytearray would leave unwiped copies behind in freed memory
+            size = sum(len(pw) for pw in current) + len(current) - 1
+            with Secret(bytearray(size), allow_empty=True) as payload:
+                buf, pos = payload.buffer(), 0
+                for pw in current:
+                    buf[pos : pos + len(pw)] = pw.view()
+                    pos += len(pw) + 1  # the byte after each entry stays NUL
+                serial = keyring.add("user", self.keyname, payload, self._keyring)
+            keyring.set_timeout(serial, _check_timeout(timeout))
+        finally:
+            for c in current:
+                c.wipe()
+        with contextlib.suppress(OSError):
+            os.utime(self._ask_dir)  # the directory only: never create it
+        return True
+
+    def clear(self) -> bool:
+        """Destroy the key; return whether there was one."""
+        try:
+            keyring.invalidate(self._serial())
+        except (KeyNotFound, KeyExpired, KeyRevoked):
+            return False
+        return True
+
+
+def _split_nulstr(data: memoryview) -> list[Secret]:
+    """Split a NUL-separated list; a trailing NUL (older writers) does not add an entry."""
+    out: list[Secret] = []
+    raw = data  # index the view: no immutable copy of the payload
+    start = 0
+    n = len(raw)
+    for i in range(n + 1):
+        if i == n or raw[i] == 0:
+            if i > start:
+                out.append(Secret(bytearray(raw[start:i])))
+            start = i + 1
+    return out

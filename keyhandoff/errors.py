@@ -1,0 +1,59 @@
+"""The exception tree.  Every error keyhandoff raises derives from :class:`KeyhandoffError`.
+
+Exception texts never contain secrets: they name keys by description or serial only.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConfigError",
+    "KeyExpired",
+    "KeyNotFound",
+    "KeyRejected",
+    "KeyRevoked",
+    "KeyhandoffError",
+    "KeyringError",
+    "KeyringUnavailable",
+    "PermissionDenied",
+    "QuotaExceeded",
+]
+
+
+class KeyhandoffError(Exception):
+    """Root of every keyhandoff error."""
+
+
+class ConfigError(KeyhandoffError):
+    """The configuration file or a parameter is invalid."""
+
+
+class KeyringError(KeyhandoffError, OSError):
+    """A kernel keyring call failed; ``errno`` holds the kernel's error number."""
+
+
+class KeyNotFound(KeyringError):
+    """ENOKEY: no such key, or it is not reachable from the caller's keyrings."""
+
+
+class KeyExpired(KeyringError):
+    """EKEYEXPIRED: the key's kernel timeout passed."""
+
+
+class KeyRevoked(KeyringError):
+    """EKEYREVOKED: the key was revoked."""
+
+
+class KeyRejected(KeyringError):
+    """EKEYREJECTED: the key was negatively instantiated and rejected."""
+
+
+class PermissionDenied(KeyringError):
+    """EACCES/EPERM: the caller lacks the permission (possession, uid) for this operation."""
+
+
+class QuotaExceeded(KeyringError):
+    """EDQUOT: the owner's key quota (count or bytes) is exhausted."""
+
+
+class KeyringUnavailable(KeyringError):
+    """ENOSYS/EOPNOTSUPP: the kernel has no keyring support for this call."""

@@ -1,0 +1,9 @@
+"""Only declares the cffi extension modules; everything else is in pyproject.toml."""
+
+from setuptools import setup
+
+setup(
+    cffi_modules=[
+        "cffi_build/keyutils.py:ffibuilder",
+    ],
+)
