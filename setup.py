@@ -5,5 +5,6 @@ from setuptools import setup
 setup(
     cffi_modules=[
         "cffi_build/keyutils.py:ffibuilder",
+        "cffi_build/cryptsetup.py:ffibuilder",
     ],
 )
