@@ -48,7 +48,7 @@ KEYRING_NAME: Final = "keyhandoff"
 VOLUME_PREFIX: Final = "keyhandoff:luks:"
 #: A cache entry never lives longer than a day (a handoff chain re-puts its keys).
 MAX_TIMEOUT: Final = 86400
-ASK_PASSWORD_DIR: Final = "/run/systemd/ask-password"
+ASK_PASSWORD_DIR: Final = "/run/systemd/ask-password"  # noqa: S105  # a path, not a password
 SYSTEMD_KEYNAME: Final = "cryptsetup"
 SYSTEMD_TIMEOUT: Final = 150
 
@@ -131,7 +131,8 @@ class PassphraseCache:
     def _find(self, volume: str) -> int | None:
         try:
             return keyring.search(self.keyring_serial, "user", VOLUME_PREFIX + volume)
-        except KeyNotFound:
+        except (KeyNotFound, KeyExpired, KeyRevoked):
+            # expired or invalidated keys linger until the kernel's GC: they count as gone
             return None
 
     def put(self, volume: str, passphrase: Secret, *, timeout: int) -> int:
@@ -142,16 +143,18 @@ class PassphraseCache:
         volume = normalize_uuid(volume)
         _check_timeout(timeout)
         passphrase.check_passphrase()
-        old = self._find(volume)
         serial = _new_key_with_timeout(VOLUME_PREFIX + volume, passphrase, timeout)
         try:
-            keyring.link(serial, self.keyring_serial)  # displaces an old key of the same name
+            # Destroy the old entry while we still possess it: once the link below displaced
+            # it we could no longer invalidate it, and it would linger until the GC ran.
+            old = self._find(volume)
+            if old is not None:
+                with contextlib.suppress(KeyNotFound):
+                    keyring.invalidate(old)
+            keyring.link(serial, self.keyring_serial)
         finally:
             with contextlib.suppress(KeyNotFound):
                 keyring.unlink(serial, keyring.THREAD)
-        if old is not None and old != serial:
-            with contextlib.suppress(KeyNotFound):
-                keyring.invalidate(old)
         return serial
 
     def get(self, volume: str) -> Secret:
@@ -165,6 +168,8 @@ class PassphraseCache:
         serials = set(keyring.list_keyring(self.keyring_serial))
         out = []
         for info in keyring.proc_keys(serials):
+            if info.dead:
+                continue
             if info.key_type == "user" and info.description.startswith(VOLUME_PREFIX):
                 out.append(
                     CacheEntry(info.description[len(VOLUME_PREFIX) :], info.serial,

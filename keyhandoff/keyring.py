@@ -267,6 +267,11 @@ class KeyInfo:
     description: str
 
     @property
+    def dead(self) -> bool:
+        """Revoked, invalidated or dead: waiting for the kernel's garbage collector."""
+        return any(flag in self.flags for flag in "RDi")
+
+    @property
     def seconds_left(self) -> int | None:
         """Seconds until the kernel expires the key, ``None`` for no expiry, 0 when expired.
 

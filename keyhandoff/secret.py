@@ -11,7 +11,9 @@ one passed straight to C.
 from __future__ import annotations
 
 import hmac
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, NoReturn, Self
+
+from keyhandoff.errors import KeyhandoffError
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -22,7 +24,7 @@ __all__ = ["MAX_PASSPHRASE", "Secret", "SecretError"]
 MAX_PASSPHRASE = 2048
 
 
-class SecretError(ValueError):
+class SecretError(KeyhandoffError, ValueError):
     """A passphrase was refused (empty, too long, contains NUL).  Never carries the value."""
 
 
@@ -128,7 +130,7 @@ class Secret:
     def __deepcopy__(self, memo: object) -> NoReturn:
         raise TypeError("use Secret.copy()")
 
-    def __enter__(self) -> Secret:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(

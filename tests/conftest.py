@@ -19,10 +19,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from passphrases import MARKER  # noqa: E402
+from passphrases import MARKER
 
-from keyhandoff import keyring  # noqa: E402
-from keyhandoff.errors import KeyNotFound  # noqa: E402
+from keyhandoff import keyring
+from keyhandoff.cache import PassphraseCache
 
 IN_CI = bool(os.environ.get("CI"))
 
@@ -44,13 +44,14 @@ def require_binary(name: str, install: str) -> str:
     return path
 
 
-def _user_keyring_contents() -> set[int]:
+def _user_keyring_contents() -> set[tuple[int, int]]:
+    """(parent, serial) for every key in root's @u and in the keyrings directly inside it."""
     user = keyring.get_keyring_id(keyring.USER, create=True)
-    found = set(keyring.list_keyring(user))
-    for serial in list(found):
-        with contextlib.suppress(Exception):
+    found = {(user, s) for s in keyring.list_keyring(user)}
+    for _parent, serial in list(found):
+        with contextlib.suppress(OSError):
             if keyring.describe(serial).key_type == "keyring":
-                found |= {(serial << 32) | s for s in keyring.list_keyring(serial)}
+                found |= {(serial, s) for s in keyring.list_keyring(serial)}
     return found
 
 
@@ -60,24 +61,22 @@ def fresh_session_keyring():
     keyring.join_session_keyring()
     user = keyring.get_keyring_id(keyring.USER, create=True)
     keyring.link(user, keyring.SESSION)
+    PassphraseCache().keyring_serial  # noqa: B018  # the container itself is not a leftover
     before = _user_keyring_contents()
     yield keyring.get_keyring_id(keyring.SESSION)
     # Re-possess @u: a test may have swapped session keyrings.
     keyring.join_session_keyring()
     keyring.link(user, keyring.SESSION)
     left = _user_keyring_contents() - before
+    info = {i.serial: i for i in keyring.proc_keys({s for _p, s in left})}
     names = []
-    for item in left:
-        serial = item & 0xFFFFFFFF
-        try:
-            names.append(keyring.describe(serial).description)
-            keyring.invalidate(serial)
-        except KeyNotFound:
-            continue  # expired/garbage-collected meanwhile: not a leftover
-        except OSError as exc:  # an expired key can still be listed; it cannot be read
-            names.append(f"serial {serial} ({exc.strerror})")
-            with contextlib.suppress(OSError):
-                keyring.unlink(serial, item >> 32 if item >> 32 else user)
+    for parent, serial in left:
+        key = info.get(serial)
+        if key is not None and not key.dead and key.seconds_left != 0:
+            names.append(key.description)
+        # expired or dead keys are unreadable already; unlink them so the GC takes them now
+        with contextlib.suppress(OSError):
+            keyring.unlink(serial, parent)
     if names:
         pytest.fail(f"test left keys in root's @u: {sorted(names)}")
 
@@ -90,4 +89,6 @@ def pytest_runtest_makereport(item, call):  # noqa: ARG001
     text = "\n".join(content for _name, content in report.sections)
     if MARKER.decode() in text and report.passed:
         report.outcome = "failed"
-        report.longrepr = f"a test passphrase appeared in the output of {item.nodeid} ({report.when})"
+        report.longrepr = (
+            f"a test passphrase appeared in the output of {item.nodeid} ({report.when})"
+        )

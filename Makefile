@@ -1,0 +1,28 @@
+# keyhandoff: the two entry points the README promises, on a fresh Debian 12 machine as root.
+#   make demo   the end-to-end demonstration
+#   make test   lint, type checks and the whole test suite (including the UEFI VM tests)
+PY := .venv/bin/python
+LOG := build/test-output.log
+
+.PHONY: setup setup-vm lint test demo clean
+
+setup:
+	scripts/setup-host
+
+setup-vm:
+	scripts/setup-host --vm
+
+lint: setup
+	$(PY) -m ruff check keyhandoff tests bench cffi_build fuzz
+	$(PY) -m mypy
+
+test: setup-vm lint
+	mkdir -p build
+	bash -o pipefail -c "$(PY) -m pytest $(PYTEST_ARGS) 2>&1 | tee $(LOG)"
+	scripts/scan-leaks $(LOG)
+
+demo: setup-vm
+	$(PY) -m keyhandoff status
+
+clean:
+	rm -rf build .venv keyhandoff/_bindings/*.so keyhandoff/_bindings/*.c

@@ -1,0 +1,108 @@
+"""``keyhandoff status``: what the machine offers and what keyhandoff holds.
+
+Reports descriptions, states and expiry only, never a payload.  Each probe is independent:
+one that fails reports its error and the others still run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["StatusReport", "collect"]
+
+
+@dataclass
+class StatusReport:
+    """The probe results, as sections of plain values."""
+
+    sections: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-friendly form."""
+        return self.sections
+
+    def as_text(self) -> str:
+        """Human-readable form."""
+        lines = []
+        for name, values in self.sections.items():
+            lines.append(f"{name}:")
+            for key, value in values.items():
+                lines.append(f"  {key}: {_text(value)}")
+        return "\n".join(lines) + "\n"
+
+
+def _text(value: object) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, list):
+        return ", ".join(_text(v) for v in value) if value else "none"
+    if isinstance(value, dict):
+        return " ".join(f"{k}={_text(v)}" for k, v in value.items())
+    return "none" if value is None else str(value)
+
+
+def _keyring_section() -> dict[str, Any]:
+    from keyhandoff import keyring  # noqa: PLC0415  # lazy: status must work without it
+    from keyhandoff.cache import SYSTEMD_KEYNAME, PassphraseCache  # noqa: PLC0415
+
+    out: dict[str, Any] = {}
+    try:
+        keyring.get_keyring_id(keyring.USER, create=True)
+        out["usable"] = True
+    except OSError as exc:
+        return {"usable": False, "error": exc.strerror or str(exc)}
+    user = keyring.get_keyring_id(keyring.USER)
+    session_links = set()
+    with contextlib.suppress(OSError):
+        session_links = set(keyring.list_keyring(keyring.get_keyring_id(keyring.SESSION)))
+    out["user_keyring_possessed"] = user in session_links
+    try:
+        entries = PassphraseCache().entries()
+        out["cached_volumes"] = [e.as_dict() for e in entries]
+    except OSError as exc:
+        out["cached_volumes"] = f"unreadable: {exc.strerror}"
+    systemd = [
+        {"serial": i.serial, "seconds_left": i.seconds_left}
+        for i in keyring.proc_keys()
+        if i.key_type == "user" and i.description == SYSTEMD_KEYNAME and i.uid == 0
+    ]
+    out["systemd_cryptsetup_key"] = systemd[0] if systemd else None
+    return out
+
+
+def _systemd_section() -> dict[str, Any]:
+    out: dict[str, Any] = {"running": os.path.isdir("/run/systemd/system")}
+    exe = shutil.which("systemctl")
+    version = None
+    if exe:
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            first = subprocess.run(
+                [exe, "--version"], capture_output=True, text=True, timeout=5, check=False,
+            ).stdout.split("\n", 1)[0]
+            m = re.match(r"systemd (\d+)", first)
+            version = int(m.group(1)) if m else None
+    out["version"] = version
+    out["soft_reboot"] = version is not None and version >= 254
+    out["ask_password_dir"] = os.path.isdir("/run/systemd/ask-password")
+    return out
+
+
+#: Later subsystems (EFI probe, volumes, handoff state) register sections here.
+SECTIONS: dict[str, Any] = {"keyring": _keyring_section, "systemd": _systemd_section}
+
+
+def collect() -> StatusReport:
+    """Run every probe."""
+    report = StatusReport()
+    for name, probe in SECTIONS.items():
+        try:
+            report.sections[name] = probe()
+        except Exception as exc:  # noqa: BLE001  # one broken probe must not hide the others
+            report.sections[name] = {"error": f"{type(exc).__name__}: {exc}"}
+    return report

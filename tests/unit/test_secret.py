@@ -1,0 +1,84 @@
+import copy
+import pickle
+
+import pytest
+from passphrases import make
+
+from keyhandoff.errors import KeyhandoffError
+from keyhandoff.secret import MAX_PASSPHRASE, Secret, SecretError
+
+
+def test_repr_and_str_never_show_the_bytes():
+    pw = make("repr")
+    s = Secret.passphrase(pw)
+    assert pw.decode() not in repr(s)
+    assert repr(s) == f"<Secret {len(pw)} bytes>"
+    with pytest.raises(TypeError):
+        str(s)
+    with pytest.raises(TypeError):
+        f"{s}"
+
+
+def test_wipe_zeroes_the_taken_over_buffer():
+    buf = bytearray(make("wipe"))
+    s = Secret(buf)
+    with s:
+        assert bytes(s.view()) == bytes(buf)
+    assert s.wiped
+    assert buf == b""  # the caller's bytearray was the storage and is now empty
+    with pytest.raises(SecretError):
+        s.view()
+
+
+def test_wipe_overwrites_before_release():
+    buf = bytearray(b"abcdef")
+    view = memoryview(buf)
+    s = Secret(buf)
+    # a live export pins the storage: wipe must still zero it even though it cannot shrink
+    with pytest.raises(BufferError):
+        s.wipe()
+    assert bytes(view) == b"\0" * 6
+    view.release()
+    s.wipe()
+    assert s.wiped
+
+
+def test_no_pickle_no_copy():
+    s = Secret.passphrase(make("pickle"))
+    with pytest.raises(TypeError):
+        pickle.dumps(s)
+    with pytest.raises(TypeError):
+        copy.copy(s)
+    with pytest.raises(TypeError):
+        copy.deepcopy(s)
+    c = s.copy()
+    assert c == s
+    s.wipe()
+    assert not c.wiped
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"", "empty"),
+        (b"x" * (MAX_PASSPHRASE + 1), "longer than 2048"),
+        (b"ab\0cd", "NUL"),
+    ],
+)
+def test_passphrase_rules(data, reason):
+    with pytest.raises(SecretError, match=reason) as info:
+        Secret.passphrase(data)
+    assert isinstance(info.value, KeyhandoffError)
+    assert data[:4].decode(errors="replace") not in str(info.value) or not data
+
+
+def test_max_length_is_accepted():
+    assert len(Secret.passphrase(b"y" * MAX_PASSPHRASE)) == MAX_PASSPHRASE
+
+
+def test_equality_is_by_content_and_unhashable():
+    a, b = Secret(b"same"), Secret(b"same")
+    assert a == b
+    assert a != Secret(b"other")
+    with pytest.raises(TypeError):
+        hash(a)
