@@ -49,6 +49,7 @@ __all__ = [
     "NotLuks",
     "Pbkdf",
     "WrongPassphrase",
+    "WrongVolumeKey",
 ]
 
 ANY_SLOT: Final[int] = lib.CRYPT_ANY_SLOT
@@ -80,6 +81,10 @@ class LuksPermissionDenied(LuksError):
 
 class LuksBusy(LuksError):
     """EBUSY: the device or its metadata lock is held by someone else."""
+
+
+class WrongVolumeKey(LuksError):
+    """The volume key given does not match the header's digest."""
 
 
 class KeyslotNotFound(LuksError):
@@ -195,10 +200,11 @@ def _check(
     if rc >= 0:
         return rc
     err = -rc
-    if verifying:
-        raise _VERIFY_ERRNOS.get(err, _ERRNO_CLASSES.get(err, LuksError))(
-            err, _WRONG_PASSPHRASE_TEXT if err in _VERIFY_ERRNOS else os.strerror(err)
-        )
+    if verifying and err in _VERIFY_ERRNOS:
+        # Always EPERM: the errno would otherwise tell "empty slot" from "wrong passphrase".
+        raise _VERIFY_ERRNOS[err](_errno.EPERM, _WRONG_PASSPHRASE_TEXT)
+    if verifying:  # not a refusal (EINVAL, ENOMEM...): still without libcryptsetup's text
+        raise _ERRNO_CLASSES.get(err, LuksError)(err, f"{what}: {os.strerror(err)}")
     cls = (overrides or {}).get(err) or _ERRNO_CLASSES.get(err, LuksError)
     detail = errors[-1] if errors else os.strerror(err)
     raise cls(err, f"{what}: {detail}")
@@ -430,6 +436,7 @@ class LuksHeader:
                 cd, ANY_SLOT, ffi.from_buffer(vk), len(vk), ffi.from_buffer(secret), len(secret)
             ),
             "add keyslot",
+            overrides={_errno.EPERM: WrongVolumeKey},
         )
 
     def destroy_keyslot(self, keyslot: int) -> None:
