@@ -300,9 +300,13 @@ def cunescape(text: str | bytes) -> bytes:
     r"""Undo C escapes exactly as systemd's ``cunescape(s, 0)`` does, strictly.
 
     Returns bytes (``\ooo`` and ``\xNN`` give raw bytes, ``\u``/``\U`` give UTF-8).
-    Raises :class:`InvalidEscape` where systemd returns ``-EINVAL``.
+    Raises :class:`InvalidEscape` where systemd returns ``-EINVAL``, and for a literal
+    NUL (which a C string cannot hold).
     """
     src = text.encode("utf-8", "surrogateescape") if isinstance(text, str) else bytes(text)
+    if b"\x00" in src:
+        # C would stop at the NUL and decode a prefix: refuse instead of guessing.
+        raise InvalidEscape("NUL byte in escaped text")
     out = bytearray()
     i = 0
     while i < len(src):
