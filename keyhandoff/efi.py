@@ -227,14 +227,19 @@ class EfiVariable:
             raise ValueError("attributes do not fit in 32 bits")
         guid, name = self._c_args()
         raw = data.buffer() if isinstance(data, Secret) else bytearray(data)
+        # efi_set_variable wants a non-NULL pointer even for zero bytes.
+        c_data = ffi.from_buffer("uint8_t[]", raw) if raw else ffi.new("uint8_t[1]")
         try:
-            # efi_set_variable wants a non-NULL pointer even for zero bytes.
-            c_data = ffi.from_buffer("uint8_t[]", raw) if raw else ffi.new("uint8_t[1]")
-            if lib.efi_set_variable(guid, name, c_data, len(raw), attributes, mode) < 0:
-                _raise_for_errno(ffi.errno, f"writing {self}")
+            rc = lib.efi_set_variable(guid, name, c_data, len(raw), attributes, mode)
+            err = ffi.errno
         finally:
+            # Release the buffer export now: a live one (say, kept by a traceback) would make
+            # Secret.wipe() fail with BufferError.
+            ffi.release(c_data)
             if not isinstance(data, Secret):
                 raw[:] = bytes(len(raw))
+        if rc < 0:
+            _raise_for_errno(err, f"writing {self}")
 
     def delete(self) -> None:
         """Delete the variable (libefivar clears the immutable flag first)."""
