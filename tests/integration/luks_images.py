@@ -1,0 +1,92 @@
+"""LUKS image files for tests, made by the real cryptsetup binary.
+
+Passphrases reach cryptsetup on stdin (``--key-file=-``), never in argv or the environment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from typing import TYPE_CHECKING
+
+from conftest import require_binary
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+INSTALL = "apt-get install cryptsetup-bin"
+FAST = ("--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000")
+
+
+def cryptsetup(
+    *args: str, stdin: bytes = b"", check: bool = True
+) -> subprocess.CompletedProcess[bytes]:
+    binary = require_binary("cryptsetup", INSTALL)
+    return subprocess.run([binary, *args], input=stdin, capture_output=True, check=check)
+
+
+def format_image(
+    path: Path, passphrase: bytes, *, luks: str = "luks2", pbkdf: tuple[str, ...] = FAST
+) -> Path:
+    with path.open("wb") as f:
+        f.truncate(20 * 1024 * 1024)
+    if luks == "luks1":
+        pbkdf = tuple(a for a in pbkdf if a not in {"--pbkdf", "pbkdf2"})
+    cryptsetup(
+        "luksFormat", "--type", luks, *pbkdf, "--batch-mode", "--key-file=-", str(path),
+        stdin=passphrase,
+    )
+    return path
+
+
+def add_key(path: Path, existing: bytes, new: bytes) -> None:
+    """luksAddKey reading the existing passphrase from a pipe and the new one from stdin.
+
+    cryptsetup takes the existing passphrase from stdin (``--key-file=-``) and the new key
+    from a file argument; /dev/fd/N of a pipe keeps it off disk and out of argv.
+    """
+    r, w = os.pipe()
+    try:
+        os.write(w, new)
+        os.close(w)
+        w = -1
+        binary = require_binary("cryptsetup", INSTALL)
+        subprocess.run(
+            [binary, "luksAddKey", *FAST, "--batch-mode", "--key-file=-", str(path),
+             f"/dev/fd/{r}"],
+            input=existing, capture_output=True, check=True, pass_fds=(r,),
+        )
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
+
+
+def opens(path: Path, key: bytes, keyslot: int | None = None) -> bool:
+    """Whether cryptsetup accepts ``key`` (in ``keyslot`` if given), without activating."""
+    slot = ("--key-slot", str(keyslot)) if keyslot is not None else ()
+    result = cryptsetup(
+        "open", "--test-passphrase", *slot, "--key-file=-", str(path), stdin=key, check=False
+    )
+    return result.returncode == 0
+
+
+def uuid_of(path: Path) -> str:
+    return cryptsetup("luksUUID", str(path)).stdout.decode().strip()
+
+
+def metadata(path: Path) -> dict:
+    """The LUKS2 JSON area as cryptsetup dumps it."""
+    return json.loads(cryptsetup("luksDump", "--dump-json-metadata", str(path)).stdout)
+
+
+def dump_volume_key(path: Path, passphrase: bytes) -> bytes:
+    """The volume key as ``cryptsetup luksDump --dump-volume-key`` prints it."""
+    out = cryptsetup(
+        "luksDump", "--dump-volume-key", "--batch-mode", "--key-file=-", str(path),
+        stdin=passphrase,
+    ).stdout.decode()
+    block = out.split("MK dump:", 1)[1]
+    return bytes.fromhex("".join(re.findall(r"\b[0-9a-f]{2}\b", block)))
