@@ -348,8 +348,9 @@ class AskRequest:
 
 
 def _parse_bool(key: str, value: str) -> bool:
-    # systemd's parse_boolean: ASCII, case-insensitive.  isascii() first, because
-    # str.lower() maps some non-ASCII letters onto ASCII ones systemd would not accept.
+    # systemd's parse_boolean: ASCII, case-insensitive (strcaseeq).  isascii() first:
+    # str.lower() maps a few non-ASCII letters onto ASCII (U+212A KELVIN SIGN -> "k");
+    # none of today's words has such a letter, so this only keeps it that way.
     if value.isascii():
         folded = value.lower()
         if folded in _TRUE:
