@@ -2,9 +2,9 @@
 
 Declares only what keyhandoff.luks calls.  Constants are ``...`` so the C compiler fills
 in their values from <libcryptsetup.h>.  The type names (``CRYPT_LUKS1``...) are string
-macros in C; declared as ``static const char *const`` cffi reads each through the macro
-(an expression, so it works for string literals); ``CRYPT_LUKS`` (any LUKS version) is ``NULL`` and is not declared: callers
-pass ``ffi.NULL``.
+macros in C; declared as ``static const char *const``, cffi reads each through the macro
+(an expression, so a string literal works).  ``CRYPT_LUKS`` (any LUKS version) is
+``NULL`` and is not declared: callers pass ``ffi.NULL``.
 
 libcryptsetup prints its messages to stdout/stderr unless a log callback is installed.
 The callback is an ``extern "Python"`` function (not ``ffi.callback``: that needs
