@@ -20,6 +20,9 @@ src/efivarfs.c):
   owned by a :class:`~keyhandoff.secret.Secret`, zero the C buffer and ``free`` it at once.
   ``efi_set_variable`` copies our data into a heap buffer that it frees without zeroing:
   only data that may rest in NVRAM (the sealed handoff record) is ever written here.
+* ``efi_set_variable`` opens an existing variable without ``O_TRUNC`` and accepts a short
+  ``write()``: harmless on efivarfs (one write is one SetVariable call), wrong on a plain
+  directory, so :meth:`EfiVariable.write` deletes first and checks the stored size.
 * The variable-name iterator keeps a static ``DIR*``: :func:`list_variables` always runs it
   to the end, and none of this is thread-safe (the agent has one thread).
 """
@@ -219,8 +222,16 @@ class EfiVariable:
         *,
         mode: int = STASH_MODE,
     ) -> None:
-        """Create or replace the variable: attributes and data in one ``write()``."""
+        """Create or replace the variable: attributes and data in one ``write()``.
+
+        An existing variable is deleted first.  Firmware refuses to change the attributes of
+        an existing variable (EINVAL), and libefivar opens an existing file without
+        ``O_TRUNC``, so on a plain directory a shorter replacement would keep the old tail.
+        A crash between the two leaves no record: the next boot asks for the passphrase.
+        """
         _require_backend()
+        if self.exists():
+            self.delete()
         if attributes & ATTR_APPEND_WRITE:
             raise ValueError("append writes are not supported (they cannot replace a record)")
         if attributes & ~0xFFFFFFFF:
@@ -240,6 +251,14 @@ class EfiVariable:
                 raw[:] = bytes(len(raw))
         if rc < 0:
             _raise_for_errno(err, f"writing {self}")
+        # libefivar treats a short write() as success (it only checks for -1).  efivarfs
+        # writes all or nothing, a plain directory may not: never leave a cut record behind.
+        written = self.size()
+        if written != len(raw):
+            self.delete()
+            raise EfiStoreFull(
+                _errno.ENOSPC, f"writing {self}: only {written} of {len(raw)} bytes were stored"
+            )
 
     def delete(self) -> None:
         """Delete the variable (libefivar clears the immutable flag first)."""
