@@ -650,6 +650,23 @@ def _payload(datagram: Secret | bytes) -> Secret | bytes:
     return datagram
 
 
+def _send(sock_fd: int, payload: Secret | bytes) -> None:
+    """Send to the socket inode behind ``sock_fd`` (an O_PATH fd), never to a path."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sender:
+        data = payload.view() if isinstance(payload, Secret) else payload
+        try:
+            # /proc/self/fd/N resolves to the pinned inode, whatever the path names now.
+            sender.sendto(data, socket.MSG_DONTWAIT, f"/proc/self/fd/{sock_fd}")
+        except OSError as exc:
+            code = exc.errno or 0
+            raise ReplyFailed(
+                f"sending to the querier failed ({errno.errorcode.get(code, code)})", code
+            ) from None
+        finally:
+            if isinstance(data, memoryview):
+                data.release()
+
+
 def send_reply(
     ask_dir: str | os.PathLike[str],
     ask_path: str | os.PathLike[str],
@@ -680,18 +697,6 @@ def send_reply(
     finally:
         os.close(dir_fd)
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sender:
-            data = payload.view() if isinstance(payload, Secret) else payload
-            try:
-                # /proc/self/fd/N is the inode checked above, whatever the path now names.
-                sender.sendto(data, socket.MSG_DONTWAIT, f"/proc/self/fd/{sock_fd}")
-            except OSError as exc:
-                raise ReplyFailed(
-                    f"sending to the querier failed ({errno.errorcode.get(exc.errno or 0)})",
-                    exc.errno or 0,
-                ) from None
-            finally:
-                if isinstance(data, memoryview):
-                    data.release()
+        _send(sock_fd, payload)
     finally:
         os.close(sock_fd)
