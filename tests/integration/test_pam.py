@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-import shutil
 import subprocess
 import sys
 import sysconfig
@@ -396,7 +395,7 @@ def test_caller_environment_cannot_inject_python(pam_module, tmp_path, checker, 
     (evil / "sitecustomize.py").write_text(payload)
     (evil / "keyhandoff" / "__init__.py").write_text(payload)
     (evil / "keyhandoff" / "pam_module.py").write_text(payload)
-    user_site = tmp_path / "userbase" / "lib" / sysconfig.get_python_version()
+    user_site = tmp_path / "userbase" / "lib" / f"python{sysconfig.get_python_version()}"
     (user_site / "site-packages").mkdir(parents=True)
     (user_site / "site-packages" / "usercustomize.py").write_text(payload)
     env = {
@@ -405,9 +404,14 @@ def test_caller_environment_cannot_inject_python(pam_module, tmp_path, checker, 
         "PYTHONUSERBASE": str(tmp_path / "userbase"),
     }
     # The payload is live: an ordinary Python started with this environment runs it.
-    python = shutil.which(f"python{sysconfig.get_python_version()}") or sys.executable
-    subprocess.run([python, "-c", "import keyhandoff"], env=env, check=True)
-    assert marker.exists(), "the injection payload did not work; this test would prove nothing"
+    # The base interpreter (no venv .pth finders), run outside the repository (no cwd hit).
+    python = os.path.realpath(sys.executable)
+    subprocess.run([python, "-c", "import keyhandoff.pam_module"], env=env, check=True,
+                   cwd=tmp_path)
+    ran = set(marker.read_text().split())
+    assert ran == {"sitecustomize", "usercustomize", "keyhandoff", "keyhandoff.pam_module"}, (
+        "an injection payload did not work; this test would prove nothing"
+    )
     marker.unlink()
 
     passphrase = make("pam-isolated")
