@@ -23,7 +23,8 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import require_binary
+from conftest import require, require_binary
+from luks_images import format_image
 from passphrases import make
 
 from keyhandoff import askpass
@@ -76,9 +77,37 @@ def querier():
 
     yield start
     for proc in started:
-        if proc.poll() is None:
-            proc.kill()  # by the Popen's own PID: only what this test started
+        stop_querier(proc)
+
+
+def stop_querier(proc: subprocess.Popen[bytes]) -> None:
+    """End a querier this test started, by its own PID, without leaving its files behind.
+
+    SIGTERM, not SIGKILL: systemd-ask-password catches it (signalfd) and unlinks its ask
+    file and socket; a SIGKILLed querier leaves both in the shared directory for every
+    other agent to trip over.
+    """
+    if proc.poll() is None:
+        proc.terminate()
+    try:
         proc.communicate(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate(timeout=10)
+    for name in list_ask_files(ASK_DIR):
+        with contextlib.suppress(FileNotFoundError, HostileAskFile):
+            request = read_ask_file(ASK_DIR, name)
+            if request.pid == proc.pid:  # ours, and its owner is gone: clean up for it
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(request.socket)
+                os.unlink(os.path.join(ASK_DIR, name))
+
+
+def cancel_and_wait(proc: subprocess.Popen[bytes], name: str, request: AskRequest) -> None:
+    send_reply(ASK_DIR, name, request, cancel_datagram())
+    proc.communicate(timeout=10)
+    assert proc.returncode != 0
+    assert name not in list(list_ask_files(ASK_DIR))
 
 
 def wait_for_ask_file(pid: int, timeout: float = 5.0) -> tuple[str, AskRequest]:
@@ -119,7 +148,7 @@ def test_querier_ask_file_is_what_we_parse(querier):
     assert now_us < request.not_after <= now_us + 5_000_000
     assert os.path.dirname(request.socket) == ASK_DIR
     assert os.path.basename(request.socket).startswith("sck.")
-    send_reply(ASK_DIR, name, request, cancel_datagram())
+    cancel_and_wait(proc, name, request)
 
 
 def test_querier_prints_exactly_the_passphrase(querier):
@@ -130,6 +159,15 @@ def test_querier_prints_exactly_the_passphrase(querier):
         out, _err = answer(proc, datagram)
     assert proc.returncode == 0
     assert out == passphrase + b"\n"
+
+
+def test_sigterm_teardown_leaves_no_files(querier):
+    proc = querier(id_=cryptsetup_id()[1])
+    name, request = wait_for_ask_file(proc.pid)
+    proc.terminate()
+    proc.communicate(timeout=10)
+    assert name not in list(list_ask_files(ASK_DIR))
+    assert not os.path.exists(request.socket)
 
 
 def test_querier_removes_its_ask_file_after_the_answer(querier):
@@ -208,7 +246,35 @@ def test_tty_agent_lists_the_ask_file_we_list(querier):
     assert f"'{message}' (PID {proc.pid})" in listed.splitlines()
     ours = [n for n in list_ask_files(ASK_DIR) if _pid_of(n) == proc.pid]
     assert ours == [name]
-    send_reply(ASK_DIR, name, request, cancel_datagram())
+    cancel_and_wait(proc, name, request)
+
+
+def test_systemd_cryptsetup_writes_a_cescaped_source_we_read_back(tmp_path):
+    # The real prompt, not our reading of the source: systemd-cryptsetup 252 on an image
+    # file whose path needs escaping (space, UTF-8, backslash, tab).  We cancel: nothing
+    # is answered, so nothing is cached in @u.
+    binary = "/lib/systemd/systemd-cryptsetup"
+    require(os.access(binary, os.X_OK), binary, INSTALL)
+    os.makedirs(ASK_DIR, mode=0o755, exist_ok=True)
+    image = format_image(tmp_path / "disk \u00e9\\x\ty.img", make("csid"))
+    volume = f"khid{secrets.token_hex(3)}"
+    proc = subprocess.Popen(
+        [binary, "attach", volume, str(image), "none", "luks,timeout=10"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        name, request = wait_for_ask_file(proc.pid, timeout=10)
+        assert request.id == "cryptsetup:" + cescape(os.fsencode(image))
+        assert "\\303\\251" in (request.id or "")  # UTF-8 bytes as octal, as cescape does
+        assert request.prompt == CryptsetupPrompt(str(image))
+        assert request.accept_cached is True  # the first prompt
+        assert request.icon == "drive-harddisk"
+        assert request.message == f"Please enter passphrase for disk {volume}:"
+        cancel_and_wait(proc, name, request)
+    finally:
+        stop_querier(proc)
 
 
 def _pid_of(name: str) -> int | None:
@@ -530,4 +596,4 @@ def test_parse_of_a_real_ask_file_matches_read(querier):
     name, request = wait_for_ask_file(proc.pid)
     data = (Path(ASK_DIR) / name).read_bytes()
     assert parse_ask_file(data) == request
-    send_reply(ASK_DIR, name, request, cancel_datagram())
+    cancel_and_wait(proc, name, request)
