@@ -35,7 +35,7 @@ from passphrases import MARKER, make
 
 from keyhandoff import keyring
 from keyhandoff.cache import KEY_PERM, SystemdCache
-from keyhandoff.errors import KeyNotFound
+from keyhandoff.errors import KeyNotFound, KeyRevoked
 from keyhandoff.secret import Secret
 
 REPO = Path(__file__).resolve().parents[2]
@@ -215,9 +215,10 @@ def _discard(serial: int, parent: int) -> None:
 
 
 def key_exists(description: str) -> bool:
+    """Whether a live key is reachable (an invalidated one reads as revoked until the GC)."""
     try:
         keyring.find("user", description)
-    except KeyNotFound:
+    except (KeyNotFound, KeyRevoked):
         return False
     return True
 
