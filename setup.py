@@ -5,6 +5,7 @@ from setuptools import setup
 setup(
     cffi_modules=[
         "cffi_build/keyutils.py:ffibuilder",
+        "cffi_build/linux.py:ffibuilder",
         "cffi_build/efivar.py:ffibuilder",
         "cffi_build/cryptsetup.py:ffibuilder",
     ],

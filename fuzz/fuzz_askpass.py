@@ -1,4 +1,4 @@
-# ruff: noqa: INP001, S311  # a standalone script, not a package; a seeded PRNG replays runs
+# a standalone script, not a package; a seeded PRNG replays runs
 """Fuzz the ask-file parser and the C unescaper (not run in CI).
 
     .venv/bin/python fuzz/fuzz_askpass.py --runs 1000000 [--seed N] [--crash-dir DIR]

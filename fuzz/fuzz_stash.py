@@ -1,4 +1,4 @@
-# ruff: noqa: T201, INP001, S311  (a script that prints; not a package; random picks inputs)
+
 """Mutation fuzzer for the handoff-record parser (keyhandoff.stash.open_record).
 
 Run as a script: ``python fuzz/fuzz_stash.py --runs 1000000 [--seed N]``.

@@ -116,9 +116,16 @@ class PassphraseCache:
     keyring in production; tests pass a keyring of their own.
     """
 
-    def __init__(self, *, parent: int = keyring.USER, name: str = KEYRING_NAME) -> None:
+    def __init__(
+        self,
+        *,
+        parent: int = keyring.USER,
+        name: str = KEYRING_NAME,
+        ask_dir: str = ASK_PASSWORD_DIR,
+    ) -> None:
         self._parent = parent
         self._name = name
+        self._ask_dir = ask_dir
         self._serial: int | None = None
 
     @property
@@ -128,9 +135,9 @@ class PassphraseCache:
             self._serial = keyring.named_keyring(self._name, self._parent, KEY_PERM)
         return self._serial
 
-    def _find(self, volume: str) -> int | None:
+    def _find(self, description: str) -> int | None:
         try:
-            return keyring.search(self.keyring_serial, "user", VOLUME_PREFIX + volume)
+            return keyring.search(self.keyring_serial, "user", description)
         except (KeyNotFound, KeyExpired, KeyRevoked):
             # expired or invalidated keys linger until the kernel's GC: they count as gone
             return None
@@ -141,13 +148,23 @@ class PassphraseCache:
         Replaces an existing entry for the same volume (the old key is invalidated).
         """
         volume = normalize_uuid(volume)
-        _check_timeout(timeout)
         passphrase.check_passphrase()
-        serial = _new_key_with_timeout(VOLUME_PREFIX + volume, passphrase, timeout)
+        return self.put_key(VOLUME_PREFIX + volume, passphrase, timeout=timeout)
+
+    def put_key(self, description: str, payload: Secret, *, timeout: int) -> int:
+        """Store any keyhandoff key (``keyhandoff:<what>``) in our keyring, with a timeout.
+
+        For the handoff's own state (chain marker, sealed login payloads, volume keys during
+        a chain).  Same rules as :meth:`put`: born with permissions and expiry, replacing.
+        """
+        if not description.startswith("keyhandoff:"):
+            raise ValueError("keyhandoff keys are named keyhandoff:<what>")
+        _check_timeout(timeout)
+        serial = _new_key_with_timeout(description, payload, timeout)
         try:
             # Destroy the old entry while we still possess it: once the link below displaced
             # it we could no longer invalidate it, and it would linger until the GC ran.
-            old = self._find(volume)
+            old = self._find(description)
             if old is not None:
                 with contextlib.suppress(KeyNotFound):
                     keyring.invalidate(old)
@@ -155,13 +172,37 @@ class PassphraseCache:
         finally:
             with contextlib.suppress(KeyNotFound):
                 keyring.unlink(serial, keyring.THREAD)
+        _touch(self._ask_dir)  # as systemd does: waiting agents look at their prompts again
         return serial
+
+    def get_key(self, description: str) -> Secret | None:
+        """The payload of one of our keys, ``None`` when missing, expired or revoked."""
+        serial = self._find(description)
+        if serial is None:
+            return None
+        try:
+            return keyring.read(serial)
+        except (KeyNotFound, KeyExpired, KeyRevoked):
+            return None
+
+    def forget_key(self, description: str) -> bool:
+        """Destroy one of our keys; return whether there was one."""
+        serial = self._find(description)
+        if serial is None:
+            return False
+        with contextlib.suppress(KeyNotFound):
+            keyring.invalidate(serial)
+        return True
 
     def get(self, volume: str) -> Secret:
         """The passphrase for ``volume``; :class:`KeyNotFound`/:class:`KeyExpired` if none."""
+        return self.get_entry(volume)[1]
+
+    def get_entry(self, volume: str) -> tuple[int, Secret]:
+        """The key serial and passphrase for ``volume`` (the serial tells entries apart)."""
         volume = normalize_uuid(volume)
         serial = keyring.search(self.keyring_serial, "user", VOLUME_PREFIX + volume)
-        return keyring.read(serial)
+        return serial, keyring.read(serial)
 
     def entries(self) -> list[CacheEntry]:
         """The volumes we hold a passphrase for, with seconds left.  Never reads a payload."""
@@ -179,11 +220,7 @@ class PassphraseCache:
 
     def forget(self, volume: str) -> bool:
         """Destroy the entry for ``volume``; return whether there was one."""
-        serial = self._find(normalize_uuid(volume))
-        if serial is None:
-            return False
-        keyring.invalidate(serial)
-        return True
+        return self.forget_key(VOLUME_PREFIX + normalize_uuid(volume))
 
     def forget_all(self) -> int:
         """Destroy every entry; return how many there were."""
@@ -250,21 +287,47 @@ class SystemdCache:
                 added = True
             if not added:
                 return False
-            # sized once: growing a bytearray would leave unwiped copies behind in freed memory
-            size = sum(len(pw) for pw in current) + len(current) - 1
-            with Secret(bytearray(size), allow_empty=True) as payload:
-                buf, pos = payload.buffer(), 0
-                for pw in current:
-                    buf[pos : pos + len(pw)] = pw.view()
-                    pos += len(pw) + 1  # the byte after each entry stays NUL
-                serial = keyring.add("user", self.keyname, payload, self._keyring)
-            keyring.set_timeout(serial, _check_timeout(timeout))
+            self._write(current, timeout)
         finally:
             for c in current:
                 c.wipe()
-        with contextlib.suppress(OSError):
-            os.utime(self._ask_dir)  # the directory only: never create it
+        _touch(self._ask_dir)
         return True
+
+    def remove(self, unwanted: Iterable[Secret]) -> bool:
+        """Drop the entries equal to any of ``unwanted``; return whether it changed.
+
+        Used after a handoff: one-time keys the agent answered with were pushed into this
+        cache by systemd-cryptsetup, and must neither linger nor be what pam_gdm takes as
+        "the last entry".  The key keeps the time it had left.
+        """
+        unwanted = list(unwanted)
+        current = self.read()
+        try:
+            keep = [c for c in current if not any(c == u for u in unwanted)]
+            if len(keep) == len(current):
+                return False
+            if not keep:
+                self.clear()
+                return True
+            infos = list(keyring.proc_keys({self._serial()}))
+            left = infos[0].seconds_left if infos else None
+            self._write(keep, max(1, min(left or SYSTEMD_TIMEOUT, SYSTEMD_TIMEOUT)))
+        finally:
+            for c in current:
+                c.wipe()
+        return True
+
+    def _write(self, entries: list[Secret], timeout: int) -> None:
+        # sized once: growing a bytearray would leave unwiped copies behind in freed memory
+        size = sum(len(pw) for pw in entries) + len(entries) - 1
+        with Secret(bytearray(size), allow_empty=True) as payload:
+            buf, pos = payload.buffer(), 0
+            for pw in entries:
+                buf[pos : pos + len(pw)] = pw.view()
+                pos += len(pw) + 1  # the byte after each entry stays NUL
+            serial = keyring.add("user", self.keyname, payload, self._keyring)
+        keyring.set_timeout(serial, _check_timeout(timeout))
 
     def clear(self) -> bool:
         """Destroy the key; return whether there was one."""
@@ -273,6 +336,12 @@ class SystemdCache:
         except (KeyNotFound, KeyExpired, KeyRevoked):
             return False
         return True
+
+
+def _touch(ask_dir: str) -> None:
+    """Update the ask directory's times (inotify IN_ATTRIB); never create it."""
+    with contextlib.suppress(OSError):
+        os.utime(ask_dir)
 
 
 def _split_nulstr(data: memoryview) -> list[Secret]:

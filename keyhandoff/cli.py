@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, NoReturn
 from keyhandoff.errors import KeyhandoffError
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import Sequence
 
     from keyhandoff.secret import Secret
 
@@ -139,6 +139,107 @@ def cmd_cache_forget(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _duration(text: str) -> int:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        if text and text[-1] in units:
+            return int(text[:-1]) * units[text[-1]]
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (e.g. 90s, 30m, 2h)") from None
+
+
+def _progress(message: str) -> None:
+    sys.stderr.write(f"keyhandoff: {message}...\n")
+    sys.stderr.flush()
+
+
+def cmd_arm(args: argparse.Namespace) -> int:
+    """Arm the handoff and print what the next boot will do."""
+    from datetime import timedelta  # noqa: PLC0415
+
+    from keyhandoff import update  # noqa: PLC0415
+
+    try:
+        report = update.arm(
+            reboot=args.reboot, boots=args.boots, ttl=timedelta(seconds=args.ttl),
+            login=args.login, volumes=args.volumes,
+            ask=None if args.no_ask else update.ask_with_systemd, progress=_progress,
+        )
+    except ValueError as exc:
+        sys.stderr.write(f"keyhandoff: {exc}\n")
+        return EXIT_USAGE
+    _emit(args, report.as_dict(), report.summary() + "\n")
+    return EXIT_OK
+
+
+def cmd_rearm(args: argparse.Namespace) -> int:
+    """Re-arm an armed chain for its next boot."""
+    from keyhandoff import update  # noqa: PLC0415
+
+    try:
+        report = update.rearm(progress=_progress)
+    except update.NotArmed as exc:
+        if args.if_armed:
+            return EXIT_OK
+        sys.stderr.write(f"keyhandoff: {exc}\n")
+        return EXIT_NOT_FOUND
+    _emit(args, report.as_dict(), report.summary() + "\n")
+    return EXIT_OK
+
+
+def cmd_disarm(args: argparse.Namespace) -> int:
+    """Wipe everything armed."""
+    from keyhandoff import update  # noqa: PLC0415
+
+    counts = update.disarm(volumes=args.volumes)
+    sys.stderr.write("keyhandoff: disarmed (" + ", ".join(
+        f"{v} {k}" for k, v in counts.items()) + ")\n")
+    return EXIT_OK
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    """Boot time: load an armed record."""
+    from keyhandoff import update  # noqa: PLC0415
+
+    report = update.restore(volumes=args.volumes)
+    if report.refused:
+        sys.stderr.write(f"keyhandoff: record refused: {report.refused}\n")
+    sys.stderr.write(f"keyhandoff: restored {len(report.restored)} volume(s) "
+                     f"(channel {report.channel or 'none'}), destroyed "
+                     f"{report.keyslots_destroyed} stale one-time keyslot(s)\n")
+    return EXIT_OK
+
+
+def cmd_finish(args: argparse.Namespace) -> int:  # noqa: ARG001
+    """Boot time, after the volumes opened."""
+    from keyhandoff import config, update  # noqa: PLC0415
+
+    report = update.finish(login_timeout=config.load().login_timeout)
+    sys.stderr.write(f"keyhandoff: destroyed {report.keyslots_destroyed} one-time "
+                     f"keyslot(s); login: {report.login}\n")
+    return EXIT_OK
+
+
+def cmd_login_handoff(args: argparse.Namespace) -> int:
+    """Hand a passphrase the agent captured this boot to the login path."""
+    from keyhandoff import config, login  # noqa: PLC0415
+    from keyhandoff.cache import PassphraseCache  # noqa: PLC0415
+
+    conf = config.load()
+    if not conf.login_enabled:
+        sys.stderr.write("keyhandoff: login hand-off is disabled ([login] enabled = false)\n")
+        return EXIT_OK
+    cache = PassphraseCache()
+    volumes = [args.volume] if args.volume else [e.volume for e in cache.entries()]
+    if not volumes:
+        sys.stderr.write("keyhandoff: no cached passphrase to hand to the login\n")
+        return EXIT_NOT_FOUND
+    with cache.get(volumes[0]) as secret:
+        login.handoff(secret, timeout=conf.login_timeout)
+    return EXIT_OK
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -174,13 +275,58 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--all", action="store_true", help="every cached passphrase")
     p.set_defaults(func=cmd_cache_forget)
 
-    for register in _EXTRA_COMMANDS:
-        register(sub)
+    p = sub.add_parser("arm", help="arm the handoff for the next boot(s) of an update")
+    p.add_argument("--reboot", choices=["soft", "full"], required=True,
+                   help="soft: systemctl soft-reboot (kernel keyring); full: EFI record")
+    p.add_argument("--boots", type=_positive_int, default=1, metavar="N",
+                   help="how many boots the handoff covers (default 1)")
+    p.add_argument("--ttl", type=_duration, default=1800, metavar="DURATION",
+                   help="deadline from now: 90s, 30m, 2h (default 30m, at most 1d)")
+    p.add_argument("--login", action="store_true",
+                   help="also hand the passphrase to the login path on the last boot")
+    p.add_argument("--volume", action="append", metavar="PATH", dest="volumes",
+                   help="a LUKS source path (repeatable; default: /etc/crypttab)")
+    p.add_argument("--no-ask", action="store_true",
+                   help="use only cached passphrases; never prompt")
+    p.add_argument("--json", action="store_true", help="machine-readable report")
+    p.set_defaults(func=cmd_arm)
+    p = sub.add_parser("rearm", help="inside an update boot: arm the chain's next boot")
+    p.add_argument("--if-armed", action="store_true",
+                   help="exit 0 quietly when nothing is armed (for the shutdown unit)")
+    p.add_argument("--json", action="store_true", help="machine-readable report")
+    p.set_defaults(func=cmd_rearm)
+    p = sub.add_parser("disarm", help="wipe every record, key and one-time keyslot")
+    p.add_argument("--volume", action="append", metavar="PATH", dest="volumes")
+    p.set_defaults(func=cmd_disarm)
+    p = sub.add_parser("restore", help="early boot: load an armed handoff (unit use)")
+    p.add_argument("--volume", action="append", metavar="PATH", dest="volumes")
+    p.set_defaults(func=cmd_restore)
+    p = sub.add_parser("finish", help="after the volumes opened: destroy one-time keyslots, "
+                       "login hand-off on the last boot (unit use)")
+    p.set_defaults(func=cmd_finish)
+    p = sub.add_parser("login-handoff",
+                       help="hand a cached passphrase to the login path (unit use)")
+    p.add_argument("--volume", metavar="UUID", help="whose passphrase (default: the first)")
+    p.set_defaults(func=cmd_login_handoff)
+
+    p = sub.add_parser("agent", help="run the password agent (systemd service)")
+    p.add_argument("--config", default=None, metavar="PATH",
+                   help="configuration file (default /etc/keyhandoff/keyhandoff.conf)")
+    p.set_defaults(func=cmd_agent)
     return parser
 
 
-#: Later subsystems (agent, update, login) add their sub-commands here.
-_EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction[_Parser]], None]] = []
+def cmd_agent(args: argparse.Namespace) -> int:
+    """Run the agent until SIGTERM."""
+    from keyhandoff import config, journal, process  # noqa: PLC0415
+    from keyhandoff.agent import Agent  # noqa: PLC0415
+
+    problems = process.harden()
+    conf = config.load(args.config) if args.config else config.load()
+    for problem in problems:
+        journal.log(journal.Event.ERROR, f"process hardening incomplete: {problem}",
+                    priority=journal.WARNING)
+    return Agent(conf).run()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -367,7 +367,39 @@ def new_record_key() -> Secret:
 
 
 def _hkdf_into(ikm: memoryview, *, info: bytes, salt: bytes | None, out: bytearray) -> None:
-    HKDF(algorithm=hashes.SHA256(), length=len(out), salt=salt, info=info).derive_into(ikm, out)
+    hkdf = HKDF(algorithm=hashes.SHA256(), length=len(out), salt=salt, info=info)
+    if hasattr(hkdf, "derive_into"):
+        hkdf.derive_into(ikm, out)
+    else:  # cryptography < 47 (Debian 12: 38, Debian 13: 43): an unwipeable bytes copy
+        out[:] = hkdf.derive(bytes(ikm))
+
+
+Buffer = bytes | bytearray | memoryview
+
+
+def _encrypt_into(
+    aead: ChaCha20Poly1305, nonce: bytes, data: Buffer, aad: bytes, out: bytearray,
+) -> None:
+    """``aead.encrypt_into`` where cryptography has it (no immutable copy of ``data``).
+
+    Older releases (Debian's 38 and 43) only return ``bytes``: the ciphertext then passes
+    through an immutable object (not secret), and the plaintext is copied once into
+    ``bytes`` we cannot wipe (SECURITY.md, "What Python cannot do").
+    """
+    if hasattr(aead, "encrypt_into"):
+        aead.encrypt_into(nonce, data, aad, out)
+    else:
+        out[:] = aead.encrypt(nonce, bytes(data), aad)
+
+
+def _decrypt_into(
+    aead: ChaCha20Poly1305, nonce: bytes, data: Buffer, aad: Buffer, out: bytearray,
+) -> None:
+    """``aead.decrypt_into`` where cryptography has it; see :func:`_encrypt_into`."""
+    if hasattr(aead, "decrypt_into"):
+        aead.decrypt_into(nonce, data, aad, out)
+    else:
+        out[:] = aead.decrypt(nonce, bytes(data), bytes(aad))
 
 
 def _record_key_view(key: Secret) -> memoryview:
@@ -421,7 +453,7 @@ def seal(record: HandoffRecord, key: Secret) -> bytes:
         if total > MAX_RECORD_SIZE:
             raise ValueError(f"record would be {total} bytes (limit {MAX_RECORD_SIZE})")
         out = bytearray(len(plaintext) + TAG_LEN)
-        _record_aead(key).encrypt_into(header[-NONCE_LEN:], plaintext, header, out)
+        _encrypt_into(_record_aead(key), header[-NONCE_LEN:], plaintext, header, out)
         return header + bytes(out)
     finally:
         plaintext[:] = bytes(len(plaintext))
@@ -485,8 +517,8 @@ def open_record(
     plaintext = bytearray(len(view) - HEADER_LEN - TAG_LEN)
     try:
         try:
-            _record_aead(key).decrypt_into(
-                header.nonce, view[HEADER_LEN:], view[:HEADER_LEN], plaintext
+            _decrypt_into(
+                _record_aead(key), header.nonce, view[HEADER_LEN:], view[:HEADER_LEN], plaintext
             )
         except InvalidTag:
             raise RecordTampered("authentication failed") from None
@@ -590,8 +622,8 @@ def seal_to_volume_key(volume_key: Secret, plaintext: Secret, context: bytes) ->
     salt = os.urandom(_SALT_LEN)
     prefix = bytes([_SEALED_VERSION]) + salt + os.urandom(NONCE_LEN)
     out = bytearray(len(plaintext) + TAG_LEN)
-    _sealed_aead(volume_key, salt, context).encrypt_into(
-        prefix[-NONCE_LEN:], plaintext.view(), prefix, out
+    _encrypt_into(
+        _sealed_aead(volume_key, salt, context), prefix[-NONCE_LEN:], plaintext.view(), prefix, out
     )
     return prefix + bytes(out)
 
@@ -609,8 +641,12 @@ def open_with_volume_key(
     nonce = bytes(view[1 + _SALT_LEN : _SEALED_PREFIX_LEN])
     out = bytearray(len(view) - SEALED_OVERHEAD)
     try:
-        _sealed_aead(volume_key, salt, context).decrypt_into(
-            nonce, view[_SEALED_PREFIX_LEN:], view[:_SEALED_PREFIX_LEN], out
+        _decrypt_into(
+            _sealed_aead(volume_key, salt, context),
+            nonce,
+            view[_SEALED_PREFIX_LEN:],
+            view[:_SEALED_PREFIX_LEN],
+            out,
         )
     except InvalidTag:
         out[:] = bytes(len(out))

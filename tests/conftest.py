@@ -82,7 +82,7 @@ def fresh_session_keyring():
 
 
 @pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item, call):  # noqa: ARG001
+def pytest_runtest_makereport(item, call):
     """Fail any test whose captured stdout, stderr or log contains a test passphrase."""
     outcome = yield
     report = outcome.get_result()

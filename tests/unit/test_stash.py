@@ -61,7 +61,7 @@ def volume_key(label: str = "vk") -> Secret:
     return Secret(bytearray((make(label) * 4)[:64]))
 
 
-def make_record(  # noqa: PLR0913  (one keyword per header field)
+def make_record(
     *,
     channel: Channel = Channel.EFI,
     created: int = NOW,
@@ -93,7 +93,7 @@ def sealed(key):
         return stash.seal(record, key)
 
 
-def raw_seal(  # noqa: PLR0913  (one keyword per header field)
+def raw_seal(
     key: Secret,
     plaintext: bytes,
     *,

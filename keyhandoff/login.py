@@ -1,0 +1,77 @@
+"""Hand the disk passphrase to the login path, so the login keyring unlocks after autologin.
+
+Two keys in root's user keyring, both with a short kernel timeout:
+
+* systemd's ``cryptsetup`` key, in systemd's format, with the passphrase as the **last**
+  entry: the stock ``pam_gdm`` (and ``pam_systemd_loadkey``) take the last entry and set
+  PAM_AUTHTOK, which ``pam_gnome_keyring`` uses to unlock the ``login`` collection;
+* ``keyhandoff:login``, a one-shot key that ``pam_keyhandoff.so`` reads and invalidates,
+  for display managers without pam_gdm.
+
+Readers need possession of ``@u`` (``gdm.service`` has ``KeyringMode=shared``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final
+
+from keyhandoff import journal, keyring
+from keyhandoff.cache import KEY_PERM, SystemdCache
+from keyhandoff.errors import KeyExpired, KeyNotFound, KeyRevoked
+
+if TYPE_CHECKING:
+    from keyhandoff.secret import Secret
+
+__all__ = ["LOGIN_KEY", "LoginHandoff", "clear", "handoff"]
+
+#: The one-shot key pam_keyhandoff.so reads (and invalidates) by default.
+LOGIN_KEY: Final = "keyhandoff:login"
+
+
+@dataclass(frozen=True, slots=True)
+class LoginHandoff:
+    """What was handed over: key serials and their timeout.  Never the passphrase."""
+
+    systemd_key: str
+    login_key: int
+    timeout: int
+
+
+def handoff(
+    passphrase: Secret, *, timeout: int, systemd_keyname: str = "cryptsetup",
+) -> LoginHandoff:
+    """Put ``passphrase`` where pam_gdm and pam_keyhandoff.so find it, for ``timeout`` s."""
+    passphrase.check_passphrase()
+    sc = SystemdCache(keyname=systemd_keyname)
+    # pam_gdm takes the *last* entry: drop an existing copy so ours is appended at the end.
+    sc.remove([passphrase])
+    sc.add([passphrase], timeout=timeout)
+    clear()  # while we possess it: a displaced old key could no longer be destroyed by us
+    serial = keyring.add("user", LOGIN_KEY, passphrase, keyring.THREAD)
+    try:
+        keyring.set_perm(serial, KEY_PERM)
+        keyring.set_timeout(serial, timeout)
+        keyring.link(serial, keyring.USER)
+    except BaseException:
+        keyring.invalidate(serial)
+        raise
+    finally:
+        with contextlib.suppress(KeyNotFound):
+            keyring.unlink(serial, keyring.THREAD)
+    journal.log(journal.Event.LOGIN_HANDOFF,
+                f"passphrase handed to the login path for {timeout} s", timeout=timeout)
+    return LoginHandoff(systemd_keyname, serial, timeout)
+
+
+def clear() -> bool:
+    """Remove the one-shot login key; return whether there was one.
+
+    systemd's ``cryptsetup`` key is left to its own timeout: systemd owns it.
+    """
+    try:
+        keyring.invalidate(keyring.find("user", LOGIN_KEY))
+    except (KeyNotFound, KeyExpired, KeyRevoked):
+        return False
+    return True

@@ -1,0 +1,76 @@
+"""The record still seals and opens with cryptography releases that lack ``*_into``
+(Debian 12 ships 38, Debian 13 ships 43): the fallbacks are exercised here by wrapping the
+real primitives so that only the old methods exist."""
+
+import uuid
+
+import pytest
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from passphrases import make
+
+from keyhandoff import stash
+from keyhandoff.secret import Secret
+
+
+class OldAead:
+    def __init__(self, key):
+        self._real = ChaCha20Poly1305(bytes(key))
+
+    def encrypt(self, nonce, data, aad):
+        return self._real.encrypt(nonce, data, aad)
+
+    def decrypt(self, nonce, data, aad):
+        return self._real.decrypt(nonce, data, aad)
+
+
+class OldHkdf:
+    def __init__(self, **kw):
+        self._real = HKDF(**kw)
+
+    def derive(self, ikm):
+        return self._real.derive(ikm)
+
+
+@pytest.fixture
+def old_cryptography(monkeypatch):
+    monkeypatch.setattr(stash, "ChaCha20Poly1305", OldAead)
+    monkeypatch.setattr(stash, "HKDF", OldHkdf)
+    assert not hasattr(stash.ChaCha20Poly1305(b"k" * 32), "encrypt_into")
+
+
+def _record():
+    entry = stash.StashEntry(uuid.uuid4(), stash.EntryKind.ONETIME_KEY, Secret(b"\x01" * 32))
+    return stash.HandoffRecord(
+        channel=stash.Channel.EFI, created=1_700_000_000, not_after=1_700_000_600,
+        boots_left=1, boot_id=uuid.uuid4(), entries=(entry,),
+    )
+
+
+def test_seal_and_open_without_into(old_cryptography):
+    key = stash.new_record_key()
+    blob = stash.seal(_record(), key)
+    record = stash.open_record(blob, key, now=1_700_000_100, boot_id=uuid.uuid4())
+    assert bytes(record.entries[0].payload.view()) == b"\x01" * 32
+    tampered = bytearray(blob)
+    tampered[-1] ^= 1
+    with pytest.raises(stash.RecordTampered):
+        stash.open_record(bytes(tampered), key, now=1_700_000_100, boot_id=uuid.uuid4())
+
+
+def test_records_are_compatible_across_versions(old_cryptography, monkeypatch):
+    key = stash.new_record_key()
+    blob = stash.seal(_record(), key)
+    monkeypatch.undo()  # the current cryptography opens what the old one sealed
+    record = stash.open_record(blob, key, now=1_700_000_100, boot_id=uuid.uuid4())
+    assert len(record.entries) == 1
+
+
+def test_sealed_passphrase_without_into(old_cryptography):
+    vk = Secret(b"\x02" * 64)
+    pw = make("compat")
+    sealed = stash.seal_to_volume_key(vk, Secret(pw), b"ctx")
+    with stash.open_with_volume_key(vk, sealed, b"ctx") as got:
+        assert bytes(got.view()) == pw
+    with pytest.raises(stash.SealedPayloadRefused):
+        stash.open_with_volume_key(vk, sealed, b"other")
