@@ -18,18 +18,32 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Self
 
-from .runner import BOOTED_RE, DONE_RE, JOB_SERIAL, GuestJob, Result, build_job_disk, parse_results, read_job_file
+from .runner import (
+    BOOTED_RE,
+    DONE_RE,
+    JOB_SERIAL,
+    GuestJob,
+    Result,
+    build_job_disk,
+    parse_results,
+    read_job_file,
+)
 
 if TYPE_CHECKING:
+    from types import TracebackType
+
     from .image import RunImage
+
+ROOT_SERIAL = "vmroot"  # the initramfs mounts the disk with this serial as /
 
 QEMU = "qemu-system-x86_64"
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
-INSTALL_HINT = "install with: apt-get install qemu-system-x86 ovmf debootstrap busybox-static"
+INSTALL_HINT = (
+    "install with: apt-get install qemu-system-x86 qemu-utils ovmf debootstrap busybox-static"
+)
 
 PERSON_PORT = "org.keyhandoff.person"
 PERSON_GUEST_DEVICE = f"/dev/virtio-ports/{PERSON_PORT}"
@@ -113,13 +127,18 @@ class PersonPort:
         regex = re.compile(pattern) if isinstance(pattern, bytes) else pattern
         deadline = time.monotonic() + timeout
         while True:
-            match = regex.search(self._buffer)
+            # Search a bytes copy: a match on the bytearray would change when we consume it.
+            match = regex.search(bytes(self._buffer))
             if match is not None:
                 del self._buffer[: match.end()]
                 return match
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                msg = f"person port: no {regex.pattern!r} within {timeout:.0f}s; got {bytes(self._buffer)[-200:]!r}"
+                # Only the count: the demo's person port carries test passphrases.
+                msg = (
+                    f"person port: no {regex.pattern!r} within {timeout:.0f}s "
+                    f"({len(self._buffer)} unmatched bytes received)"
+                )
                 raise MachineError(msg)
             self._sock.settimeout(remaining)
             try:
@@ -174,6 +193,27 @@ class Machine:
             vars_file = workdir / "OVMF_VARS.fd"
             shutil.copyfile(OVMF_VARS, vars_file)
         self.vars_file = vars_file
+        # The run image stays pristine: each machine writes to its own copy-on-write overlay,
+        # which persists across this machine's boots like a real disk.
+        self.root_disk = workdir / "root.qcow2"
+        if not self.root_disk.exists():
+            subprocess.run(
+                [
+                    "qemu-img",
+                    "create",
+                    "-q",
+                    "-f",
+                    "qcow2",
+                    "-F",
+                    "raw",
+                    "-b",
+                    str(image.root_image),
+                    str(self.root_disk),
+                ],
+                check=True,
+                capture_output=True,
+                timeout=60,
+            )
         self.boots = 0
         self.job_image: Path | None = None
         self._proc: subprocess.Popen[bytes] | None = None
@@ -200,7 +240,9 @@ class Machine:
 
     def qemu_argv(self) -> list[str]:
         """The QEMU command line of the next boot."""
-        cmdline = f"console=ttyS0,115200 loglevel=4 panic=-1 systemd.firstboot=off {self.append}".strip()
+        cmdline = (
+            f"console=ttyS0,115200 loglevel=4 panic=-1 systemd.firstboot=off {self.append}".strip()
+        )
         argv = [
             QEMU,
             "-machine", "q35",
@@ -221,7 +263,7 @@ class Machine:
             "-serial", "chardev:serial0",
             "-device", "virtio-rng-pci",
         ]  # fmt: skip
-        disks = [Disk(self.image.root_image, "vmroot")]
+        disks = [Disk(self.root_disk, ROOT_SERIAL, fmt="qcow2")]
         if self.job_image is not None:
             disks.append(Disk(self.job_image, JOB_SERIAL))
         disks += self.disks
@@ -256,7 +298,7 @@ class Machine:
         self.serial_log.write_bytes(b"")
         self._cursor = 0
         with (self.workdir / f"qemu-{self.boots}.log").open("wb") as qemu_log:
-            self._proc = subprocess.Popen(  # noqa: S603 - argv built above
+            self._proc = subprocess.Popen(
                 self.qemu_argv(),
                 stdin=subprocess.DEVNULL,
                 stdout=qemu_log,
@@ -284,7 +326,7 @@ class Machine:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=10)
 
-    def __enter__(self) -> Machine:
+    def __enter__(self) -> Self:
         """Use as a context manager: QEMU is killed on exit, whatever happened."""
         return self
 
@@ -319,7 +361,8 @@ class Machine:
     def _fail(self, what: str) -> MachineError:
         detail = _tail(self.console())
         qemu = self._qemu_log_tail()
-        msg = f"{what}\n--- last {CONSOLE_TAIL_LINES} console lines ({self.serial_log}) ---\n{detail}\n{qemu}"
+        header = f"--- last {CONSOLE_TAIL_LINES} console lines ({self.serial_log}) ---"
+        msg = f"{what}\n{header}\n{detail}\n{qemu}"
         return MachineError(msg)
 
     def wait_for(self, pattern: str | re.Pattern[str], timeout: float) -> re.Match[str]:
@@ -343,7 +386,9 @@ class Machine:
                     self._cursor = match.end()
                     return match
                 rc = None if proc is None else proc.returncode
-                raise self._fail(f"QEMU exited (rc={rc}) before the console showed {regex.pattern!r}")
+                raise self._fail(
+                    f"QEMU exited (rc={rc}) before the console showed {regex.pattern!r}"
+                )
             if time.monotonic() > deadline:
                 raise self._fail(f"console did not show {regex.pattern!r} within {timeout:.0f}s")
             time.sleep(0.2)

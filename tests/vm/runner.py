@@ -2,12 +2,12 @@
 
 A job is a script (any executable text: ``#!/bin/sh`` or ``#!/usr/bin/python3``) plus optional
 files, put on a small ext4 disk (virtio serial ``vmtest-job``). In the guest,
-``keyhandoff-vmtest.service`` starts after ``multi-user.target``, prints ``VMTEST-BOOTED <boot_id>``,
-mounts the disk at ``$VMTEST_JOB`` (``/run/vmtest/job``), runs ``run`` with a time limit, and prints
-``VMTEST-DONE rc=<rc> action=<action>``, then powers off, reboots or stays up as asked. The script
-reports with ``vmtest-result NAME PASS|FAIL detail...`` (a guest command) or by printing such a line
-to ``/dev/ttyS0`` itself; files it writes to ``$VMTEST_OUT`` can be read back with
-:func:`read_job_file` after the guest stopped.
+``keyhandoff-vmtest.service`` starts after ``multi-user.target``, prints
+``VMTEST-BOOTED <boot_id>``, mounts the disk at ``$VMTEST_JOB`` (``/run/vmtest/job``), runs
+``run`` with a time limit, and prints ``VMTEST-DONE rc=<rc> action=<action>``, then powers off,
+reboots or stays up as asked. The script reports with ``vmtest-result NAME PASS|FAIL detail...``
+(a guest command) or by printing such a line to ``/dev/ttyS0`` itself; files it writes to
+``$VMTEST_OUT`` can be read back with :func:`read_job_file` after the guest stopped.
 """
 
 from __future__ import annotations
@@ -16,8 +16,10 @@ import re
 import shutil
 import subprocess
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 JOB_SERIAL = "vmtest-job"
 JOB_DISK_BYTES = 16 << 20
@@ -65,7 +67,10 @@ class Result:
 
 def parse_results(console: str) -> list[Result]:
     """All ``VMTEST-RESULT`` lines of a console log, in order."""
-    return [Result(m.group(1), m.group(2) == "PASS", m.group(3).strip()) for m in RESULT_RE.finditer(console)]
+    return [
+        Result(m.group(1), m.group(2) == "PASS", m.group(3).strip())
+        for m in RESULT_RE.finditer(console)
+    ]
 
 
 def build_job_disk(job: GuestJob, workdir: Path) -> Path:
@@ -88,8 +93,18 @@ def build_job_disk(job: GuestJob, workdir: Path) -> Path:
     (tree / "out").mkdir()
     image = workdir / "job.img"
     image.unlink(missing_ok=True)
-    subprocess.run(  # noqa: S603
-        ["mkfs.ext4", "-q", "-F", "-L", "vmtest-job", "-d", str(tree), str(image), f"{JOB_DISK_BYTES >> 20}M"],  # noqa: S607
+    subprocess.run(
+        [
+            "mkfs.ext4",
+            "-q",
+            "-F",
+            "-L",
+            "vmtest-job",
+            "-d",
+            str(tree),
+            str(image),
+            f"{JOB_DISK_BYTES >> 20}M",
+        ],
         check=True,
         capture_output=True,
         timeout=60,
@@ -99,8 +114,8 @@ def build_job_disk(job: GuestJob, workdir: Path) -> Path:
 
 def read_job_file(image: Path, name: str) -> bytes | None:
     """A file the guest wrote to ``$VMTEST_OUT`` (``out/<name>`` on the job disk), via debugfs."""
-    done = subprocess.run(  # noqa: S603
-        ["debugfs", "-R", f"cat /out/{name}", str(image)],  # noqa: S607
+    done = subprocess.run(
+        ["debugfs", "-R", f"cat /out/{name}", str(image)],
         check=False,
         capture_output=True,
         timeout=60,
