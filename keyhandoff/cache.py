@@ -19,6 +19,7 @@ explicitly before a key becomes reachable.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import uuid as _uuid
 from dataclasses import dataclass
@@ -201,7 +202,11 @@ class PassphraseCache:
     def get_entry(self, volume: str) -> tuple[int, Secret]:
         """The key serial and passphrase for ``volume`` (the serial tells entries apart)."""
         volume = normalize_uuid(volume)
-        serial = keyring.search(self.keyring_serial, "user", VOLUME_PREFIX + volume)
+        try:
+            serial = keyring.search(self.keyring_serial, "user", VOLUME_PREFIX + volume)
+        except KeyRevoked:
+            # forgotten (invalidated) and not yet collected: to callers it is simply gone
+            raise KeyNotFound(errno.ENOKEY, f"no cached passphrase for {volume}") from None
         return serial, keyring.read(serial)
 
     def entries(self) -> list[CacheEntry]:

@@ -51,6 +51,14 @@ class AgentProcess:
             time.sleep(0.02)
         pytest.fail(f"agent log lacks {text!r}: {self.log.read_text()[-2000:]}")
 
+    def wait_for_count(self, text: str, count: int, timeout: float = 10) -> None:
+        """Wait until ``text`` appears ``count`` times (the log line follows the answer)."""
+        deadline = time.monotonic() + timeout
+        while self.log.read_text(errors="replace").count(text) < count:
+            if time.monotonic() > deadline:
+                pytest.fail(f"agent log has fewer than {count} {text!r}")
+            time.sleep(0.02)
+
     def stop(self) -> int:
         assert self.proc is not None
         if self.proc.poll() is None:

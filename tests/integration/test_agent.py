@@ -120,7 +120,8 @@ def test_64_simultaneous_prompts(tmp_path, cache):
         queriers = [(ask(f"--id=cryptsetup:{img}", timeout=20), pw) for img, pw in images]
         for q, pw in queriers:
             assert finish(q, timeout=30) == (0, pw + b"\n")
-        assert agent.wait_for_log("ANSWERED").count("ANSWERED") == 64
+        agent.wait_for_count("keyhandoff: ANSWERED", 64)
+        assert agent.log.read_text().count("keyhandoff: ANSWERED") == 64
 
 
 def test_same_passphrase_on_two_volumes_each_get_an_answer(tmp_path, cache):

@@ -17,6 +17,7 @@ import pytest
 from agent_process import AgentProcess, ask, finish
 from luks_images import format_image, metadata, opens, uuid_of
 from passphrases import make
+from test_pam import checker, pam_gdm, pam_module, pamtester  # noqa: F401  # fixtures
 
 from keyhandoff import update
 from keyhandoff.cache import PassphraseCache, SystemdCache
@@ -73,6 +74,37 @@ def test_keyring_channel_end_to_end(tmp_path, cache):
     # the chain is over: nothing of it is left
     assert not update.status()["armed"]
     assert cache.entries() == []
+
+
+def test_login_handoff_reaches_pam_gdm_and_our_module(tmp_path, cache, pam_gdm, pam_module,
+                                                       checker):
+    """The runner flow's last step, read by the real pam_gdm.so and by pam_keyhandoff.so."""
+    pw = make("login")
+    img = format_image(tmp_path / "root.img", pw)
+    cache.put(uuid_of(img), Secret.passphrase(pw), timeout=60)
+    update.arm(reboot="soft", ttl=timedelta(minutes=5), login=True, volumes=[str(img)],
+               ask=None)
+    update.restore(volumes=[str(img)])
+    assert update.finish(login_timeout=30).login == "handed to the login path"
+    # gdm's autologin stack: pam_gdm sets PAM_AUTHTOK from systemd's "cryptsetup" key
+    r = pamtester(f"auth optional {pam_gdm}", checker.line())
+    assert r.succeeded, r.stderr
+    assert checker.token() == pw
+    # a display manager without pam_gdm: our module, one shot
+    r = pamtester(f"auth requisite {pam_module}", checker.line())
+    assert r.succeeded, r.stderr
+    assert checker.token() == pw
+    assert _login_key() is None  # invalidated after use
+    r = pamtester(f"auth requisite {pam_module}", checker.line())
+    assert not r.succeeded
+    assert checker.token() is None
+
+
+def test_nothing_cached_gives_no_token(pam_gdm, pam_module, checker, cache):
+    SystemdCache().clear()
+    r = pamtester(f"auth optional {pam_gdm}", f"auth optional {pam_module}", checker.line())
+    assert checker.token() in {None, b""}
+    _ = r
 
 
 def test_arm_refuses_a_wrong_cached_passphrase(tmp_path, cache):
