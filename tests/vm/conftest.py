@@ -58,6 +58,15 @@ class _TerminalHandler(logging.Handler):
             self._reporter.write_line(line)
 
 
+@pytest.fixture(autouse=True)
+def fresh_session_keyring() -> None:
+    """Replaces the suite-wide host keyring guard for VM tests.
+
+    VM tests never touch the host's keyring (the guest has its own kernel), and the guard's check
+    of root's host-wide ``@u`` only picks up keys of other test runs on the same host.
+    """
+
+
 @pytest.fixture(scope="session")
 def vm_progress(pytestconfig: pytest.Config) -> Iterator[None]:
     """Route the harness's progress lines to the terminal for the session."""

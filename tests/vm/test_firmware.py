@@ -89,7 +89,8 @@ vmtest-result versions PASS "systemd=$systemd python=$python cryptsetup=$cryptse
     )
     outcome = machine.boot_and_run(job)
     log.info(
-        "boot to job done and poweroff: %.1fs; %s",
+        "boot to multi-user %.1fs, to poweroff %.1fs; %s",
+        outcome.booted_seconds,
         outcome.seconds,
         outcome.result("versions").detail,
     )
@@ -209,10 +210,14 @@ report("nv-gone", not os.path.exists(var_path("KeyHandoffNvProbe")))
     # Observations, not assertions: what OVMF does with a deleted variable's bytes.
     log.info(
         "efi: mode after reboot %s; deleted variable's bytes in the vars file: after delete=%s, "
-        "after another boot=%s; boot seconds %.1f / %.1f / %.1f",
+        "after another boot=%s; multi-user after %.1f / %.1f / %.1f s, "
+        "boots took %.1f / %.1f / %.1f s",
         mode_after_reboot,
         remains_after_delete,
         remains_after_boot3,
+        boot1.booted_seconds,
+        boot2.booted_seconds,
+        boot3.booted_seconds,
         boot1.seconds,
         boot2.seconds,
         boot3.seconds,
