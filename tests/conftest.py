@@ -26,6 +26,9 @@ from keyhandoff.cache import PassphraseCache
 
 IN_CI = bool(os.environ.get("CI"))
 
+#: pam_module, pam_gdm, checker: real PAM stacks for any test that asks for them
+pytest_plugins = ["pam_stack"]
+
 
 def require(condition: bool, what: str, install: str) -> None:
     """Skip loudly with the install command when a real part is missing (fail in CI)."""

@@ -16,8 +16,8 @@ from datetime import timedelta
 import pytest
 from agent_process import AgentProcess, ask, finish
 from luks_images import format_image, metadata, opens, uuid_of
+from pam_stack import pamtester
 from passphrases import make
-from test_pam import checker, pam_gdm, pam_module, pamtester  # noqa: F401  # fixtures
 
 from keyhandoff import update
 from keyhandoff.cache import PassphraseCache, SystemdCache
