@@ -202,7 +202,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
     """Boot time: load an armed record."""
     from keyhandoff import update  # noqa: PLC0415
 
-    report = update.restore(volumes=args.volumes)
+    report = update.restore(volumes=args.volumes, wait=args.wait)
     if report.refused:
         sys.stderr.write(f"keyhandoff: record refused: {report.refused}\n")
     sys.stderr.write(f"keyhandoff: restored {len(report.restored)} volume(s) "
@@ -300,6 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_disarm)
     p = sub.add_parser("restore", help="early boot: load an armed handoff (unit use)")
     p.add_argument("--volume", action="append", metavar="PATH", dest="volumes")
+    p.add_argument("--wait", type=float, default=0, metavar="S",
+                   help="when a record is there, wait up to S seconds for the devices")
     p.set_defaults(func=cmd_restore)
     p = sub.add_parser("finish", help="after the volumes opened: destroy one-time keyslots, "
                        "login hand-off on the last boot (unit use)")

@@ -558,8 +558,10 @@ class RestoreReport:
     keyslots_destroyed: int
 
 
-def restore(*, volumes: Sequence[str] | None = None) -> RestoreReport:
+def restore(*, volumes: Sequence[str] | None = None, wait: float = 0) -> RestoreReport:
     """Early in boot: load what an armed record carries into the cache, wipe the rest.
+
+    ``wait``: seconds to wait for the volumes' devices when a record is there.
 
     The ``keyring`` channel needs nothing loaded (the keys survived the soft reboot); its
     boot count goes down.  The ``efi`` record is read and deleted first (if it cannot be
@@ -571,7 +573,7 @@ def restore(*, volumes: Sequence[str] | None = None) -> RestoreReport:
     chain = _Chain.load(cache)
     if chain is not None and chain.channel == "keyring":
         return _restore_keyring(chain, cache)
-    return _restore_efi(cache, volumes)
+    return _restore_efi(cache, volumes, wait)
 
 
 def _restore_keyring(chain: _Chain, cache: PassphraseCache) -> RestoreReport:
@@ -588,11 +590,22 @@ def _restore_keyring(chain: _Chain, cache: PassphraseCache) -> RestoreReport:
     return RestoreReport("keyring", tuple(v["uuid"] for v in chain.volumes), None, 0)
 
 
-def _restore_efi(cache: PassphraseCache, volumes: Sequence[str] | None) -> RestoreReport:
+def _wait_for(paths: list[str], seconds: float) -> None:
+    """Early in boot the volumes' device links may not exist yet: wait for them, bounded."""
+    deadline = time.monotonic() + seconds
+    while any(not os.path.exists(p) for p in paths) and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+def _restore_efi(
+    cache: PassphraseCache, volumes: Sequence[str] | None, wait: float,
+) -> RestoreReport:
     from keyhandoff import stash  # noqa: PLC0415
 
     paths = list(volumes) if volumes is not None else _known_paths(None)
     blob, refused = _take_record()
+    if blob is not None and wait > 0:
+        _wait_for(paths, wait)  # only when a record needs the headers: not on every boot
     now = _now()
     found = _onetime_slots(paths)
     claimed: set[tuple[str, int]] = set()
