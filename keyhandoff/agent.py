@@ -146,8 +146,11 @@ class Agent:
         self._setup()
         self._rescan()
         self._notify("READY=1")
+        from keyhandoff import process  # noqa: PLC0415
+
         journal.log(Event.STARTED, "keyhandoff agent serving " + self.ask_dir,
-                    ask_dir=self.ask_dir, udev=int(self._monitor is not None))
+                    ask_dir=self.ask_dir, udev=int(self._monitor is not None),
+                    dumpable=int(process.is_dumpable()))
         try:
             while not self._stopping:
                 for key, _mask in self._selector.select(timeout=None):

@@ -1,0 +1,151 @@
+"""Faults around the efi channel (on a scratch efivarfs directory): each ends with a normal
+prompt for the person (nothing cached), a clear refusal, and nothing stale left behind.
+
+A full reboot cannot happen on the test host; the script gives the "next boot" a new boot
+id (update.BOOT_ID_PATH) and moves the clock (update._now) where a fault needs it: the
+only stand-ins here, and they replace what the kernel and the RTC would report.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from luks_images import cryptsetup, format_image, metadata, opens
+from passphrases import make
+
+SCRIPT = """
+import json, os, sys, time, uuid
+from datetime import timedelta
+from keyhandoff import update, efi, onetime
+from keyhandoff.cache import PassphraseCache
+from keyhandoff.luks import LuksHeader
+from keyhandoff.secret import Secret
+
+img, pw_file, state, fault = sys.argv[1:5]
+boot_file = os.path.join(state, "boot_id")
+update.BOOT_ID_PATH = boot_file
+cache = PassphraseCache()
+record_file = os.environ["EFIVARFS_PATH"] + efi.STASH_NAME + "-" + efi.VENDOR_GUID
+
+def new_boot():
+    cache.forget_all()
+    with open(boot_file, "w") as f:
+        f.write(str(uuid.uuid4()))
+
+def slots():
+    with LuksHeader.open(img) as h:
+        return [s.keyslot for s in onetime.slots(h)]
+
+new_boot()
+vol = update.targets([img])[0].uuid
+cache.put(vol, Secret.passphrase(open(pw_file, "rb").read()), timeout=120)
+update.arm(reboot="full", ttl=timedelta(minutes=10), volumes=[img], ask=None)
+armed_slots = slots()
+if fault != "same-boot":
+    new_boot()
+else:
+    cache.forget(vol)  # what arm cached is not the question here: what restore adds is
+real_now = update._now
+if fault == "late":            # powered off past the deadline, then booted
+    update._now = lambda: real_now() + 3600
+elif fault == "clock-back":    # the RTC was reset to before the arming time
+    update._now = lambda: real_now() - 86400
+elif fault == "tampered":      # one byte of the record flipped in NVRAM
+    data = bytearray(open(record_file, "rb").read())
+    data[4 + 20] ^= 0x01       # a byte of the header (after the 4 attribute bytes)
+    os.remove(record_file)
+    open(record_file, "wb").write(bytes(data))
+elif fault == "foreign":       # a record whose keyslots are not on this machine's volumes
+    with LuksHeader.open(img) as h:
+        for s in onetime.slots(h):
+            h.remove_token(s.token)
+r1 = update.restore(volumes=[img])
+cached = [e.volume for e in cache.entries()]
+r2 = update.restore(volumes=[img]) if fault == "twice" else None
+update.disarm(quiet=True, volumes=[img])
+cache.forget_all()
+print(json.dumps({
+    "armed_slots": armed_slots, "refused": r1.refused, "restored": list(r1.restored),
+    "destroyed": r1.keyslots_destroyed, "slots_after": slots(), "cached": cached,
+    "record_left": os.path.exists(record_file),
+    "second": None if r2 is None else [r2.channel, list(r2.restored)],
+}))
+"""
+
+
+def run(tmp_path, img, pw, fault):
+    efivars = tmp_path / "efivars"
+    efivars.mkdir()
+    state = tmp_path / "state"
+    state.mkdir()
+    pw_file = state / "pw"
+    pw_file.write_bytes(pw)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LIBEFIVAR", "EFIVARFS"))}
+    env.update(LIBEFIVAR_OPS="efivarfs", EFIVARFS_PATH=f"{efivars}/", KEYHANDOFF_LOG="stderr")
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", textwrap.dedent(SCRIPT), str(img), str(pw_file), str(state),
+             fault], env=env, capture_output=True, timeout=120, check=False)
+    finally:
+        pw_file.unlink()
+    log = proc.stderr.decode(errors="replace")
+    assert proc.returncode == 0, log[-3000:]
+    assert pw not in proc.stdout + proc.stderr
+    return json.loads(proc.stdout.decode().splitlines()[-1]), log
+
+
+@pytest.mark.parametrize(("fault", "reason"), [
+    ("late", "deadline passed"),
+    ("clock-back", "before the arming time"),
+    ("tampered", "authentication failed"),
+    ("same-boot", "boot"),
+    ("foreign", "no one-time keyslot"),
+])
+def test_refused_record_is_wiped_and_the_person_is_asked(tmp_path, fault, reason):
+    pw = make(fault)
+    img = format_image(tmp_path / "v.img", pw)
+    out, log = run(tmp_path, img, pw, fault)
+    assert len(out["armed_slots"]) == 1 or fault == "foreign"
+    assert out["refused"] is not None
+    assert reason in out["refused"]
+    assert "RECORD_REFUSED" in log
+    assert out["restored"] == []
+    assert out["cached"] == []  # nothing to answer with: systemd asks the person
+    assert out["record_left"] is False  # read and deleted before it was judged
+    assert out["slots_after"] == []  # the one-time keyslot is gone too
+    assert opens(img, pw)  # the person's passphrase still opens the volume
+
+
+def test_a_record_is_restored_once(tmp_path):
+    pw = make("twice")
+    img = format_image(tmp_path / "v.img", pw)
+    out, _log = run(tmp_path, img, pw, "twice")
+    assert out["refused"] is None
+    assert len(out["restored"]) == 1
+    assert out["second"] == [None, []]
+
+
+def test_a_forged_token_cannot_destroy_the_persons_keyslot(tmp_path):
+    """A token naming the person's keyslot loses the token, never the keyslot."""
+    pw = make("forged")
+    img = tmp_path / "v.img"
+    format_image(img, pw, pbkdf=("--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1001"))
+    token = json.dumps({"type": "keyhandoff-onetime", "keyslots": ["0"], "not_after": 1,
+                        "boot_id": "x", "record_key": ""})
+    cryptsetup("token", "import", "--json-file=-", str(img), stdin=token.encode())
+    code = (
+        "import sys\nfrom keyhandoff import update\n"
+        "r = update.restore(volumes=[sys.argv[1]])\nprint(r.keyslots_destroyed)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LIBEFIVAR", "EFIVARFS"))}
+    proc = subprocess.run([sys.executable, "-c", code, str(img)], capture_output=True,
+                          text=True, env=env, timeout=60, check=True)
+    assert proc.stdout.strip() == "0"
+    assert opens(img, pw)
+    assert not any(t.get("type") == "keyhandoff-onetime"
+                   for t in metadata(img)["tokens"].values())
