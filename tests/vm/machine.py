@@ -96,6 +96,13 @@ class JobOutcome:
         return found[-1]
 
 
+def _die_with_parent(argv: list[str]) -> list[str]:
+    """Have QEMU SIGKILLed if the test process dies without cleaning up (setpriv execs it)."""
+    if shutil.which("setpriv") is None:
+        return argv
+    return ["setpriv", "--pdeathsig", "KILL", "--", *argv]
+
+
 def _tail(text: str, lines: int = CONSOLE_TAIL_LINES) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
@@ -300,7 +307,7 @@ class Machine:
         self._cursor = 0
         with (self.workdir / f"qemu-{self.boots}.log").open("wb") as qemu_log:
             self._proc = subprocess.Popen(
-                self.qemu_argv(),
+                _die_with_parent(self.qemu_argv()),
                 stdin=subprocess.DEVNULL,
                 stdout=qemu_log,
                 stderr=subprocess.STDOUT,
