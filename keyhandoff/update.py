@@ -236,30 +236,37 @@ def ask_with_systemd(target: Target) -> Secret:
     return Secret.passphrase(raw)
 
 
-def _verified_passphrase(
-    target: Target, cache: PassphraseCache, ask: Ask | None, progress: Progress,
-) -> tuple[Secret, int]:
-    """A passphrase for ``target`` and the keyslot it opens: cached, else asked once."""
-    from keyhandoff.luks import LuksHeader, WrongPassphrase  # noqa: PLC0415
-
+def _passphrase(target: Target, cache: PassphraseCache, ask: Ask | None) -> tuple[Secret, str]:
+    """A passphrase for ``target`` (unverified) and where it came from: cached, else asked."""
     try:
-        secret = cache.get(target.uuid)
-        source = "cache"
+        return cache.get(target.uuid), "cache"
     except (KeyNotFound, KeyExpired, KeyRevoked):
         if ask is None:
             raise ArmRefused(f"no cached passphrase for {target.name}") from None
-        secret = ask(target)
-        source = "asked"
+        return ask(target), "asked"
+
+
+def _refuse_wrong(target: Target, cache: PassphraseCache, source: str) -> ArmRefused:
+    if source == "cache":
+        cache.forget(target.uuid)  # a cached entry that does not open its volume is junk
+    return ArmRefused(f"the passphrase for {target.name} does not open it")
+
+
+def _verified_passphrase(
+    target: Target, cache: PassphraseCache, ask: Ask | None, progress: Progress,
+) -> Secret:
+    """A passphrase for ``target`` that opens it (one PBKDF to check it)."""
+    from keyhandoff.luks import LuksHeader, WrongPassphrase  # noqa: PLC0415
+
+    secret, source = _passphrase(target, cache, ask)
     progress(f"checking the passphrase for {target.name} ({source})")
     try:
         with LuksHeader.open(target.path) as header:
-            keyslot = header.verify(secret)
+            header.verify(secret)
     except WrongPassphrase:
         secret.wipe()
-        if source == "cache":
-            cache.forget(target.uuid)  # a cached entry that does not open its volume is junk
-        raise ArmRefused(f"the passphrase for {target.name} does not open it") from None
-    return secret, keyslot
+        raise _refuse_wrong(target, cache, source) from None
+    return secret
 
 
 # --- arm ---------------------------------------------------------------------------------------
@@ -323,8 +330,7 @@ def _arm_keyring(
     reports = []
     try:
         for t in chosen:
-            secret, _slot = _verified_passphrase(t, cache, ask, say)
-            with secret:
+            with _verified_passphrase(t, cache, ask, say) as secret:
                 cache.put(t.uuid, secret, timeout=chain.not_after - now)
             reports.append(VolumeReport(t.uuid, t.name, armed=True,
                                         how="passphrase kept in the kernel keyring (RAM)"))
@@ -373,7 +379,7 @@ def _write_efi_record(
 ) -> ArmReport:
     """Add one-time keyslots, seal the record, store it.  ``volume_keys``: a re-arm's."""
     from keyhandoff import onetime, stash  # noqa: PLC0415
-    from keyhandoff.luks import LuksHeader  # noqa: PLC0415
+    from keyhandoff.luks import LuksHeader, WrongPassphrase  # noqa: PLC0415
 
     now = _now()
     boot_id = _boot_id()
@@ -389,9 +395,14 @@ def _write_efi_record(
                     if chain.login:
                         passphrase = cache.get(t.uuid)
                 else:
-                    passphrase, slot = _verified_passphrase(t, cache, ask, say)
-                    say(f"reading the volume key of {t.name} (one PBKDF)")
-                    _slot, vk = header.volume_key(passphrase, keyslot=slot)
+                    # The volume key is the check: one PBKDF of the person's keyslot, not two.
+                    passphrase, source = _passphrase(t, cache, ask)
+                    say(f"reading the volume key of {t.name} ({source}; one PBKDF)")
+                    try:
+                        _slot, vk = header.volume_key(passphrase)
+                    except WrongPassphrase:
+                        passphrase.wipe()
+                        raise _refuse_wrong(t, cache, source) from None
                 with vk:
                     say(f"adding a one-time keyslot to {t.name}")
                     slot_info, key = onetime.add(

@@ -307,3 +307,35 @@ def test_disarm_leaves_nothing(tmp_path, cache):
     assert cache.entries() == []
     assert str(uuid.UUID(uuid_of(img)))  # volume untouched
     assert opens(img, pw)
+
+
+def test_efi_arm_costs_one_pbkdf_of_the_persons_keyslot(tmp_path, cache):
+    """Counted in libcryptsetup's debug log, not timed: one open of the person's keyslot."""
+    pw = make("cost")
+    img = format_image(tmp_path / "cost.img", pw)
+    code = """
+    import json, sys
+    from datetime import timedelta
+    from keyhandoff import update
+    from keyhandoff.cache import PassphraseCache
+    from keyhandoff.luks import _debug_log
+    from keyhandoff.secret import Secret
+    img, pw_file = sys.argv[1], sys.argv[2]
+    cache = PassphraseCache()
+    vol = update.targets([img])[0].uuid
+    cache.put(vol, Secret.passphrase(open(pw_file, "rb").read()), timeout=60)
+    with _debug_log() as log:
+        update.arm(reboot="full", ttl=timedelta(minutes=5), volumes=[img], ask=None)
+    update.disarm(quiet=True, volumes=[img])
+    cache.forget_all()
+    print(json.dumps({
+        "opened": [m for m in log if m.startswith("Trying to open LUKS2 keyslot")],
+        "derivations": log.count("Running keyslot key derivation."),
+    }))
+    """
+    pw_file = tmp_path / "pw"
+    pw_file.write_bytes(pw)
+    out, _proc, _efivars = _run_efi(tmp_path, code, img, pw_file)
+    pw_file.unlink()
+    assert out["opened"] == ["Trying to open LUKS2 keyslot 0."]
+    assert out["derivations"] == 2  # the person's keyslot, and the new cheap one-time slot
