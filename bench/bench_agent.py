@@ -74,20 +74,28 @@ def run_once(args: list[str]) -> float:
     return dt
 
 
-def latency(tmp: Path, runs: int, img: Path, sc: SystemdCache) -> None:
-    notify_path = str(tmp / "notify.sock")
+def start_ready(tmp: Path) -> subprocess.Popen[bytes]:
+    """Start the agent with a notify socket of ours and wait for READY=1; then close that
+    socket (systemd would keep reading it; a full queue would block the agent's notify)."""
+    notify_path = tmp / "notify.sock"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as ns:
-        ns.bind(notify_path)
-        agent = start_agent(tmp, notify_path)
-        try:
-            wait_ready(ns)
-            # --accept-cached without --keyname: AcceptCached=1 as in systemd-cryptsetup's
-            # first prompt; nothing is read from or pushed to systemd's cache.
-            agent_times = [run_once([f"--id=cryptsetup:{img}", "--accept-cached"])
-                           for _ in range(runs)]
-        finally:
-            agent.send_signal(signal.SIGTERM)
-            agent.wait(timeout=10)
+        ns.bind(str(notify_path))
+        agent = start_agent(tmp, str(notify_path))
+        wait_ready(ns)
+    notify_path.unlink()
+    return agent
+
+
+def latency(tmp: Path, runs: int, img: Path, sc: SystemdCache) -> None:
+    agent = start_ready(tmp)
+    try:
+        # --accept-cached without --keyname: AcceptCached=1 as in systemd-cryptsetup's
+        # first prompt; nothing is read from or pushed to systemd's cache.
+        agent_times = [run_once([f"--id=cryptsetup:{img}", "--accept-cached"])
+                       for _ in range(runs)]
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        agent.wait(timeout=10)
     floor = [run_once([f"--keyname={sc.keyname}", "--accept-cached"]) for _ in range(runs)]
     a50, a99 = pct(agent_times, 50) * 1e3, pct(agent_times, 99) * 1e3
     f50, f99 = pct(floor, 50) * 1e3, pct(floor, 99) * 1e3
@@ -170,8 +178,7 @@ def idle_and_startup(tmp: Path, idle: int) -> None:
             t0 = time.perf_counter()
             subprocess.run([sys.executable, "-c", "pass"], check=True)
             bare.append(time.perf_counter() - t0)
-        agent = start_agent(tmp, notify_path)
-        wait_ready(ns)
+    agent = start_ready(tmp)
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])
     try:
         time.sleep(1.0)

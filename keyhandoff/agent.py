@@ -101,6 +101,7 @@ class Agent:
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._stopping = False
         self._inotify: Any = None
+        self._last_status = ""
         self._monitor: Any = None
 
     # --- set-up -----------------------------------------------------------------------
@@ -176,16 +177,20 @@ class Agent:
         os.close(self._wake_r)
         os.close(self._wake_w)
 
-    def _notify(self, state: str) -> None:
+    def _notify(self, state: str | None = None) -> None:
+        """Tell systemd our state; a STATUS line only when the counts changed."""
         if not os.environ.get("NOTIFY_SOCKET"):
             return
+        s = self.stats
+        status = (f"STATUS=answered {s.answered}, captured {s.captured}, "
+                  f"refused {s.refused}, dropped {s.dropped}, waiting {len(s.pending)}")
+        if state is None and status == self._last_status:
+            return
+        self._last_status = status
         from systemd import daemon  # noqa: PLC0415  # lazy: start-up time
 
-        s = self.stats
-        daemon.notify(
-            f"{state}\nSTATUS=answered {s.answered}, captured {s.captured}, "
-            f"refused {s.refused}, dropped {s.dropped}, waiting {len(s.pending)}",
-        )
+        with contextlib.suppress(OSError):  # a status line is never worth dying for
+            daemon.notify(f"{state}\n{status}" if state else status)
 
     def _on_wake(self) -> None:
         with contextlib.suppress(BlockingIOError):
@@ -218,7 +223,7 @@ class Agent:
                 self._gone(ev.name)
             elif ev.mask & (process.IN_MOVED_TO | process.IN_CLOSE_WRITE):
                 self._appeared(ev.name)
-        self._notify("STATUS=1")
+        self._notify()
 
     # --- prompts ----------------------------------------------------------------------
 
@@ -366,4 +371,4 @@ class Agent:
         self.stats.captured += 1
         journal.log(Event.CAPTURED, f"kept the passphrase for {volume} for "
                     f"{self.config.retain} s", volume=volume, retain=self.config.retain)
-        self._notify("STATUS=1")
+        self._notify()
