@@ -1,10 +1,10 @@
 # keyhandoff: the two entry points the README promises, on a fresh Debian 12 machine as root.
-#   make demo   the end-to-end demonstration
+#   make demo   the end-to-end demonstration: offline updates with automatic login in a UEFI VM
 #   make test   lint, type checks and the whole test suite (including the UEFI VM tests)
 PY := .venv/bin/python
 LOG := build/test-output.log
 
-.PHONY: setup setup-vm lint test demo clean
+.PHONY: setup setup-vm lint test demo pam clean
 
 setup:
 	scripts/setup-host
@@ -22,7 +22,10 @@ test: setup-vm lint
 	scripts/scan-leaks $(LOG)
 
 demo: setup-vm
-	$(PY) -m keyhandoff status
+	$(PY) -m tests.vm.demo
+
+pam: setup
+	$(PY) cffi_build/pam.py build
 
 clean:
 	rm -rf build .venv keyhandoff/_bindings/*.so keyhandoff/_bindings/*.c

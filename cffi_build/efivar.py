@@ -1,8 +1,9 @@
 """Build script for keyhandoff._bindings._efivar (libefivar, cffi API mode).
 
-Declares only what keyhandoff.efi calls.  ``efi_guid_t`` is declared with its real layout
-(efivar.h) so cffi can pass it by value; constants are ``...`` so the C compiler fills in
-their values from <efivar/efivar.h>.
+Declares only what keyhandoff.efi calls.  ``efi_guid_t`` is declared with its fields and a
+trailing ``...`` so cffi takes size and alignment from the compiler: efivar 37 (Debian 12)
+aligns it to 4 bytes, efivar 39 (Debian 13) packs it (alignment 1).  Constants are ``...``
+so the C compiler fills in their values from <efivar/efivar.h>.
 
 Deliberately not declared: ``efi_get_variable_attributes``.  Its efivarfs backend (v37)
 reads the whole variable into a heap buffer and frees it without wiping, so it would leave
@@ -24,6 +25,7 @@ ffibuilder.cdef(
         uint16_t c;
         uint16_t d;
         uint8_t e[6];
+        ...;
     } efi_guid_t;
 
     #define EFI_VARIABLE_NON_VOLATILE ...

@@ -24,6 +24,7 @@ import contextlib
 import os
 import selectors
 import signal
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -51,6 +52,8 @@ class _Prompt:
     answered: bool = False
     #: how many entries systemd's cache had when the prompt appeared (for capture)
     cache_entries: int = 0
+    #: when the querier wrote the ask file (its mtime, CLOCK_REALTIME ns)
+    seen_ns: int = 0
 
 
 @dataclass
@@ -257,6 +260,10 @@ class Agent:
                         priority=journal.WARNING, ask_file=name, reason=str(exc))
             return
         prompt = _Prompt(name, request)
+        try:
+            prompt.seen_ns = os.stat(os.path.join(self.ask_dir, name)).st_mtime_ns
+        except OSError:
+            prompt.seen_ns = time.time_ns()
         prompt.cache_entries = self._systemd_entries()
         self.stats.pending[name] = prompt
         try:
@@ -325,7 +332,8 @@ class Agent:
         self._answered[volume] = serial
         self.stats.answered += 1
         journal.log(Event.ANSWERED, f"answered the prompt for volume {volume}",
-                    volume=volume, ask_file=prompt.name)
+                    volume=volume, ask_file=prompt.name,
+                    latency_us=(time.time_ns() - prompt.seen_ns) // 1000)
 
     def _gone(self, name: str) -> None:
         prompt = self.stats.pending.pop(name, None)

@@ -186,6 +186,7 @@ class Machine:
         cpus: int = 2,
         vars_file: Path | None = None,
         person_port: bool = True,
+        extra_args: tuple[str, ...] = (),
     ) -> None:
         """Prepare (not start) a machine; copies OVMF_VARS_4M.fd unless ``vars_file`` is given."""
         self.image = image
@@ -196,6 +197,8 @@ class Machine:
         self.memory_mb = memory_mb
         self.cpus = cpus
         self.person_port_enabled = person_port
+        #: more QEMU arguments (e.g. ``("-rtc", "base=...")`` to boot with the clock moved)
+        self.extra_args = extra_args
         workdir.mkdir(parents=True, exist_ok=True)
         if vars_file is None:
             vars_file = workdir / "OVMF_VARS.fd"
@@ -289,6 +292,7 @@ class Machine:
             ]  # fmt: skip
         if self.no_reboot:
             argv.append("-no-reboot")
+        argv += self.extra_args
         return argv
 
     def start(self, job: GuestJob | None = None) -> None:

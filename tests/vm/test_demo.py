@@ -1,0 +1,36 @@
+"""The end-to-end demonstration's scenarios as tests (the same code ``make demo`` runs)."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import pytest
+
+from . import demo
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from pathlib import Path
+
+    from .image import RunImage
+
+log = logging.getLogger("keyhandoff.vmtest")
+
+
+@pytest.fixture(scope="module")
+def demo_image(vm_image_factory: Callable[..., RunImage]) -> RunImage:
+    """Base + this checkout, with keyhandoff's units, PAM module and the simulated person."""
+    return vm_image_factory(customize=demo.customize)
+
+
+@pytest.mark.vm
+@pytest.mark.parametrize("name", list(demo.SCENARIOS))
+def test_scenario(name: str, demo_image: RunImage, tmp_path: Path) -> None:
+    log.info("demo scenario %s", name)
+    outcome = demo.SCENARIOS[name](demo_image, tmp_path)
+    summary = [demo.table([outcome]), *outcome.notes, *outcome.problems]
+    for line in summary:
+        log.info("  %s", line)
+    assert outcome.passed, "\n".join(summary)
+    assert outcome.prompts == outcome.expected_prompts
