@@ -8,6 +8,7 @@ only stand-ins here, and they replace what the kernel and the RTC would report.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -17,6 +18,7 @@ import textwrap
 import pytest
 from luks_images import cryptsetup, format_image, metadata, opens
 from passphrases import make
+from test_efi_scratch import tiny_tmpfs
 
 SCRIPT = """
 import json, os, sys, time, uuid
@@ -149,3 +151,47 @@ def test_a_forged_token_cannot_destroy_the_persons_keyslot(tmp_path):
     assert opens(img, pw)
     assert not any(t.get("type") == "keyhandoff-onetime"
                    for t in metadata(img)["tokens"].values())
+
+
+def test_full_efi_store_refuses_to_arm_and_leaves_nothing(tmp_path):
+    """ENOSPC for real: the efivarfs stand-in is a tmpfs with no room left."""
+    pw = make("enospc")
+    img = format_image(tmp_path / "v.img", pw)
+    pw_file = tmp_path / "pw"
+    pw_file.write_bytes(pw)
+    code = """
+    import json, sys
+    from datetime import timedelta
+    from keyhandoff import update
+    from keyhandoff.cache import PassphraseCache
+    from keyhandoff.secret import Secret
+    img, pw_file = sys.argv[1], sys.argv[2]
+    cache = PassphraseCache()
+    vol = update.targets([img])[0].uuid
+    cache.put(vol, Secret.passphrase(open(pw_file, "rb").read()), timeout=60)
+    try:
+        update.arm(reboot="full", ttl=timedelta(minutes=5), volumes=[img], ask=None)
+        out = {"refused": None}
+    except update.ChannelUnavailable as exc:
+        out = {"refused": str(exc), "armed": update.status()["armed"],
+               "still_cached": vol in [e.volume for e in cache.entries()]}
+    cache.forget_all()
+    print(json.dumps(out))
+    """
+    with tiny_tmpfs(tmp_path / "efivars") as efivars:
+        with contextlib.suppress(OSError), (efivars / "filler").open("wb") as f:
+            f.write(bytes(64 * 1024))
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("LIBEFIVAR", "EFIVARFS"))}
+        env.update(LIBEFIVAR_OPS="efivarfs", EFIVARFS_PATH=f"{efivars}/")
+        proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code), str(img),
+                               str(pw_file)], env=env, capture_output=True, text=True,
+                              timeout=60, check=False)
+        assert proc.returncode == 0, proc.stderr
+        out = json.loads(proc.stdout.splitlines()[-1])
+        assert [p.name for p in efivars.iterdir()] == ["filler"]
+    pw_file.unlink()
+    assert "EfiStoreFull" in out["refused"]
+    assert out["armed"] is False
+    assert out["still_cached"] is True  # what the person typed at boot is not thrown away
+    assert not any(t.get("type") == "keyhandoff-onetime" for t in metadata(img)["tokens"].values())
