@@ -309,6 +309,13 @@ def _latencies(outcome: Outcome) -> None:
                 outcome.notes.append(f"{boot.label}: prompt to keyhandoff's answer {ms}")
 
 
+def _security(outcome: Outcome) -> None:
+    for boot in outcome.boots:
+        for m in re.finditer(r"KH-SECURITY (\S+) .*?exposure level for \S+: ([0-9.]+ \S+)",
+                             boot.console):
+            outcome.notes.append(f"systemd-analyze security {m.group(1)}: {m.group(2)}")
+
+
 def _scan_vars(outcome: Outcome, vars_file: Path, passphrase: bytes) -> None:
     data = vars_file.read_bytes()
     if passphrase in data:
@@ -362,11 +369,16 @@ result("one-shot", token_sha("kh-ours") is None, "pam_keyhandoff's key is gone a
 from keyhandoff import update
 result("disarmed", not update.status()["armed"], "nothing armed any more")
 result("no-onetime-left", onetime_tokens(DEVICE) == 0, "no one-time keyslot or token left")
+for unit in ("keyhandoff-agent", "keyhandoff-restore", "keyhandoff-finish", "keyhandoff-rearm"):
+    sec = subprocess.run(["systemd-analyze", "security", "--no-pager", unit + ".service"],
+                         capture_output=True, text=True).stdout.strip().splitlines()
+    print("KH-SECURITY", unit, sec[-1] if sec else "?", flush=True)
 """ + NO_LEAK, pw, action="poweroff"), "boot 3 (autologin)"))
     finally:
         m.kill()
     out.check()
     _latencies(out)
+    _security(out)
     _scan_vars(out, m.vars_file, pw)
     slots, tokens = luks_state(data)
     if len(slots) != 1 or tokens:
