@@ -84,6 +84,15 @@ def fresh_session_keyring():
         pytest.fail(f"test left keys in root's @u: {sorted(names)}")
 
 
+@pytest.fixture
+def cache():
+    """keyhandoff's own cache in root's @u; every entry a test put there is forgotten."""
+    c = PassphraseCache()
+    yield c
+    for e in c.entries():
+        c.forget(e.volume)
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     """Fail any test whose captured stdout, stderr or log contains a test passphrase."""

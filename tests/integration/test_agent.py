@@ -15,17 +15,8 @@ from conftest import require_binary
 from luks_images import format_image, uuid_of
 from passphrases import MARKER, make
 
-from keyhandoff.cache import PassphraseCache
 from keyhandoff.errors import KeyNotFound
 from keyhandoff.secret import Secret
-
-
-@pytest.fixture
-def cache():
-    c = PassphraseCache()
-    yield c
-    for e in c.entries():
-        c.forget(e.volume)
 
 
 @pytest.fixture

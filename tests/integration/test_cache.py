@@ -13,19 +13,11 @@ from conftest import require_binary
 from passphrases import make
 
 from keyhandoff import keyring
-from keyhandoff.cache import KEY_PERM, InvalidVolume, PassphraseCache, SystemdCache
+from keyhandoff.cache import KEY_PERM, InvalidVolume, SystemdCache
 from keyhandoff.errors import KeyExpired, KeyNotFound
 from keyhandoff.secret import Secret, SecretError
 
 ASK_DIR = Path("/run/systemd/ask-password")
-
-
-@pytest.fixture
-def cache():
-    c = PassphraseCache()
-    yield c
-    for e in c.entries():
-        c.forget(e.volume)
 
 
 def vol() -> str:

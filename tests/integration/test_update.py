@@ -5,11 +5,6 @@ tests/vm.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-import textwrap
 import uuid
 from datetime import timedelta
 
@@ -18,6 +13,7 @@ from agent_process import AgentProcess, ask, finish
 from luks_images import format_image, metadata, opens, uuid_of
 from pam_stack import pamtester
 from passphrases import make
+from scratch_efi import run_with_efivars
 
 from keyhandoff import update
 from keyhandoff.cache import PassphraseCache, SystemdCache
@@ -207,12 +203,8 @@ print(json.dumps(out))
 def _run_efi(tmp_path, code, *args):
     efivars = tmp_path / "efivars"
     efivars.mkdir(exist_ok=True)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LIBEFIVAR", "EFIVARFS"))}
-    env.update(LIBEFIVAR_OPS="efivarfs", EFIVARFS_PATH=f"{efivars}/", KEYHANDOFF_LOG="stderr")
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code), *map(str, args)],
-                          env=env, capture_output=True, timeout=120, check=False)
-    assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-3000:]
-    return json.loads(proc.stdout.decode().strip().splitlines()[-1]), proc, efivars
+    out, proc = run_with_efivars(code, efivars, *args)
+    return out, proc, efivars
 
 
 def test_efi_chain_of_two_boots_with_login(tmp_path, cache):

@@ -13,11 +13,11 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 
 import pytest
 from luks_images import cryptsetup, format_image, metadata, opens
 from passphrases import make
+from scratch_efi import run_with_efivars
 from test_efi_scratch import tiny_tmpfs
 
 SCRIPT = """
@@ -87,18 +87,13 @@ def run(tmp_path, img, pw, fault):
     state.mkdir()
     pw_file = state / "pw"
     pw_file.write_bytes(pw)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LIBEFIVAR", "EFIVARFS"))}
-    env.update(LIBEFIVAR_OPS="efivarfs", EFIVARFS_PATH=f"{efivars}/", KEYHANDOFF_LOG="stderr")
     try:
-        proc = subprocess.run(
-            [sys.executable, "-c", textwrap.dedent(SCRIPT), str(img), str(pw_file), str(state),
-             fault], env=env, capture_output=True, timeout=120, check=False)
+        out, proc = run_with_efivars(SCRIPT, efivars, img, pw_file, state, fault)
     finally:
         pw_file.unlink()
     log = proc.stderr.decode(errors="replace")
-    assert proc.returncode == 0, log[-3000:]
     assert pw not in proc.stdout + proc.stderr
-    return json.loads(proc.stdout.decode().splitlines()[-1]), log
+    return out, log
 
 
 @pytest.mark.parametrize(("fault", "reason"), [
@@ -181,14 +176,7 @@ def test_full_efi_store_refuses_to_arm_and_leaves_nothing(tmp_path):
     with tiny_tmpfs(tmp_path / "efivars") as efivars:
         with contextlib.suppress(OSError), (efivars / "filler").open("wb") as f:
             f.write(bytes(64 * 1024))
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("LIBEFIVAR", "EFIVARFS"))}
-        env.update(LIBEFIVAR_OPS="efivarfs", EFIVARFS_PATH=f"{efivars}/")
-        proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code), str(img),
-                               str(pw_file)], env=env, capture_output=True, text=True,
-                              timeout=60, check=False)
-        assert proc.returncode == 0, proc.stderr
-        out = json.loads(proc.stdout.splitlines()[-1])
+        out, _proc = run_with_efivars(code, efivars, img, pw_file)
         assert [p.name for p in efivars.iterdir()] == ["filler"]
     pw_file.unlink()
     assert "EfiStoreFull" in out["refused"]

@@ -327,13 +327,25 @@ def _scan_vars(outcome: Outcome, vars_file: Path, passphrase: bytes) -> None:
 # --- scenarios -------------------------------------------------------------------------------
 
 
+def _setup(image: RunImage, workdir: Path, pw: bytes) -> tuple[Machine, Person, Path]:
+    """A fresh machine (own OVMF_VARS) with a fresh LUKS2 data disk, and its person."""
+    data = workdir / "data.img"
+    make_data_disk(data, pw)
+    return Machine(image, workdir / "vm", disks=(Disk(data, "data"),)), Person(pw), data
+
+
+def _check_data_image(out: Outcome, data: Path) -> None:
+    """Only the person's keyslot and no token may be left on the volume."""
+    slots, tokens = luks_state(data)
+    if len(slots) != 1 or tokens:
+        out.problems.append(f"data image: keyslots {slots}, tokens {tokens} left")
+    out.notes.append(f"data image afterwards: keyslots {slots}, tokens {tokens or 'none'}")
+
+
 def scenario_full_reboot(image: RunImage, workdir: Path) -> Outcome:
     pw = make("demo-full")
     out = Outcome("full-reboot", expected_prompts=1)
-    data = workdir / "data.img"
-    make_data_disk(data, pw)
-    m = Machine(image, workdir / "vm", disks=(Disk(data, "data"),))
-    person = Person(pw)
+    m, person, data = _setup(image, workdir, pw)
     try:
         out.boots.append(run_boot(m, person, job(WAIT_OPEN + WAIT_CAPTURED + """
 result("pam-gdm", token_sha("kh-gdm") == expected_sha(),
@@ -380,20 +392,14 @@ for unit in ("keyhandoff-agent", "keyhandoff-restore", "keyhandoff-finish", "key
     _latencies(out)
     _security(out)
     _scan_vars(out, m.vars_file, pw)
-    slots, tokens = luks_state(data)
-    if len(slots) != 1 or tokens:
-        out.problems.append(f"data image: keyslots {slots}, tokens {tokens} left")
-    out.notes.append(f"data image after the chain: keyslots {slots}, tokens {tokens or 'none'}")
+    _check_data_image(out, data)
     return out
 
 
 def scenario_soft_reboot(image: RunImage, workdir: Path) -> Outcome:
     pw = make("demo-soft")
     out = Outcome("soft-reboot", expected_prompts=1)
-    data = workdir / "data.img"
-    make_data_disk(data, pw)
-    m = Machine(image, workdir / "vm", disks=(Disk(data, "data"),))
-    person = Person(pw)
+    m, person, _data = _setup(image, workdir, pw)
     body = WAIT_OPEN + """
 phase = "/run/kh-demo-phase"
 if not os.path.exists(phase):
@@ -435,10 +441,7 @@ result("disarmed", not update.status()["armed"], "nothing armed any more")
 def scenario_unarmed_then_late(image: RunImage, workdir: Path) -> Outcome:
     pw = make("demo-late")
     out = Outcome("unarmed-then-late", expected_prompts=3)
-    data = workdir / "data.img"
-    make_data_disk(data, pw)
-    m = Machine(image, workdir / "vm", disks=(Disk(data, "data"),))
-    person = Person(pw)
+    m, person, data = _setup(image, workdir, pw)
     try:
         out.boots.append(run_boot(m, person, job(WAIT_OPEN + NO_LEAK, pw, action="reboot"),
                                   "boot 1 (typed; reboot, nothing armed)"))
@@ -455,19 +458,14 @@ result("armed", r.channel == "efi", "armed for 1 minute; the machine powers off 
     finally:
         m.kill()
     out.check()
-    slots, tokens = luks_state(data)
-    if len(slots) != 1 or tokens:
-        out.problems.append(f"data image: keyslots {slots}, tokens {tokens} left")
+    _check_data_image(out, data)
     return out
 
 
 def scenario_tampered(image: RunImage, workdir: Path) -> Outcome:
     pw = make("demo-tamper")
     out = Outcome("tampered", expected_prompts=2)
-    data = workdir / "data.img"
-    make_data_disk(data, pw)
-    m = Machine(image, workdir / "vm", disks=(Disk(data, "data"),))
-    person = Person(pw)
+    m, person, data = _setup(image, workdir, pw)
     try:
         out.boots.append(run_boot(m, person, job(WAIT_OPEN + WAIT_CAPTURED + """
 from keyhandoff import update
@@ -488,9 +486,7 @@ result("armed", r.channel == "efi", r.channel)
     finally:
         m.kill()
     out.check()
-    slots, tokens = luks_state(data)
-    if len(slots) != 1 or tokens:
-        out.problems.append(f"data image: keyslots {slots}, tokens {tokens} left")
+    _check_data_image(out, data)
     return out
 
 
