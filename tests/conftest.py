@@ -86,7 +86,10 @@ def fresh_session_keyring():
 
 @pytest.fixture
 def cache():
-    """keyhandoff's own cache in root's @u; every entry a test put there is forgotten."""
+    """keyhandoff's own cache in root's @u; every entry a test put there is forgotten.
+
+    (Deliberately shadows pytest's built-in ``cache`` fixture, which no test here uses.)
+    """
     c = PassphraseCache()
     yield c
     for e in c.entries():

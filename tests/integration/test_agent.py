@@ -177,7 +177,10 @@ def _proc_owner_after(mode: str) -> int:
     tell the two apart).
     """
     child = subprocess.Popen(
+        # CAP_DAC_READ_SEARCH (ambient) only lets it import us from a checkout in a 0700
+        # directory; the "plain" control shows it leaves the process dumpable.
         ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+         "--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search",
          sys.executable, "-c", HARDEN_THEN_SLEEP, mode],
         stdout=subprocess.PIPE, text=True,
     )

@@ -97,7 +97,10 @@ def test_quota_maps_to_quota_exceeded():
     import sys  # noqa: PLC0415
 
     r = subprocess.run(
+        # CAP_DAC_READ_SEARCH only lets it import us from a checkout it could not read; the
+        # key quota is the uid's, whatever its capabilities.
         ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+         "--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search",
          sys.executable, "-c", code],
         capture_output=True, text=True, timeout=30, check=False,
     )
