@@ -316,7 +316,7 @@ def arm(
     if reboot == "soft":
         report = _arm_keyring(chain, chosen, cache, ask, say)
     else:
-        report = _arm_efi(chain, chosen, cache, ask, say, seconds)
+        report = _arm_efi(chain, chosen, cache, ask, say)
     journal.log(Event.ARMED, f"armed {len(chosen)} volume(s) via {report.channel}",
                 channel=report.channel, boots=boots, deadline=chain.not_after)
     return report
@@ -346,7 +346,7 @@ def _arm_keyring(
 
 def _arm_efi(
     chain: _Chain, chosen: list[Target], cache: PassphraseCache, ask: Ask | None,
-    say: Progress, seconds: int,
+    say: Progress,
 ) -> ArmReport:
     from keyhandoff import efi  # noqa: PLC0415
     from keyhandoff.luks import LuksHeader  # noqa: PLC0415
@@ -367,7 +367,7 @@ def _arm_efi(
                            "not armed", tuple(refused))
         raise ArmRefused("; ".join(f"{r.name}: {r.how}" for r in refused), report)
     try:
-        return _write_efi_record(chain, chosen, cache, ask, say, seconds)
+        return _write_efi_record(chain, chosen, cache, ask, say)
     except BaseException:
         _wipe_armed(cache, chain, [t.path for t in chosen])
         raise
@@ -375,7 +375,7 @@ def _arm_efi(
 
 def _write_efi_record(
     chain: _Chain, chosen: list[Target], cache: PassphraseCache, ask: Ask | None,
-    say: Progress, seconds: int, volume_keys: dict[str, Secret] | None = None,
+    say: Progress, volume_keys: dict[str, Secret] | None = None,
 ) -> ArmReport:
     """Add one-time keyslots, seal the record, store it.  ``volume_keys``: a re-arm's."""
     from keyhandoff import onetime, stash  # noqa: PLC0415
@@ -435,7 +435,6 @@ def _write_efi_record(
     chain.save(cache, now)
     login = ("the passphrase travels sealed to the volume key and goes to the login keyring "
              "on the last boot") if chain.login else "not requested"
-    _ = seconds
     return ArmReport("efi", chain.reboot, chain.not_after, chain.boots_left, login,
                      tuple(reports))
 
@@ -477,7 +476,7 @@ def rearm(*, progress: Progress | None = None) -> ArmReport:
                 if vk is None:
                     raise NotArmed(f"the volume key of {t.name} is gone (expired?)")
                 volume_keys[t.uuid] = vk
-            report = _write_efi_record(chain, chosen, cache, None, say, 0, volume_keys)
+            report = _write_efi_record(chain, chosen, cache, None, say, volume_keys)
         finally:
             for vk in volume_keys.values():
                 vk.wipe()
@@ -589,10 +588,10 @@ def restore(*, volumes: Sequence[str] | None = None, wait: float = 0) -> Restore
 
 def _restore_keyring(chain: _Chain, cache: PassphraseCache) -> RestoreReport:
     now = _now()
-    boot_id = _boot_id()
-    if chain.armed_boot == boot_id and chain.pending == []:
-        # the same kernel boot: a soft reboot keeps boot_id. Count the boot once.
-        pass
+    if chain.pending:
+        # restored already and not finished yet (the unit ran twice in one userspace): a
+        # soft reboot keeps the boot id, so this marker is what counts each boot once
+        return RestoreReport("keyring", (), None, 0)
     chain.boots_left -= 1
     chain.pending = [{"uuid": v["uuid"], "keyslot": -1, "token": -1} for v in chain.volumes]
     chain.save(cache, now)

@@ -56,7 +56,10 @@ def test_keyring_channel_end_to_end(tmp_path, cache):
     assert "keyring" in report.summary()
     assert update.status()["armed"]
     # --- soft reboot: userspace starts again (a fresh agent; the kernel keyring stays)
-    assert update.restore(volumes=[str(img)]).channel == "keyring"
+    assert update.restore(volumes=[str(img)]).restored == (vid,)
+    # the unit running again in the same userspace does not count a second boot
+    assert update.restore(volumes=[str(img)]).restored == ()
+    assert update.status()["boots_left"] == 0
     with AgentProcess(tmp_path):
         rc, out = finish(ask(f"--id=cryptsetup:{img}", "--accept-cached"))
         assert (rc, out) == (0, pw + b"\n")
