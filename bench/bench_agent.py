@@ -201,6 +201,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=200)
     parser.add_argument("--idle", type=int, default=60)
+    parser.add_argument("--only", choices=["latency", "simultaneous", "idle"], default=None,
+                        help="run one part only")
     args = parser.parse_args()
     keyring.join_session_keyring()
     keyring.link(keyring.get_keyring_id(keyring.USER, create=True), keyring.SESSION)
@@ -215,9 +217,12 @@ def main() -> None:
         cache.put(vid, Secret.passphrase(pw), timeout=600)
         sc.add([Secret(pw)], timeout=600)
         try:
-            latency(tmp, args.runs, img, sc)
-            simultaneous(tmp, cache)
-            idle_and_startup(tmp, args.idle)
+            if args.only in (None, "latency"):
+                latency(tmp, args.runs, img, sc)
+            if args.only in (None, "simultaneous"):
+                simultaneous(tmp, cache)
+            if args.only in (None, "idle"):
+                idle_and_startup(tmp, args.idle)
         finally:
             cache.forget_all()
             sc.clear()

@@ -25,7 +25,6 @@ import os
 import selectors
 import signal
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +34,8 @@ from keyhandoff.errors import KeyExpired, KeyhandoffError, KeyNotFound, KeyRevok
 from keyhandoff.journal import Event
 
 if TYPE_CHECKING:
+    from concurrent.futures import Future, ThreadPoolExecutor
+
     from keyhandoff.config import Config
     from keyhandoff.secret import Secret
 
@@ -350,6 +351,9 @@ class Agent:
             for e in entries:
                 e.wipe()
         if self._worker is None:
+            # the only thread, made on the first capture: an idle agent has none
+            from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
+
             self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify")
         future = self._worker.submit(_verify, prompt.source, prompt.volume, candidate)
         future.add_done_callback(self._wake_loop)

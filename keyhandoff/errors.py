@@ -14,8 +14,16 @@ __all__ = [
     "KeyhandoffError",
     "KeyringError",
     "KeyringUnavailable",
+    "KeyslotNotFound",
+    "LuksBusy",
+    "LuksError",
+    "LuksPermissionDenied",
+    "NoSuchDevice",
+    "NotLuks",
     "PermissionDenied",
     "QuotaExceeded",
+    "WrongPassphrase",
+    "WrongVolumeKey",
 ]
 
 
@@ -57,3 +65,41 @@ class QuotaExceeded(KeyringError):
 
 class KeyringUnavailable(KeyringError):
     """ENOSYS/EOPNOTSUPP: the kernel has no keyring support for this call."""
+
+
+# --- LUKS (libcryptsetup); defined here so that naming them loads no library ----------
+
+
+class LuksError(KeyhandoffError, OSError):
+    """A libcryptsetup call failed; ``errno`` holds the (positive) error number."""
+
+
+class NotLuks(LuksError):
+    """The device or file has no LUKS1/LUKS2 header."""
+
+
+class NoSuchDevice(LuksError):
+    """The path does not exist or is not a block device or regular file."""
+
+
+class WrongPassphrase(LuksError):
+    """The passphrase opens no keyslot it was tried against.
+
+    Deliberately carries no detail (not the keyslot, not the reason, never the value).
+    """
+
+
+class LuksPermissionDenied(LuksError):
+    """EACCES: the caller may not read or write the header."""
+
+
+class LuksBusy(LuksError):
+    """EBUSY: the device or its metadata lock is held by someone else."""
+
+
+class WrongVolumeKey(LuksError):
+    """The volume key given does not match the header's digest."""
+
+
+class KeyslotNotFound(LuksError):
+    """ENOENT: the keyslot or token named is not active."""

@@ -30,7 +30,16 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Final, Literal, Self, TypeAlias
 
 from keyhandoff._bindings._cryptsetup import ffi, lib
-from keyhandoff.errors import KeyhandoffError
+from keyhandoff.errors import (
+    KeyslotNotFound,
+    LuksBusy,
+    LuksError,
+    LuksPermissionDenied,
+    NoSuchDevice,
+    NotLuks,
+    WrongPassphrase,
+    WrongVolumeKey,
+)
 from keyhandoff.secret import Secret
 
 if TYPE_CHECKING:
@@ -54,41 +63,6 @@ __all__ = [
 
 ANY_SLOT: Final[int] = lib.CRYPT_ANY_SLOT
 ANY_TOKEN: Final[int] = lib.CRYPT_ANY_TOKEN
-
-
-class LuksError(KeyhandoffError, OSError):
-    """A libcryptsetup call failed; ``errno`` holds the (positive) error number."""
-
-
-class NotLuks(LuksError):
-    """The device or file has no LUKS1/LUKS2 header."""
-
-
-class NoSuchDevice(LuksError):
-    """The path does not exist or is not a block device or regular file."""
-
-
-class WrongPassphrase(LuksError):
-    """The passphrase opens no keyslot it was tried against.
-
-    Deliberately carries no detail (not the keyslot, not the reason, never the value).
-    """
-
-
-class LuksPermissionDenied(LuksError):
-    """EACCES: the caller may not read or write the header."""
-
-
-class LuksBusy(LuksError):
-    """EBUSY: the device or its metadata lock is held by someone else."""
-
-
-class WrongVolumeKey(LuksError):
-    """The volume key given does not match the header's digest."""
-
-
-class KeyslotNotFound(LuksError):
-    """ENOENT: the keyslot or token named is not active."""
 
 
 _ERRNO_CLASSES: Final[dict[int, type[LuksError]]] = {

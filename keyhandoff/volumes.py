@@ -22,13 +22,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
-import pyudev
-
-from keyhandoff.errors import KeyhandoffError
-from keyhandoff.luks import LuksHeader, NoSuchDevice
+from keyhandoff.errors import KeyhandoffError, NoSuchDevice
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
+
+    import pyudev
+
+# pyudev and libcryptsetup are imported where they are used: the agent imports this module
+# at start-up, and an idle agent on a machine without udevd should not carry either.
 
 __all__ = [
     "UdevUnavailable",
@@ -66,6 +68,8 @@ def _context(context: pyudev.Context | None) -> pyudev.Context:
     if context is not None:
         return context
     try:
+        import pyudev  # noqa: PLC0415  # see the module's imports
+
         return pyudev.Context()
     except ImportError as exc:  # pyudev raises ImportError when libudev cannot be loaded
         raise UdevUnavailable(f"libudev cannot be loaded: {exc}") from exc
@@ -96,12 +100,14 @@ def monitor(context: pyudev.Context | None = None) -> pyudev.Monitor:
     :class:`UdevUnavailable` when udevd is not running: libudev would hand out a socket
     that never receives anything, and the agent would wait for devices forever.
     """
-    ctx = _context(context)
     if not _UDEV_CONTROL.exists():
         raise UdevUnavailable(
             f"udevd is not running ({_UDEV_CONTROL} is missing): no block device events"
         )
+    ctx = _context(context)
     try:
+        import pyudev  # noqa: PLC0415  # see the module's imports
+
         mon = pyudev.Monitor.from_netlink(ctx)
         mon.filter_by("block")
         mon.start()
@@ -118,6 +124,8 @@ def _parse_uuid(text: str) -> str:
 
 
 def _header_uuid(path: str) -> str:
+    from keyhandoff.luks import LuksHeader  # noqa: PLC0415  # see the module's imports
+
     with LuksHeader.open(path) as header:
         return header.uuid
 
