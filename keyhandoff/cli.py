@@ -261,7 +261,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     cache = sub.add_parser("cache", help="the per-volume passphrase cache")
     csub = cache.add_subparsers(dest="cache_command", required=True, parser_class=_Parser)
-    p = csub.add_parser("put", help="cache a passphrase (read from stdin or the terminal)")
+    p = csub.add_parser(
+        "put", help="cache a passphrase (read from stdin or the terminal)",
+        description="Cache a volume's passphrase in the kernel keyring.  The passphrase is read "
+        "from stdin (one line) or asked on the terminal without echo; never from the command "
+        "line or the environment, where other processes could see it.",
+    )
     p.add_argument("--volume", required=True, metavar="UUID", help="LUKS UUID of the volume")
     p.add_argument("--timeout", type=_positive_int, default=600, metavar="S",
                    help="seconds until the kernel expires it (default 600, at most 86400)")
