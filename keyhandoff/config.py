@@ -18,7 +18,7 @@ Every key is optional; the defaults are the safe ones.  Validated once, into a f
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Final
 
 from keyhandoff.errors import ConfigError
@@ -87,5 +87,3 @@ def load(path: str = DEFAULT_PATH) -> Config:
         raise ConfigError(f"{path}: {exc}") from None
     return parse(data)
 
-
-FIELD_NAMES: Final = tuple(f.name for f in fields(Config))

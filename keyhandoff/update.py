@@ -628,7 +628,7 @@ def _restore_efi(
                 refused = str(exc)
                 journal.log(Event.RECORD_REFUSED, f"handoff record refused: {exc}",
                             priority=journal.WARNING, reason=str(exc))
-    destroyed = _destroy_unclaimed(found, claimed)
+    destroyed = _destroy_unclaimed(paths, claimed)
     restored: list[str] = []
     if record is not None:
         with record:
@@ -665,18 +665,24 @@ def _onetime_slots(paths: list[str]) -> list[tuple[str, str, Any]]:
     return found
 
 
-def _destroy_unclaimed(found: list[tuple[str, str, Any]], claimed: set[tuple[str, int]]) -> int:
-    """Destroy one-time keyslots no valid record claims: expired, refused, consumed, crashed."""
+def _destroy_unclaimed(paths: list[str], claimed: set[tuple[str, int]]) -> int:
+    """Destroy one-time keyslots no valid record claims: expired, refused, consumed, crashed.
+
+    Tokens of our type that do not parse are removed too: nothing can trust what they say.
+    Each header is opened once.
+    """
     from keyhandoff import onetime  # noqa: PLC0415
     from keyhandoff.luks import LuksError, LuksHeader  # noqa: PLC0415
 
     destroyed = 0
-    for path, _vol, slot in found:
-        if (path, slot.token) in claimed:
-            continue
+    for path in paths:
         try:
             with LuksHeader.open(path) as header:
-                destroyed += onetime.destroy(header, slot)
+                for slot in onetime.slots(header):
+                    if (path, slot.token) not in claimed:
+                        destroyed += onetime.destroy(header, slot)
+                for token in onetime.malformed_tokens(header):
+                    header.remove_token(token)
         except (LuksError, OSError):
             continue
     if destroyed:

@@ -183,3 +183,18 @@ def test_full_efi_store_refuses_to_arm_and_leaves_nothing(tmp_path):
     assert out["armed"] is False
     assert out["still_cached"] is True  # what the person typed at boot is not thrown away
     assert not any(t.get("type") == "keyhandoff-onetime" for t in metadata(img)["tokens"].values())
+
+
+def test_a_malformed_token_of_ours_is_removed_at_boot(tmp_path):
+    pw = make("malformed")
+    img = format_image(tmp_path / "v.img", pw)
+    cryptsetup("token", "import", "--json-file=-", str(img),
+               stdin=b'{"type": "keyhandoff-onetime", "keyslots": [], "boot_id": 7}')
+    assert any(t.get("type") == "keyhandoff-onetime" for t in metadata(img)["tokens"].values())
+    code = "import sys\nfrom keyhandoff import update\nupdate.restore(volumes=[sys.argv[1]])\n"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LIBEFIVAR", "EFIVARFS"))}
+    subprocess.run([sys.executable, "-c", code, str(img)], env=env, timeout=60, check=True,
+                   capture_output=True)
+    assert not any(t.get("type") == "keyhandoff-onetime"
+                   for t in metadata(img)["tokens"].values())
+    assert opens(img, pw)
