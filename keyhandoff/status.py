@@ -32,6 +32,8 @@ class StatusReport:
         lines = []
         for name, values in self.sections.items():
             lines.append(f"{name}:")
+            if not values:
+                lines.append("  none")
             for key, value in values.items():
                 lines.append(f"  {key}: {_text(value)}")
         return "\n".join(lines) + "\n"
@@ -93,8 +95,45 @@ def _systemd_section() -> dict[str, Any]:
     return out
 
 
-#: Later subsystems (EFI probe, volumes, handoff state) register sections here.
-SECTIONS: dict[str, Any] = {"keyring": _keyring_section, "systemd": _systemd_section}
+def _handoff_section() -> dict[str, Any]:
+    from keyhandoff import update  # noqa: PLC0415
+
+    return update.status()
+
+
+def _efi_section() -> dict[str, Any]:
+    # Reads only: efi.probe() would write NVRAM (flash wear) and is for arming, not status.
+    from keyhandoff import efi  # noqa: PLC0415
+
+    if not efi.supported():
+        return {"runtime_variables": False}
+    return {"runtime_variables": True, "record_present": efi.STASH.exists()}
+
+
+def _volumes_section() -> dict[str, Any]:
+    from keyhandoff import crypttab, onetime  # noqa: PLC0415
+    from keyhandoff.luks import LuksHeader  # noqa: PLC0415
+
+    out: dict[str, Any] = {}
+    for entry in crypttab.read():
+        try:
+            with LuksHeader.open(entry.source_path) as header:
+                out[entry.name] = {
+                    "uuid": header.uuid, "luks": header.luks_version,
+                    "keyslots": header.keyslots, "onetime_keyslots": len(onetime.slots(header)),
+                }
+        except OSError as exc:
+            out[entry.name] = {"source": entry.source, "error": exc.strerror or str(exc)}
+    return out
+
+
+SECTIONS: dict[str, Any] = {
+    "keyring": _keyring_section,
+    "systemd": _systemd_section,
+    "handoff": _handoff_section,
+    "efi": _efi_section,
+    "volumes": _volumes_section,
+}
 
 
 def collect() -> StatusReport:

@@ -25,6 +25,9 @@ def test_status_json_reports_the_keyring():
     report = json.loads(r.stdout)
     assert report["keyring"]["usable"] is True
     assert "systemd" in report
+    assert report["handoff"] == {"armed": False}
+    assert report["efi"]["runtime_variables"] is False  # this host has no EFI
+    assert "volumes" in report
 
 
 def test_put_list_forget_round_trip(cache):
