@@ -98,7 +98,10 @@ def _raw_seal(key: Secret, plaintext: bytes, rng: random.Random) -> bytes:
         stash.record_key_id(key),
         rng.randbytes(12),
     )
-    return header + stash._record_aead(key).encrypt(header[-12:], plaintext, header)  # noqa: SLF001
+    with stash._record_aead(key) as aead:  # noqa: SLF001
+        out = bytearray(len(plaintext) + 16)
+        aead.encrypt_into(header[-12:], plaintext, header, out)
+    return header + bytes(out)
 
 
 def _mutate(data: bytes, seeds: list[bytes], rng: random.Random) -> bytes:  # noqa: C901  (one branch per mutation)

@@ -83,6 +83,7 @@ from keyhandoff.errors import KeyhandoffError
 from keyhandoff.secret import MAX_PASSPHRASE, Secret
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from types import TracebackType
 
     from keyhandoff import efi as _efi
@@ -377,29 +378,72 @@ def _hkdf_into(ikm: memoryview, *, info: bytes, salt: bytes | None, out: bytearr
 Buffer = bytes | bytearray | memoryview
 
 
-def _encrypt_into(
-    aead: ChaCha20Poly1305, nonce: bytes, data: Buffer, aad: bytes, out: bytearray,
-) -> None:
-    """``aead.encrypt_into`` where cryptography has it (no immutable copy of ``data``).
+class _DerivedAead:
+    """ChaCha20-Poly1305 under a derived key whose only buffer is wiped when this closes.
 
-    Older releases (Debian's 38 and 43) only return ``bytes``: the ciphertext then passes
-    through an immutable object (not secret), and the plaintext is copied once into
-    ``bytes`` we cannot wipe (SECURITY.md, "What Python cannot do").
+    cryptography 38 (Debian 12) keeps a *reference* to the key buffer given to
+    ``ChaCha20Poly1305(key)`` and reads it at every ``encrypt``/``decrypt``; later releases
+    copy it.  So the derived key must stay intact for as long as the cipher object is used,
+    and be wiped only after the object is gone: use this as a context manager, encrypt or
+    decrypt inside the block.  On exit the cipher object is released first, then the key is
+    wiped, and a use after exit raises instead of silently running under 32 zero bytes.
+    (The cipher's own copy in newer releases is one Python cannot wipe: SECURITY.md,
+    "What Python cannot do".)
     """
-    if hasattr(aead, "encrypt_into"):
-        aead.encrypt_into(nonce, data, aad, out)
-    else:
-        out[:] = aead.encrypt(nonce, bytes(data), aad)
 
+    __slots__ = ("_aead", "_key")
 
-def _decrypt_into(
-    aead: ChaCha20Poly1305, nonce: bytes, data: Buffer, aad: Buffer, out: bytearray,
-) -> None:
-    """``aead.decrypt_into`` where cryptography has it; see :func:`_encrypt_into`."""
-    if hasattr(aead, "decrypt_into"):
-        aead.decrypt_into(nonce, data, aad, out)
-    else:
-        out[:] = aead.decrypt(nonce, bytes(data), bytes(aad))
+    def __init__(self, derive: Callable[[bytearray], None]) -> None:
+        self._key = bytearray(32)
+        self._aead: ChaCha20Poly1305 | None = None
+        try:
+            derive(self._key)
+            self._aead = ChaCha20Poly1305(self._key)
+        except BaseException:
+            self.close()
+            raise
+
+    def _cipher(self) -> ChaCha20Poly1305:
+        if self._aead is None:
+            raise RuntimeError("the derived key is wiped: encrypt and decrypt inside the block")
+        return self._aead
+
+    def encrypt_into(self, nonce: bytes, data: Buffer, aad: bytes, out: bytearray) -> None:
+        """``aead.encrypt_into`` where cryptography has it (no immutable copy of ``data``).
+
+        Older releases (Debian's 38 and 43) only return ``bytes``: the ciphertext then
+        passes through an immutable object (not secret), and the plaintext is copied once
+        into ``bytes`` we cannot wipe (SECURITY.md, "What Python cannot do").
+        """
+        aead = self._cipher()
+        if hasattr(aead, "encrypt_into"):
+            aead.encrypt_into(nonce, data, aad, out)
+        else:
+            out[:] = aead.encrypt(nonce, bytes(data), aad)
+
+    def decrypt_into(self, nonce: bytes, data: Buffer, aad: Buffer, out: bytearray) -> None:
+        """``aead.decrypt_into`` where cryptography has it; see :meth:`encrypt_into`."""
+        aead = self._cipher()
+        if hasattr(aead, "decrypt_into"):
+            aead.decrypt_into(nonce, data, aad, out)
+        else:
+            out[:] = aead.decrypt(nonce, bytes(data), bytes(aad))
+
+    def close(self) -> None:
+        """Release the cipher object, then wipe the key it may reference."""
+        self._aead = None
+        self._key[:] = bytes(len(self._key))
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
 
 
 def _record_key_view(key: Secret) -> memoryview:
@@ -416,15 +460,12 @@ def record_key_id(key: Secret) -> bytes:
     return bytes(out)
 
 
-def _record_aead(key: Secret) -> ChaCha20Poly1305:
-    derived = bytearray(32)
-    try:
-        _hkdf_into(_record_key_view(key), info=_INFO_RECORD_AEAD, salt=None, out=derived)
-        # The cipher object keeps its own copy of the key, which Python cannot wipe
-        # (SECURITY.md, "What Python cannot do"); ours is wiped now.
-        return ChaCha20Poly1305(derived)
-    finally:
-        derived[:] = bytes(len(derived))
+def _record_aead(key: Secret) -> _DerivedAead:
+    """The record's AEAD: key = HKDF-SHA256(record key, no salt, info "...record v1 aead")."""
+    view = _record_key_view(key)
+    return _DerivedAead(
+        lambda out: _hkdf_into(view, info=_INFO_RECORD_AEAD, salt=None, out=out)
+    )
 
 
 # --------------------------------------------------------------------------- record
@@ -453,7 +494,8 @@ def seal(record: HandoffRecord, key: Secret) -> bytes:
         if total > MAX_RECORD_SIZE:
             raise ValueError(f"record would be {total} bytes (limit {MAX_RECORD_SIZE})")
         out = bytearray(len(plaintext) + TAG_LEN)
-        _encrypt_into(_record_aead(key), header[-NONCE_LEN:], plaintext, header, out)
+        with _record_aead(key) as aead:
+            aead.encrypt_into(header[-NONCE_LEN:], plaintext, header, out)
         return header + bytes(out)
     finally:
         plaintext[:] = bytes(len(plaintext))
@@ -517,9 +559,8 @@ def open_record(
     plaintext = bytearray(len(view) - HEADER_LEN - TAG_LEN)
     try:
         try:
-            _decrypt_into(
-                _record_aead(key), header.nonce, view[HEADER_LEN:], view[:HEADER_LEN], plaintext
-            )
+            with _record_aead(key) as aead:
+                aead.decrypt_into(header.nonce, view[HEADER_LEN:], view[:HEADER_LEN], plaintext)
         except InvalidTag:
             raise RecordTampered("authentication failed") from None
         _check_authenticated_header(header, now=now, boot_id=boot_id)
@@ -598,16 +639,14 @@ def _parse_entries(plaintext: bytearray) -> tuple[StashEntry, ...]:
 # --------------------------------------------------------------------------- volume key
 
 
-def _sealed_aead(volume_key: Secret, salt: bytes, context: bytes) -> ChaCha20Poly1305:
+def _sealed_aead(volume_key: Secret, salt: bytes, context: bytes) -> _DerivedAead:
+    """Key = HKDF-SHA256(volume key, salt, info = label, a NUL byte, ``context``)."""
     ikm = volume_key.view()
     if len(ikm) < _MIN_VOLUME_KEY:
         raise ValueError(f"a volume key is at least {_MIN_VOLUME_KEY} bytes")
-    derived = bytearray(32)
-    try:
-        _hkdf_into(ikm, info=_INFO_SEALED + context, salt=salt, out=derived)
-        return ChaCha20Poly1305(derived)
-    finally:
-        derived[:] = bytes(len(derived))
+    return _DerivedAead(
+        lambda out: _hkdf_into(ikm, info=_INFO_SEALED + context, salt=salt, out=out)
+    )
 
 
 def seal_to_volume_key(volume_key: Secret, plaintext: Secret, context: bytes) -> bytes:
@@ -622,9 +661,8 @@ def seal_to_volume_key(volume_key: Secret, plaintext: Secret, context: bytes) ->
     salt = os.urandom(_SALT_LEN)
     prefix = bytes([_SEALED_VERSION]) + salt + os.urandom(NONCE_LEN)
     out = bytearray(len(plaintext) + TAG_LEN)
-    _encrypt_into(
-        _sealed_aead(volume_key, salt, context), prefix[-NONCE_LEN:], plaintext.view(), prefix, out
-    )
+    with _sealed_aead(volume_key, salt, context) as aead:
+        aead.encrypt_into(prefix[-NONCE_LEN:], plaintext.view(), prefix, out)
     return prefix + bytes(out)
 
 
@@ -641,13 +679,8 @@ def open_with_volume_key(
     nonce = bytes(view[1 + _SALT_LEN : _SEALED_PREFIX_LEN])
     out = bytearray(len(view) - SEALED_OVERHEAD)
     try:
-        _decrypt_into(
-            _sealed_aead(volume_key, salt, context),
-            nonce,
-            view[_SEALED_PREFIX_LEN:],
-            view[:_SEALED_PREFIX_LEN],
-            out,
-        )
+        with _sealed_aead(volume_key, salt, context) as aead:
+            aead.decrypt_into(nonce, view[_SEALED_PREFIX_LEN:], view[:_SEALED_PREFIX_LEN], out)
     except InvalidTag:
         out[:] = bytes(len(out))
         raise SealedPayloadRefused("sealed payload refused") from None

@@ -7,6 +7,7 @@ import struct
 import uuid
 
 import pytest
+import record_keys
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -106,8 +107,9 @@ def raw_seal(
 ) -> bytes:
     """A record sealed by a writer holding the key but not following the rules.
 
-    Builds the bytes with the documented layout and the same key derivation, so the
-    authenticated-but-malformed refusals can be reached (a buggy or hostile arming).
+    Builds the bytes with the documented layout and the documented key derivation
+    (tests/record_keys.py, independent of keyhandoff), so the authenticated-but-malformed
+    refusals can be reached (a buggy or hostile arming).
     """
     header = struct.pack(
         ">4sBBBQQ16s8s12s",
@@ -121,7 +123,7 @@ def raw_seal(
         stash.record_key_id(key),
         os.urandom(12),
     )
-    aead = stash._record_aead(key)
+    aead = ChaCha20Poly1305(record_keys.record_aead_key(bytes(key.view())))
     return header + aead.encrypt(header[-12:], plaintext, header)
 
 
@@ -544,7 +546,6 @@ def test_arbitrary_authenticated_plaintext_only_raises_refusals(plaintext):
 def test_aead_is_chacha20poly1305_over_the_header():
     # Pins the construction documented in the module docstring: the header is the AD.
     blob = stash.seal(make_record(), _KEY)
-    aead = stash._record_aead(_KEY)
+    aead = ChaCha20Poly1305(record_keys.record_aead_key(bytes(_KEY.view())))
     plaintext = aead.decrypt(blob[47:59], blob[HEADER_LEN:], blob[:HEADER_LEN])
     assert plaintext[0] == 1
-    assert isinstance(aead, ChaCha20Poly1305)

@@ -1,6 +1,14 @@
 """The record still seals and opens with cryptography releases that lack ``*_into``
-(Debian 12 ships 38, Debian 13 ships 43): the fallbacks are exercised here by wrapping the
-real primitives so that only the old methods exist."""
+(Debian 12 ships 38, Debian 13 ships 43), and with cryptography 38's key handling.
+
+:class:`CryptographyModel38` wraps the real primitives so that they behave as 38's do:
+only the old methods exist, and ``ChaCha20Poly1305(key)`` keeps a *reference* to the
+caller's key buffer and reads it at every encrypt/decrypt (38's
+``ChaCha20Poly1305.__init__`` stores ``self._key = key``; ``_aead_setup`` takes
+``ffi.from_buffer(key)`` per call).  A caller that wipes the buffer after constructing the
+cipher then encrypts under zero bytes, as keyhandoff did (issue 10, finding 1).  The
+Debian-stack CI pass runs this file on the real 38 as well.
+"""
 
 import uuid
 
@@ -14,14 +22,21 @@ from keyhandoff.secret import Secret
 
 
 class OldAead:
+    """cryptography 38's ChaCha20Poly1305: the key buffer is referenced, not copied."""
+
     def __init__(self, key):
-        self._real = ChaCha20Poly1305(bytes(key))
+        if not isinstance(key, bytes | bytearray | memoryview) or len(key) != 32:
+            raise ValueError("ChaCha20Poly1305 key must be 32 bytes.")
+        self._key = key  # 38 keeps the caller's object
+
+    def _cipher(self):
+        return ChaCha20Poly1305(bytes(self._key))  # what the buffer holds *now*
 
     def encrypt(self, nonce, data, aad):
-        return self._real.encrypt(nonce, data, aad)
+        return self._cipher().encrypt(nonce, data, aad)
 
     def decrypt(self, nonce, data, aad):
-        return self._real.decrypt(nonce, data, aad)
+        return self._cipher().decrypt(nonce, data, aad)
 
 
 class OldHkdf:
@@ -32,11 +47,29 @@ class OldHkdf:
         return self._real.derive(ikm)
 
 
+class CryptographyModel38:
+    @staticmethod
+    def install(monkeypatch):
+        monkeypatch.setattr(stash, "ChaCha20Poly1305", OldAead)
+        monkeypatch.setattr(stash, "HKDF", OldHkdf)
+        assert not hasattr(stash.ChaCha20Poly1305(b"k" * 32), "encrypt_into")
+
+
 @pytest.fixture
 def old_cryptography(monkeypatch):
-    monkeypatch.setattr(stash, "ChaCha20Poly1305", OldAead)
-    monkeypatch.setattr(stash, "HKDF", OldHkdf)
-    assert not hasattr(stash.ChaCha20Poly1305(b"k" * 32), "encrypt_into")
+    CryptographyModel38.install(monkeypatch)
+
+
+def test_the_model_keeps_the_reference_as_38_does():
+    # The fixture is only worth something if it reproduces 38's aliasing.
+    key = bytearray(range(32))
+    aead = OldAead(key)
+    sealed = aead.encrypt(bytes(12), b"data", b"")
+    key[:] = bytes(32)
+    assert aead.encrypt(bytes(12), b"data", b"") == ChaCha20Poly1305(bytes(32)).encrypt(
+        bytes(12), b"data", b""
+    )
+    assert sealed == ChaCha20Poly1305(bytes(range(32))).encrypt(bytes(12), b"data", b"")
 
 
 def _record():
