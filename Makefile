@@ -1,10 +1,12 @@
 # keyhandoff: the two entry points the README promises, on a fresh Debian 12 machine as root.
 #   make demo   the end-to-end demonstration: offline updates with automatic login in a UEFI VM
-#   make test   lint, type checks and the whole test suite (including the UEFI VM tests)
+#   make test   lint, type checks and the whole test suite (including the UEFI VM tests), then
+#               the unit and integration suites again on Debian's own Python stack
 PY := .venv/bin/python
 LOG := build/test-output.log
+DEBIAN_LOG := build/test-output-debian-stack.log
 
-.PHONY: setup setup-vm lint test demo pam clean
+.PHONY: setup setup-vm lint test debian-stack demo pam clean
 
 setup:
 	scripts/setup-host
@@ -20,6 +22,14 @@ test: setup-vm lint
 	mkdir -p build
 	bash -o pipefail -c "$(PY) -m pytest $(PYTEST_ARGS) 2>&1 | tee $(LOG)"
 	scripts/scan-leaks $(LOG)
+	$(MAKE) --no-print-directory debian-stack
+
+# The unit and integration suites on /usr/bin/python3 with Debian's python3-cryptography,
+# -cffi, -pyudev, -systemd, -pytest, -hypothesis: no venv, no pip package (issue 10).
+debian-stack: setup
+	mkdir -p build
+	bash -o pipefail -c "scripts/debian-stack-test 2>&1 | tee $(DEBIAN_LOG)"
+	scripts/scan-leaks $(DEBIAN_LOG)
 
 demo: setup-vm
 	$(PY) -m tests.vm.demo

@@ -27,7 +27,7 @@ from keyhandoff.cache import PassphraseCache
 IN_CI = bool(os.environ.get("CI"))
 
 #: pam_module, pam_gdm, checker: real PAM stacks for any test that asks for them
-pytest_plugins = ["pam_stack"]
+pytest_plugins = ["pam_stack", "stack_guard"]  # stack_guard: the Debian-stack pass
 
 
 def require(condition: bool, what: str, install: str) -> None:
