@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,9 @@ UNITS = sorted((Path(__file__).resolve().parents[2] / "units").glob("*.service")
 def verify(unit: Path, tmp_path: Path) -> str:
     """Warnings and errors of systemd-analyze verify (ExecStart pointed at our build)."""
     analyze = require_binary("systemd-analyze", "apt-get install systemd")
-    exe = str(Path(sys.executable).parent / "keyhandoff")  # the console script beside us
+    # the console script beside us (venv), or the Debian-stack build's (debian-stack-test)
+    stack = os.environ.get("KEYHANDOFF_TEST_STACK_DIR")
+    exe = str(Path(stack, "bin") if stack else Path(sys.executable).parent) + "/keyhandoff"
     assert Path(exe).exists(), "keyhandoff is not installed in this environment"
     copy = tmp_path / unit.name
     copy.write_text(unit.read_text().replace("/usr/bin/keyhandoff", exe))
