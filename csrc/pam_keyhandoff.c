@@ -113,47 +113,52 @@ static int kh_errno_result(pam_handle_t *pamh, const char *what, const char *key
     return PAM_SERVICE_ERR;
 }
 
-/* Whether keyctl_describe's "type;uid;gid;perm;description" is a key we trust. */
-static int kh_trusted(const char *d, const char *keyname, unsigned long *perm_out,
-                      const char **uid_out, size_t *uid_len)
+/* Whether the key is one we trust: keyctl_describe gives "type;uid;gid;perm;description"
+   (perm in hex; the description itself may contain ';').  Logs why a key is refused. */
+static int kh_trusted(pam_handle_t *pamh, key_serial_t serial, const char *keyname)
 {
-    const char *f[5];
-    const char *p = d;
-    char *end;
+    char *desc = NULL, *field[5], *p, *end;
     unsigned long perm;
-    int i;
+    int i, ok;
 
-    for (i = 0; i < 4; i++) {          /* the description itself may contain ';' */
-        f[i] = p;
+    if (keyctl_describe_alloc(serial, &desc) < 0)
+        return -1;                      /* errno set: the caller decides */
+    p = desc;
+    for (i = 0; i < 4 && p != NULL; i++) {
+        field[i] = p;
         p = strchr(p, ';');
-        if (p == NULL)
-            return 0;
-        p++;
+        if (p != NULL)
+            *p++ = '\0';
     }
-    f[4] = p;
-    *uid_out = f[1];
-    *uid_len = (size_t)(f[2] - f[1] - 1);
-    errno = 0;
-    perm = strtoul(f[3], &end, 16);
-    if (errno != 0 || end != f[4] - 1 || end == f[3])
+    if (p == NULL) {                    /* not the kernel's format: never trust it */
+        pam_syslog(pamh, LOG_ERR, "key %d: unexpected description format", (int)serial);
+        free(desc);
         return 0;
-    *perm_out = perm;
-    return strncmp(f[0], "user;", 5) == 0 &&
-           strncmp(f[1], "0;", 2) == 0 &&
-           perm == KH_KEY_PERM &&
-           strcmp(f[4], keyname) == 0;
+    }
+    field[4] = p;
+    errno = 0;
+    perm = strtoul(field[3], &end, 16);
+    ok = errno == 0 && *field[3] != '\0' && *end == '\0' &&
+         strcmp(field[0], "user") == 0 && strcmp(field[1], "0") == 0 &&
+         perm == KH_KEY_PERM && strcmp(field[4], keyname) == 0;
+    if (!ok)
+        pam_syslog(pamh, LOG_WARNING,
+                   "key %d named '%s' is not trusted (owner uid %.16s, permissions %.16s; "
+                   "only a user key owned by uid 0 with permissions %08lx is read): ignored",
+                   (int)serial, keyname, field[1], field[3], KH_KEY_PERM);
+    free(desc);
+    return ok;
 }
 
 static int kh_authenticate(pam_handle_t *pamh, const struct kh_options *opt)
 {
     key_serial_t serial;
-    char *desc = NULL;
     unsigned char *payload = NULL;
     char *token = NULL;
     const unsigned char *pass = NULL;
     size_t pass_len = 0;
     long got;
-    int rc, parsed, err;
+    int rc, parsed, err, trusted;
 
     /* (a) possession: search from our session keyring only, link nothing (dest 0). */
     serial = keyctl_search(KEY_SPEC_SESSION_KEYRING, "user", opt->keyname, 0);
@@ -161,24 +166,11 @@ static int kh_authenticate(pam_handle_t *pamh, const struct kh_options *opt)
         return kh_errno_result(pamh, "search", opt->keyname, errno);
 
     /* (b)-(d): type, exact description, owner root, exact permissions. */
-    if (keyctl_describe_alloc(serial, &desc) < 0)
+    trusted = kh_trusted(pamh, serial, opt->keyname);
+    if (trusted < 0)
         return kh_errno_result(pamh, "describe", opt->keyname, errno);
-    {
-        unsigned long perm = 0;
-        const char *uid = "";
-        size_t uid_len = 0;
-
-        if (!kh_trusted(desc, opt->keyname, &perm, &uid, &uid_len)) {
-            pam_syslog(pamh, LOG_WARNING,
-                       "key %d named '%s' is not trusted (owner uid %.*s, permissions %08lx; "
-                       "need a root-owned user key with %08lx): ignored",
-                       (int)serial, opt->keyname, (int)(uid_len < 16 ? uid_len : 16), uid,
-                       perm, KH_KEY_PERM);
-            free(desc);
-            return PAM_AUTHINFO_UNAVAIL;
-        }
-    }
-    free(desc);
+    if (!trusted)
+        return PAM_AUTHINFO_UNAVAIL;
 
     /* One read into a buffer that fits any user key: no resize loop that could free a
        partly filled copy unwiped (keyctl_read_alloc re-allocates when the key grows). */

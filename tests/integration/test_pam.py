@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import os
 import re
 import secrets
@@ -649,7 +650,91 @@ def test_root_key_given_to_another_owner_is_not_read(pam_module, checker, raw_ke
     assert refused(pamtester(f"auth requisite {pam_module}", checker.line()), checker)
 
 
-# --------------------------------------------------------------------------- (f) real pam_gdm
+# --------------------------------------------------------------------------- (f) the log
+
+# Run pamtester in a private mount namespace whose /dev is a tmpfs with the usual character
+# devices bound in and our own datagram socket at /dev/log: every pam_syslog line of the
+# module arrives here (this host has no syslog daemon, and the journal is shared).
+SYSLOG_HELPER = r"""
+import json, os, socket, subprocess, sys, tempfile
+service = sys.argv[1]
+old = tempfile.mkdtemp(prefix="kh-olddev-")
+def mount(*args):
+    subprocess.run(["mount", *args], check=True, capture_output=True)
+mount("--rbind", "/dev", old)
+mount("-t", "tmpfs", "-o", "mode=0755", "kh-devlog", "/dev")
+for node in ("null", "zero", "full", "random", "urandom"):
+    open("/dev/" + node, "w").close()
+    mount("--bind", os.path.join(old, node), "/dev/" + node)
+sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+sock.bind("/dev/log")
+proc = subprocess.run(["pamtester", service, "root", "authenticate"],
+                      stdin=subprocess.DEVNULL, capture_output=True)
+sock.setblocking(False)
+logs = []
+while True:
+    try:
+        logs.append(sock.recv(65536).decode("utf-8", "replace"))
+    except BlockingIOError:
+        break
+print(json.dumps({"rc": proc.returncode, "out": proc.stdout.decode("utf-8", "replace"),
+                  "err": proc.stderr.decode("utf-8", "replace"), "logs": logs}))
+"""
+
+
+def pamtester_logged(tmp_path: Path, *lines: str) -> tuple[str, list[str]]:
+    """pamtester over ``lines``; returns (its output, the syslog lines it sent)."""
+    unshare = require_binary("unshare", "apt-get install util-linux")
+    helper = tmp_path / "syslog_helper.py"
+    helper.write_text(SYSLOG_HELPER)
+    with pam_service(*lines) as service:
+        proc = subprocess.run(
+            [unshare, "--mount", "--propagation", "private", "python3", str(helper), service],
+            capture_output=True, text=True, check=False, env=clean_env(), timeout=60,
+        )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = json.loads(proc.stdout)
+    return got["out"] + got["err"], got["logs"]
+
+
+def test_the_log_names_keys_and_never_holds_a_passphrase(pam_module, tmp_path, checker,
+                                                         login_key, raw_key, own_session):
+    passphrase = make("pam-logged")
+    login_key(passphrase)
+    out, logs = pamtester_logged(tmp_path, f"auth requisite {pam_module}", checker.line())
+    assert "successfully authenticated" in out
+    assert checker.token() == passphrase
+    assert any("pam_keyhandoff" in m and "passphrase from key 'keyhandoff:login' handed to "
+               "PAM_AUTHTOK (key invalidated)" in m for m in logs), logs
+
+    malformed = unique("keyhandoff:test-log-")
+    raw_key(malformed, make("unpadded-in-log"))
+    out, more = pamtester_logged(tmp_path, f"auth requisite {pam_module} keyname={malformed}")
+    assert AUTHINFO_UNAVAIL in out
+    assert any(f"key '{malformed}' holds no usable passphrase" in m for m in more), more
+    logs += more
+
+    with nobodys_key("cryptsetup", make("nobody-in-log")) as serial:
+        keyring.link(serial, own_session)
+        try:
+            out, more = pamtester_logged(tmp_path, f"auth requisite {pam_module} "
+                                                   "keyname=cryptsetup")
+        finally:
+            keyring.unlink(serial, own_session)
+    assert AUTHINFO_UNAVAIL in out
+    assert any(f"key {serial} named 'cryptsetup' is not trusted (owner uid 65534, "
+               "permissions 3f3f3f3f" in m for m in more), more
+    logs += more
+
+    out, more = pamtester_logged(tmp_path, f"auth requisite {pam_module} kep")
+    assert SERVICE_ERR in out
+    assert any("configuration error: unknown option 'kep'" in m for m in more), more
+    logs += more
+
+    assert not [m for m in logs if MARKER.decode() in m], "a passphrase reached the log"
+
+
+# --------------------------------------------------------------------------- (g) real pam_gdm
 
 
 def test_pam_gdm_takes_the_last_entry_of_our_cryptsetup_key(pam_gdm, checker, systemd_cache):
