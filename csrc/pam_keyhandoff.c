@@ -26,19 +26,27 @@
  * Options:
  *   keyname=<description>  the key to read (default keyhandoff:login)
  *   keep                   do not invalidate the key (systemd's key belongs to others too);
- *                          without it the key is invalidated before anything is handed over
+ *                          without it a trusted key is invalidated right after it is read,
+ *                          whatever it holds, and before anything is handed over
  *   Anything else is a configuration error (a typo must not silently read another key).
  *
  * Return codes of pam_sm_authenticate:
  *   PAM_SUCCESS           PAM_AUTHTOK is set
  *   PAM_AUTHINFO_UNAVAIL  no trusted key, or no usable passphrase in it (as pam_gdm)
  *   PAM_SERVICE_ERR       unknown option, the key could not be invalidated, out of memory,
- *                         pam_set_item failed
+ *                         pam_set_item failed, a keyctl error other than "no usable key"
+ *                         (ENOKEY, EKEYEXPIRED, EKEYREVOKED, EKEYREJECTED, EACCES, EPERM,
+ *                         ENOSYS, EOPNOTSUPP give PAM_AUTHINFO_UNAVAIL)
  *   setcred: PAM_SUCCESS; acct_mgmt, open/close_session: PAM_IGNORE; chauthtok:
  *   PAM_SERVICE_ERR.
  *
  * Logging: pam_syslog with key descriptions and serials only, never a payload.  Every
- * buffer that held the secret is explicit_bzero()ed before it is freed.
+ * buffer that held the secret is explicit_bzero()ed before it is freed.  The key is read
+ * with one keyctl_read() into a buffer that fits any user key, not keyctl_read_alloc(),
+ * whose retry loop frees a partly filled buffer without wiping it.
+ *
+ * Build: csrc/build-pam OUTDIR (the flags; only pam_sm_* exported, pam_keyhandoff.map).
+ * Tests: tests/integration/test_pam.py (Linux-PAM + pamtester), fuzz/pam_payload_fuzz.c.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -172,8 +180,7 @@ static int kh_authenticate(pam_handle_t *pamh, const struct kh_options *opt)
     if (!trusted)
         return PAM_AUTHINFO_UNAVAIL;
 
-    /* One read into a buffer that fits any user key: no resize loop that could free a
-       partly filled copy unwiped (keyctl_read_alloc re-allocates when the key grows). */
+    /* One read into a buffer that fits any user key (see the top of this file). */
     payload = malloc(KH_READ_MAX);
     if (payload == NULL) {
         pam_syslog(pamh, LOG_ERR, "out of memory");
