@@ -34,8 +34,9 @@ debian-stack: setup
 demo: setup-vm
 	$(PY) -m tests.vm.demo
 
-pam: setup
-	$(PY) cffi_build/pam.py build
+# pam_keyhandoff.so (plain C, csrc/): needs cc, libpam0g-dev and libkeyutils-dev only.
+pam:
+	csrc/build-pam build
 
 clean:
 	rm -rf build .venv keyhandoff/_bindings/*.so keyhandoff/_bindings/*.c

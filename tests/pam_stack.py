@@ -1,4 +1,4 @@
-"""Real PAM stacks for tests: build pam_keyhandoff.so, fetch Debian's pam_gdm.so, run
+"""Real PAM stacks for tests: build pam_keyhandoff.so (csrc/), fetch Debian's pam_gdm.so, run
 pamtester over a throw-away /etc/pam.d service, observe PAM_AUTHTOK with pam_exec.
 
 Shared by test_pam.py and the runner-flow tests (tests/conftest.py registers the fixtures).
@@ -10,7 +10,6 @@ import contextlib
 import os
 import secrets
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +18,8 @@ from conftest import require, require_binary
 from passphrases import MARKER
 
 REPO = Path(__file__).resolve().parents[1]
-BUILD_SCRIPT = REPO / "cffi_build" / "pam.py"
+#: The one build of the module (also `make pam` and the VM guest).
+BUILD_SCRIPT = REPO / "csrc" / "build-pam"
 GDM_CACHE = Path("/var/cache/keyhandoff-test")
 PAM_GDM_IN_DEB = "lib/x86_64-linux-gnu/security/pam_gdm.so"
 
@@ -29,11 +29,11 @@ SERVICE_ERR = "Error in service module"
 SUCCESS = "successfully authenticated"
 
 
-def build_module(outdir: Path, *extra: str) -> Path:
-    """Run the real build command; return the path of pam_keyhandoff.so."""
+def build_module(outdir: Path) -> Path:
+    """Run the real build command (csrc/build-pam); return the path of pam_keyhandoff.so."""
     outdir.mkdir(parents=True, exist_ok=True)
     proc = subprocess.run(
-        [sys.executable, str(BUILD_SCRIPT), str(outdir), *extra],
+        [str(BUILD_SCRIPT), str(outdir)],
         capture_output=True, text=True, check=False, cwd=REPO,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -45,6 +45,9 @@ def pam_module(tmp_path_factory) -> Path:
     require_binary("pamtester", "apt-get install pamtester")
     require(Path("/usr/include/security/pam_modules.h").exists(), "libpam0g-dev",
             "apt-get install libpam0g-dev")
+    require(Path("/usr/include/keyutils.h").exists(), "libkeyutils-dev",
+            "apt-get install libkeyutils-dev")
+    require_binary("cc", "apt-get install gcc")
     return build_module(tmp_path_factory.mktemp("pam-good"))
 
 

@@ -1,107 +1,70 @@
-"""The Python half of pam_keyhandoff.so without PAM: options, entry selection, key handling.
+"""The payload parsers of pam_keyhandoff.so (csrc/kh_payload.c) under ASan and UBSan.
 
-The keys live in the test's own session keyring (conftest gives each test a fresh one), so
-nothing here touches root's @u.
+fuzz/pam_payload_fuzz.c is built with the driver (no libFuzzer needed): it runs the known
+answers that used to be this file's Python cases (last entry: trailing NULs, empty, NUL
+only; padded: good, bad padding, too long), then a fixed number of inputs from a seeded
+PRNG, each checked against an independent statement of the rules (output inside the
+input, 1..2048 bytes, no NUL, exact padded rules).  Options, one-shot and keep run against
+the real module under Linux-PAM in tests/integration/test_pam.py.
 """
 
 from __future__ import annotations
 
-import pytest
-from passphrases import make
+import os
+import subprocess
+from pathlib import Path
 
-from keyhandoff import keyring, pam_module
-from keyhandoff.cache import KEY_PERM
-from keyhandoff.errors import KeyNotFound, KeyRevoked
-from keyhandoff.pam_module import (
-    PAM_AUTHINFO_UNAVAIL,
-    PAM_SERVICE_ERR,
-    PAM_SUCCESS,
-    ModuleOptions,
-    OptionError,
-    last_entry,
-    parse_options,
-)
+from conftest import require_binary
+
+REPO = Path(__file__).resolve().parents[2]
+INPUTS = 50_000
 
 
-def test_options():
-    assert parse_options([]) == ModuleOptions("keyhandoff:login", keep=False)
-    assert parse_options(["keyname=cryptsetup", "keep"]) == ModuleOptions("cryptsetup", keep=True)
-    for bad in (["kep"], ["keyname="], ["keyname"], ["debug"]):
-        with pytest.raises(OptionError):
-            parse_options(bad)
+def _build(tmp_path: Path) -> Path:
+    cc = require_binary("cc", "apt-get install gcc")
+    exe = tmp_path / "pam_payload_fuzz"
+    proc = subprocess.run(
+        [cc, "-std=gnu11", "-O1", "-g", "-Wall", "-Wextra", "-Werror",
+         "-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-DKH_FUZZ_DRIVER",
+         f"-I{REPO / 'csrc'}", "-o", str(exe),
+         str(REPO / "fuzz" / "pam_payload_fuzz.c"), str(REPO / "csrc" / "kh_payload.c")],
+        capture_output=True, text=True, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return exe
 
 
-@pytest.mark.parametrize(
-    ("payload", "expected"),
-    [
-        (b"a", b"a"),
-        (b"a\0b", b"b"),
-        (b"wrong\0right\0", b"right"),  # older writers' trailing NUL
-        (b"a\0\0", b"a"),
-        (b"", None),
-        (b"\0", None),
-        (b"\0\0b", b"b"),
-    ],
-)
-def test_last_entry(payload, expected):
-    buf = bytearray(payload)
-    with memoryview(buf) as view:
-        entry = last_entry(view)
-        got = None if entry is None else bytes(entry)
-        if entry is not None:
-            entry.release()
-    assert got == expected
+def _run(exe: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+           "ASAN_OPTIONS": "detect_leaks=1", "UBSAN_OPTIONS": "print_stacktrace=1"}
+    return subprocess.run([str(exe), *args], capture_output=True, text=True, check=False,
+                          timeout=300, env=env)
 
 
-def _put(description: str, payload: bytes) -> int:
-    serial = keyring.add("user", description, payload, keyring.SESSION)
-    keyring.set_perm(serial, KEY_PERM)
-    keyring.set_timeout(serial, 60)
-    return serial
+def test_payload_parsers_hold_their_invariants(tmp_path):
+    exe = _build(tmp_path)
+    for seed in ("1", "20261201"):
+        proc = _run(exe, str(INPUTS), seed)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+        assert f"{INPUTS} inputs, seed {seed}: all invariants held" in proc.stdout
 
 
-class _Sink:
-    def __init__(self) -> None:
-        self.token = bytearray()
-        self.logged: list[tuple[int, str]] = []
-
-    def deliver(self, entry: memoryview) -> None:
-        self.token[:] = entry
-
-    def log(self, priority: int, message: str) -> None:
-        self.logged.append((priority, message))
-
-
-def _run(args: list[str], sink: _Sink, token_size: int = 2049) -> int:
-    return pam_module.authenticate(args, token_size=token_size, deliver=sink.deliver,
-                                   log=sink.log)
-
-
-def test_hands_last_entry_and_invalidates():
-    first, last = make("unit-a"), make("unit-b")
-    desc = "keyhandoff:unit-test"
-    _put(desc, first + b"\0" + last)
-    sink = _Sink()
-    assert _run([f"keyname={desc}"], sink) == PAM_SUCCESS
-    assert bytes(sink.token) == last
-    # until the GC runs, find's /proc/keys fallback may still list it, as revoked
-    with pytest.raises((KeyNotFound, KeyRevoked)):
-        keyring.find("user", desc)
-    assert all(last.decode() not in m and first.decode() not in m for _p, m in sink.logged)
-
-
-def test_keep_and_too_long():
-    desc = "keyhandoff:unit-test-keep"
-    serial = _put(desc, make("unit-keep"))
-    sink = _Sink()
-    assert _run([f"keyname={desc}", "keep"], sink, token_size=8) == PAM_AUTHINFO_UNAVAIL
-    assert sink.token == bytearray()
-    assert keyring.find("user", desc) == serial
-    keyring.invalidate(serial)
-
-
-def test_missing_key_and_bad_option():
-    sink = _Sink()
-    assert _run(["keyname=keyhandoff:unit-missing"], sink) == PAM_AUTHINFO_UNAVAIL
-    assert _run(["nonsense"], sink) == PAM_SERVICE_ERR
-    assert sink.token == bytearray()
+def test_the_harness_catches_a_broken_parser(tmp_path):
+    """A parser that accepts a non-zero padding byte must make the harness abort."""
+    broken = tmp_path / "kh_payload_broken.c"
+    source = (REPO / "csrc" / "kh_payload.c").read_text()
+    needle = "        if (payload[i] != 0)\n            return -1;"
+    assert needle in source
+    broken.write_text(source.replace(needle, "        (void)payload[i];")
+                      .replace('#include "kh_payload.h"', f'#include "{REPO}/csrc/kh_payload.h"'))
+    cc = require_binary("cc", "apt-get install gcc")
+    exe = tmp_path / "fuzz_broken"
+    subprocess.run(
+        [cc, "-std=gnu11", "-O1", "-fsanitize=address,undefined", "-DKH_FUZZ_DRIVER",
+         f"-I{REPO / 'csrc'}", "-o", str(exe), str(REPO / "fuzz" / "pam_payload_fuzz.c"),
+         str(broken)],
+        check=True, capture_output=True,
+    )
+    proc = _run(exe, str(INPUTS), "1")
+    assert proc.returncode != 0
+    assert "invariant failed" in proc.stderr

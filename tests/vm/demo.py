@@ -116,9 +116,9 @@ def customize(rootfs: Path) -> None:
     _install(GUEST_DEMO / "kh-token-check", rootfs / "usr/local/sbin/kh-token-check", 0o755)
     _install(GUEST_DEMO / "pam-kh-gdm", rootfs / "etc/pam.d/kh-gdm")
     _install(GUEST_DEMO / "pam-kh-ours", rootfs / "etc/pam.d/kh-ours")
-    # pam_keyhandoff.so, built for the guest's python3 as a package build would.
+    # pam_keyhandoff.so, built from csrc/ with the guest's cc as a package build would.
     with _chroot_mounts(rootfs):
-        _chroot(rootfs, "python3", "/opt/keyhandoff-src/cffi_build/pam.py",
+        _chroot(rootfs, "sh", "/opt/keyhandoff-src/csrc/build-pam",
                 "/usr/lib/x86_64-linux-gnu/security")
 
 
