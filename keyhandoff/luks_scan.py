@@ -101,10 +101,16 @@ def block_devices(sys_block: str = SYS_BLOCK, dev_dir: str = DEV) -> list[str]:
     return found
 
 
+#: udev's database; without it there is nothing to enumerate (and no need to load libudev).
+UDEV_DATA: Final = "/run/udev/data"
+
+
 def _udev_devices() -> list[str]:
     from keyhandoff.errors import KeyhandoffError  # noqa: PLC0415
     from keyhandoff.volumes import enumerate_luks  # noqa: PLC0415
 
+    if not os.path.isdir(UDEV_DATA):
+        return []
     try:
         return [v.devnode for v in enumerate_luks()]
     except (KeyhandoffError, ImportError, OSError):

@@ -490,8 +490,9 @@ def rearm(*, progress: Progress | None = None) -> ArmReport:
 def disarm(*, quiet: bool = False, volumes: Sequence[str] | None = None) -> dict[str, int]:
     """Wipe everything armed.
 
-    The EFI record, our state keys, one-time keyslots, and the cached passphrases of the
-    armed volumes.
+    The EFI record, our state keys, the one-time keyslots on every LUKS volume of the
+    machine (:func:`_sweep_paths`: also those no chain state names any more), and the
+    cached passphrases of the armed volumes (``volumes``, else crypttab and the chain's).
     """
     cache = PassphraseCache()
     chain = _Chain.load(cache)
@@ -598,7 +599,9 @@ def restore(*, volumes: Sequence[str] | None = None, wait: float = 0) -> Restore
     boot count goes down.  The ``efi`` record is read and deleted first (if it cannot be
     deleted it is not used), then authenticated and checked; its one-time keys are cached
     for the agent with a short kernel timeout.  Every boot destroys one-time keyslots that no
-    valid record claims, including expired ones.
+    valid record claims, including expired ones, on every LUKS volume of the machine (the
+    given paths or crypttab, every crypttab source and every LUKS block device: see
+    :func:`_sweep_paths`), whether or not any chain state still names them.
     """
     cache = PassphraseCache()
     chain = _Chain.load(cache)
@@ -777,6 +780,9 @@ class FinishReport:
 
 def finish(*, login_timeout: int = 120) -> FinishReport:
     """After ``cryptsetup.target``: destroy the used one-time keyslots.
+
+    Also every one-time keyslot on the machine not armed in this boot (or expired), with
+    or without chain state: its record was consumed by this boot's restore.
 
     Keeps what the chain needs next (a volume key while boots remain) and, on the last
     boot, hands the passphrase to the login path.
