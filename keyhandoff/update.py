@@ -523,10 +523,10 @@ def _wipe_armed(cache: PassphraseCache, chain: _Chain | None, paths: list[str]) 
     for path in paths:
         try:
             with LuksHeader.open(path) as header:
-                uuids.add(header.uuid)
                 for slot in onetime.slots(header):
                     counts["keyslots"] += onetime.destroy(header, slot)
                 onetime.remove_untrusted(header)
+                uuids.add(header.uuid)  # last: a malformed UUID must not spare a keyslot
         except (LuksError, OSError, ValueError):
             continue
     for u in uuids:

@@ -290,6 +290,13 @@ elif step == "restore-finish":    # the record is good: restore finds the volume
     lose_chain()                  # between restore and finish
     cache.forget(vol)
     out["result"] = update.finish().keyslots_destroyed
+elif step == "alias":             # the header reached as the image file and as /dev/loopN
+    new_boot()
+    backing = open(f"/sys/block/{os.path.basename(dev)}/loop/backing_file").read().strip()
+    r = update.restore(volumes=[backing])
+    out["restored"] = list(r.restored)
+    out["kept"] = slots()         # claimed through one path, not destroyed through the other
+    out["result"] = update.finish().keyslots_destroyed
 out["after"] = slots()
 out["record_left"] = os.path.exists(record_file)
 cache.forget_all()
@@ -302,6 +309,7 @@ print(json.dumps(out))
     ("forgotten", "disarm"),
     ("forgotten", "restore-late"),
     ("expired", "restore-finish"),
+    ("none", "alias"),
 ])
 def test_a_volume_in_no_crypttab_is_swept_without_chain_state(tmp_path, loss, step):
     """Armed with ``--volume /dev/loopN`` (a real block device, in no crypttab)."""
@@ -320,8 +328,10 @@ def test_a_volume_in_no_crypttab_is_swept_without_chain_state(tmp_path, loss, st
             pw_file.unlink()
         assert pw not in proc.stdout + proc.stderr
         assert len(out["armed"]) == 1
-        if step == "restore-finish":
+        if step in {"restore-finish", "alias"}:
             assert len(out["restored"]) == 1  # found on the loop device, no path given
+        if step == "alias":
+            assert out["kept"] == out["armed"]
         assert out["result"] == 1
         assert out["after"] == []
         assert out["record_left"] is False
