@@ -78,6 +78,8 @@ ffibuilder.cdef(
     int crypt_keyslot_get_pbkdf(struct crypt_device *cd, int keyslot,
                                 struct crypt_pbkdf_type *pbkdf);
 
+    int crypt_dump_json(struct crypt_device *cd, const char **json, uint32_t flags);
+
     int crypt_token_max(const char *type);
     int crypt_token_json_get(struct crypt_device *cd, int token, const char **json);
     int crypt_token_json_set(struct crypt_device *cd, int token, const char *json);

@@ -22,10 +22,13 @@ A :class:`LuksHeader` is not thread-safe: use one handle from one thread at a ti
 
 from __future__ import annotations
 
+import base64
+import binascii
 import errno as _errno
 import json
 import os
 import threading
+import uuid as _uuid
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Final, Literal, Self, TypeAlias
 
@@ -281,11 +284,23 @@ class LuksHeader:
 
     @property
     def uuid(self) -> str:
-        """The header's UUID in lower case (the ``/dev/disk/by-uuid/`` name)."""
+        """The header's UUID in lower case (the ``/dev/disk/by-uuid/`` name).
+
+        Raises :class:`LuksError` (EINVAL) when the header's UUID is not a UUID in the
+        canonical 8-4-4-4-12 hex form (upper case is accepted), e.g. not ASCII.
+        """
         raw = lib.crypt_get_uuid(self._handle)
         if raw == ffi.NULL:
             raise LuksError(_errno.EINVAL, f"LUKS header of {self._path} has no UUID")
-        return ffi.string(raw).decode("ascii").lower()  # type: ignore[no-any-return]
+        text = ffi.string(raw)
+        try:
+            canonical = str(_uuid.UUID(text.decode("ascii")))
+        except (UnicodeDecodeError, ValueError):
+            canonical = ""
+        if canonical != text.decode("ascii", "replace").lower():
+            # not what cryptsetup writes; a hand-edited header must not pass as a UUID
+            raise LuksError(_errno.EINVAL, f"LUKS header of {self._path} has a malformed UUID")
+        return canonical
 
     @property
     def _type(self) -> Any:  # noqa: ANN401  # cdata const char *
@@ -304,22 +319,73 @@ class LuksHeader:
         return [n for n in range(count) if lib.crypt_keyslot_status(cd, n) in _ACTIVE_SLOT_STATES]
 
     @property
-    def tokens(self) -> dict[int, dict[str, Any]]:
-        """Token id -> parsed token JSON (LUKS2 only; a LUKS1 header has none)."""
+    def token_texts(self) -> dict[int, bytes]:
+        """Token id -> the token's JSON text exactly as stored (LUKS2 only).
+
+        Untrusted bytes: anyone who can write the header chose them (libcryptsetup only
+        checks that they are JSON with a ``type`` and a ``keyslots`` array).  Parse them
+        with a strict parser of your own (:mod:`keyhandoff.onetime` for ours).
+        """
         cd = self._handle
         if self.luks_version != 2:
             return {}
         count = _check(lib.crypt_token_max(lib.crypt_get_type(cd)), "count tokens")
-        found: dict[int, dict[str, Any]] = {}
+        found: dict[int, bytes] = {}
         text = ffi.new("const char **")
         for token in range(count):
             # EINVAL = inactive token id; nothing else can fail for an in-range id.
             if lib.crypt_token_json_get(cd, token, text) < 0:
                 continue
             # Copy now: the pointer is only valid until the next libcryptsetup call.
-            found[token] = json.loads(ffi.string(text[0]))
+            found[token] = ffi.string(text[0])
         _begin()  # the inactive ids logged nothing an exception should pick up later
         return found
+
+    @property
+    def tokens(self) -> dict[int, dict[str, Any]]:
+        """Token id -> parsed token JSON (LUKS2 only; a LUKS1 header has none).
+
+        A token that is not a JSON object in valid UTF-8 (or whose numbers Python refuses,
+        e.g. an integer of more than 4300 digits) is left out: never an exception.
+        """
+        found: dict[int, dict[str, Any]] = {}
+        for token, raw in self.token_texts.items():
+            try:
+                data = json.loads(raw.decode("utf-8"))
+            except ValueError:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+                continue
+            if isinstance(data, dict):
+                found[token] = data
+        return found
+
+    def keyslot_salt(self, keyslot: int) -> bytes | None:
+        """The random KDF salt of an active LUKS2 keyslot (``None``: no such keyslot/salt).
+
+        Read from libcryptsetup's own dump of the header's JSON (``crypt_dump_json``), so
+        it is what libcryptsetup itself would use to open the keyslot.  The salt is made
+        when the keyslot is made and differs for every keyslot ever added: it names one
+        keyslot instance, also after its number was reused.  The dump also holds every
+        token's untrusted text, so it is read leniently (numbers stay text, bad UTF-8 is
+        replaced): nothing in a token can make this fail for a valid keyslot.
+        """
+        cd = self._handle
+        if self.luks_version != 2:
+            return None
+        text = ffi.new("const char **")
+        if lib.crypt_dump_json(cd, text, 0) < 0 or text[0] == ffi.NULL:
+            _begin()
+            return None
+        raw = ffi.string(text[0])
+        try:
+            metadata = json.loads(
+                raw.decode("utf-8", "replace"),
+                parse_int=str, parse_float=str, parse_constant=str,
+            )
+            salt = metadata["keyslots"][str(keyslot)]["kdf"]["salt"]
+            decoded = base64.b64decode(salt, validate=True) if isinstance(salt, str) else b""
+        except (ValueError, KeyError, TypeError, RecursionError, binascii.Error):
+            return None
+        return decoded or None
 
     def keyslot_pbkdf(self, keyslot: int) -> tuple[str, int]:
         """The PBKDF name and iteration count of an active keyslot (no secret needed)."""

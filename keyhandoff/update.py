@@ -490,13 +490,15 @@ def rearm(*, progress: Progress | None = None) -> ArmReport:
 def disarm(*, quiet: bool = False, volumes: Sequence[str] | None = None) -> dict[str, int]:
     """Wipe everything armed.
 
-    The EFI record, our state keys, one-time keyslots, and the cached passphrases of the
-    armed volumes.
+    The EFI record, our state keys, the one-time keyslots on every LUKS volume of the
+    machine (:func:`_sweep_paths`: also those no chain state names any more), and the
+    cached passphrases of the armed volumes (``volumes``, else crypttab and the chain's).
     """
     cache = PassphraseCache()
     chain = _Chain.load(cache)
     paths = list(volumes) if volumes is not None else _known_paths(chain)
-    counts = _wipe_armed(cache, chain, paths)
+    # keyslots: on every LUKS volume of the machine; passphrases: only the named volumes'
+    counts = _wipe_armed(cache, chain, _sweep_paths([*paths, *_known_paths(chain)]))
     uuids = {v["uuid"] for v in chain.volumes} if chain else set()
     with contextlib.suppress(KeyhandoffError, OSError):
         uuids |= {t.uuid for t in targets(paths)}
@@ -521,10 +523,11 @@ def _wipe_armed(cache: PassphraseCache, chain: _Chain | None, paths: list[str]) 
     for path in paths:
         try:
             with LuksHeader.open(path) as header:
-                uuids.add(header.uuid)
                 for slot in onetime.slots(header):
                     counts["keyslots"] += onetime.destroy(header, slot)
-        except (LuksError, OSError):
+                onetime.remove_untrusted(header)
+                uuids.add(header.uuid)  # last: a malformed UUID must not spare a keyslot
+        except (LuksError, OSError, ValueError):
             continue
     for u in uuids:
         for desc in (VK_PREFIX + u, SEALED_PREFIX + u):
@@ -540,6 +543,25 @@ def _known_paths(chain: _Chain | None) -> list[str]:
     if chain is not None:
         paths += [v["path"] for v in chain.volumes if v["path"] not in paths]
     return paths
+
+
+def _sweep_paths(given: Sequence[str]) -> list[str]:
+    """Where the sweeps look for one-time keyslots: every LUKS header of the machine.
+
+    ``given`` (crypttab, the chain, the caller's paths: image files are only found this
+    way), every crypttab source (prompting or not: ``arm --volume`` takes any), and every
+    LUKS block device (keyhandoff.luks_scan), each device once.  Nothing here depends on
+    the chain state, which may have expired or been removed.
+    """
+    from keyhandoff import crypttab  # noqa: PLC0415
+    from keyhandoff.luks_scan import luks_paths  # noqa: PLC0415
+
+    try:
+        with open(crypttab.DEFAULT_PATH, encoding="utf-8", errors="replace") as f:
+            listed = [e.source_path for e in crypttab.parse(f.read())]
+    except OSError:
+        listed = []
+    return luks_paths([*given, *listed])
 
 
 def status() -> dict[str, Any]:
@@ -577,7 +599,9 @@ def restore(*, volumes: Sequence[str] | None = None, wait: float = 0) -> Restore
     boot count goes down.  The ``efi`` record is read and deleted first (if it cannot be
     deleted it is not used), then authenticated and checked; its one-time keys are cached
     for the agent with a short kernel timeout.  Every boot destroys one-time keyslots that no
-    valid record claims, including expired ones.
+    valid record claims, including expired ones, on every LUKS volume of the machine (the
+    given paths or crypttab, every crypttab source and every LUKS block device: see
+    :func:`_sweep_paths`), whether or not any chain state still names them.
     """
     cache = PassphraseCache()
     chain = _Chain.load(cache)
@@ -612,13 +636,14 @@ def _restore_efi(
 ) -> RestoreReport:
     from keyhandoff import stash  # noqa: PLC0415
 
-    paths = list(volumes) if volumes is not None else _known_paths(None)
+    given = list(volumes) if volumes is not None else _known_paths(None)
     blob, refused = _take_record()
     if blob is not None and wait > 0:
-        _wait_for(paths, wait)  # only when a record needs the headers: not on every boot
+        _wait_for(given, wait)  # only when a record needs the headers: not on every boot
+    paths = _sweep_paths(given)
     now = _now()
     found = _onetime_slots(paths)
-    claimed: set[tuple[str, int]] = set()
+    claimed: set[str] = set()
     record = None
     if blob is not None:
         with blob:
@@ -660,16 +685,18 @@ def _onetime_slots(paths: list[str]) -> list[tuple[str, str, Any]]:
         try:
             with LuksHeader.open(path) as header:
                 found += [(path, header.uuid, s) for s in onetime.slots(header)]
-        except (LuksError, OSError):
+        except (LuksError, OSError, ValueError):
             continue
     return found
 
 
-def _destroy_unclaimed(paths: list[str], claimed: set[tuple[str, int]]) -> int:
+def _destroy_unclaimed(paths: list[str], claimed: set[str]) -> int:
     """Destroy one-time keyslots no valid record claims: expired, refused, consumed, crashed.
 
-    Tokens of our type that do not parse are removed too: nothing can trust what they say.
-    Each header is opened once.
+    ``claimed``: the bindings of the keyslots the record names (a binding names one keyslot
+    instance, whichever path reaches its header).  Tokens of our type that do not parse,
+    or are not bound to the keyslot they name, are removed (never their keyslot): nothing
+    can trust what they say.  Each header is opened once.
     """
     from keyhandoff import onetime  # noqa: PLC0415
     from keyhandoff.luks import LuksError, LuksHeader  # noqa: PLC0415
@@ -679,11 +706,10 @@ def _destroy_unclaimed(paths: list[str], claimed: set[tuple[str, int]]) -> int:
         try:
             with LuksHeader.open(path) as header:
                 for slot in onetime.slots(header):
-                    if (path, slot.token) not in claimed:
+                    if slot.binding not in claimed:
                         destroyed += onetime.destroy(header, slot)
-                for token in onetime.malformed_tokens(header):
-                    header.remove_token(token)
-        except (LuksError, OSError):
+                onetime.remove_untrusted(header)
+        except (LuksError, OSError, ValueError):
             continue
     if destroyed:
         journal.log(Event.WIPED, f"destroyed {destroyed} unclaimed one-time keyslot(s)",
@@ -693,7 +719,7 @@ def _destroy_unclaimed(paths: list[str], claimed: set[tuple[str, int]]) -> int:
 
 def _open_efi_record(
     blob: Secret, found: list[tuple[str, str, Any]], now: int,
-) -> tuple[Any, set[tuple[str, int]]]:
+) -> tuple[Any, set[str]]:
     from keyhandoff import stash  # noqa: PLC0415
 
     header = stash.parse_header(blob.view())
@@ -703,13 +729,13 @@ def _open_efi_record(
                 continue
             record = stash.open_record(blob.view(), key, now=now,
                                        boot_id=_uuid.UUID(_boot_id()), channel=stash.Channel.EFI)
-        claimed = {(p, s.token) for p, _v, s in found if s.record_key_b64 == slot.record_key_b64}
+        claimed = {s.binding for _p, _v, s in found if s.record_key_b64 == slot.record_key_b64}
         return record, claimed
     raise stash.RecordForeign("no one-time keyslot on this machine's volumes matches it")
 
 
 def _load_efi_record(
-    record: Any, found: list[tuple[str, str, Any]], claimed: set[tuple[str, int]],  # noqa: ANN401
+    record: Any, found: list[tuple[str, str, Any]], claimed: set[str],  # noqa: ANN401
     cache: PassphraseCache, now: int,
 ) -> list[str]:
     from keyhandoff import onetime, stash  # noqa: PLC0415
@@ -720,7 +746,7 @@ def _load_efi_record(
     volumes = []
     for entry in record.entries:
         volume = str(entry.volume)
-        slots = [(p, s) for p, v, s in found if v == volume and (p, s.token) in claimed]
+        slots = [(p, s) for p, v, s in found if v == volume and s.binding in claimed]
         if not slots:
             continue
         path, slot = slots[0]
@@ -755,13 +781,17 @@ class FinishReport:
 def finish(*, login_timeout: int = 120) -> FinishReport:
     """After ``cryptsetup.target``: destroy the used one-time keyslots.
 
+    Also every one-time keyslot on the machine not armed in this boot (or expired), with
+    or without chain state: its record was consumed by this boot's restore.
+
     Keeps what the chain needs next (a volume key while boots remain) and, on the last
     boot, hands the passphrase to the login path.
     """
     cache = PassphraseCache()
     chain = _Chain.load(cache)
     if chain is None or not chain.pending:
-        return FinishReport(0, "nothing armed")
+        # nothing to finish, but a one-time keyslot of an earlier boot can only be stale
+        return FinishReport(_destroy_stale(_known_paths(chain)), "nothing armed")
     last_boot = chain.boots_left <= 0
     passphrases: list[Secret] = []
     destroyed = 0
@@ -773,6 +803,7 @@ def finish(*, login_timeout: int = 120) -> FinishReport:
                         passphrases.append(cache.get(item["uuid"]))
             else:
                 destroyed += _finish_efi_volume(chain, item, cache, passphrases)
+        destroyed += _destroy_stale([v["path"] for v in chain.volumes])
         chain.pending = []
         if not last_boot:
             chain.save(cache, _now())
@@ -794,6 +825,29 @@ def finish(*, login_timeout: int = 120) -> FinishReport:
         journal.log(Event.WIPED, f"destroyed {destroyed} used one-time keyslot(s)",
                     keyslots=destroyed)
     return FinishReport(destroyed, login)
+
+
+def _destroy_stale(given: list[str]) -> int:
+    """After the volumes are open: destroy every one-time keyslot not armed in this boot.
+
+    Its record was read (and deleted) by this boot's restore, or can no longer be used:
+    such a keyslot only stays as a way into the volume.  One armed in this boot waits for
+    the next boot; an expired one goes whatever its boot.
+    """
+    from keyhandoff import onetime  # noqa: PLC0415
+    from keyhandoff.luks import LuksError, LuksHeader  # noqa: PLC0415
+
+    boot_id, now, destroyed = _boot_id(), _now(), 0
+    for path in _sweep_paths(given):
+        try:
+            with LuksHeader.open(path) as header:
+                for slot in onetime.slots(header):
+                    if slot.boot_id != boot_id or slot.not_after <= now:
+                        destroyed += onetime.destroy(header, slot)
+                onetime.remove_untrusted(header)
+        except (LuksError, OSError, ValueError):
+            continue
+    return destroyed
 
 
 def _finish_efi_volume(

@@ -5,6 +5,7 @@ Passphrases reach cryptsetup on stdin (``--key-file=-``), never in argv or the e
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -14,6 +15,7 @@ from typing import TYPE_CHECKING
 from conftest import require_binary
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
     from pathlib import Path
 
 INSTALL = "apt-get install cryptsetup-bin"
@@ -90,3 +92,31 @@ def dump_volume_key(path: Path, passphrase: bytes) -> bytes:
     ).stdout.decode()
     block = out.split("MK dump:", 1)[1]
     return bytes.fromhex("".join(re.findall(r"\b[0-9a-f]{2}\b", block)))
+
+
+def import_token(path: Path | str, token_json: bytes) -> None:
+    """``cryptsetup token import``: the token text exactly as given (it assigns its keyslots)."""
+    cryptsetup("token", "import", "--json-file=-", str(path), stdin=token_json)
+
+
+def export_token(path: Path | str, token: int) -> bytes:
+    """``cryptsetup token export``: a token's JSON as cryptsetup writes it out."""
+    return cryptsetup("token", "export", "--token-id", str(token), str(path)).stdout
+
+
+def kill_slot(path: Path | str, keyslot: int, passphrase: bytes) -> None:
+    """``cryptsetup luksKillSlot``, proving the right with another keyslot's passphrase."""
+    cryptsetup("luksKillSlot", "--batch-mode", "--key-file=-", str(path), str(keyslot),
+               stdin=passphrase)
+
+
+@contextlib.contextmanager
+def loop_device(path: Path) -> Iterator[str]:
+    """``path`` attached to a free loop device (a real block device) for the block."""
+    binary = require_binary("losetup", "apt-get install mount")
+    node = subprocess.run([binary, "--find", "--show", str(path)], capture_output=True,
+                          check=True, text=True).stdout.strip()
+    try:
+        yield node
+    finally:
+        subprocess.run([binary, "--detach", node], capture_output=True, check=False)

@@ -237,3 +237,41 @@ def test_cryptsetup_still_reads_our_header(image, person):
         header.set_token({"type": "keyhandoff-onetime", "keyslots": ["1"]})
     assert cryptsetup("isLuks", "--type", "luks2", str(image)).returncode == 0
     cryptsetup("luksDump", str(image))
+
+
+@pytest.mark.parametrize("uuid_field", [
+    b"\xff\xfe" + b"not-ascii" + bytes(29),
+    b"8595BA97-12B3-46AF-86E0-B04DF85DB25A".lower()[:35] + b"x" + bytes(4),
+    b"{8595ba97-12b3-46af-86e0-b04df85db25a}" + bytes(2),
+])
+def test_a_malformed_header_uuid_is_a_luks_error(tmp_path, person, uuid_field):
+    """LUKS1 keeps the UUID in a fixed 40-byte field with no checksum: anyone can edit it."""
+    image = format_image(tmp_path / "l1.img", person, luks="luks1")
+    with image.open("r+b") as f:
+        f.seek(168)
+        f.write(uuid_field)
+    with LuksHeader.open(image) as header, pytest.raises(LuksError) as info:
+        _ = header.uuid
+    assert info.value.errno == errno.EINVAL
+
+
+def test_upper_case_uuid_reads_in_lower_case(tmp_path, person):
+    image = tmp_path / "upper.img"
+    with image.open("wb") as f:
+        f.truncate(20 * 1024 * 1024)
+    upper = "8595BA97-12B3-46AF-86E0-B04DF85DB25A"
+    cryptsetup("luksFormat", "--type", "luks2", "--pbkdf", "pbkdf2", "--pbkdf-force-iterations",
+               "1000", "--uuid", upper, "--batch-mode", "--key-file=-", str(image), stdin=person)
+    with LuksHeader.open(image) as header:
+        assert header.uuid == upper.lower()
+
+
+def test_tokens_that_are_not_utf8_json_are_left_out(image):
+    cryptsetup("token", "import", "--json-file=-", str(image),
+               stdin=b'{"type":"other","keyslots":[],"x":"\xff"}')
+    cryptsetup("token", "import", "--json-file=-", str(image),
+               stdin=b'{"type":"fine","keyslots":[]}')
+    with LuksHeader.open(image) as header:
+        assert sorted(header.token_texts) == [0, 1]
+        assert b"\xff" in header.token_texts[0]
+        assert header.tokens == {1: {"type": "fine", "keyslots": []}}
