@@ -24,6 +24,12 @@ State between the steps lives in our keyring as ``keyhandoff:chain`` (what is ar
 secret) with the deadline as its kernel timeout, ``keyhandoff:vk:<uuid>`` (a volume key,
 only while a chain needs another re-arm) and ``keyhandoff:sealed:<uuid>`` (the sealed login
 payload).  Every one of them expires in the kernel at the chain's deadline.
+
+Every state change (arm, rearm, disarm, restore, finish) holds the state lock
+(:mod:`keyhandoff.statelock`), and a failed one undoes only what it did itself.  Each boot
+step is idempotent within one boot: a restarted unit does nothing more.  The entry points
+that read a secret make the calling process non-dumpable first (not memory-locked: see
+:func:`_harden`).
 """
 
 from __future__ import annotations
@@ -457,8 +463,13 @@ def _supersede(
     from keyhandoff import efi  # noqa: PLC0415
 
     if chain.channel == "keyring" and efi.supported():
-        with contextlib.suppress(efi.EfiVariableNotFound):
+        try:
             efi.STASH.delete()  # an earlier full arming's record: superseded
+        except efi.EfiVariableNotFound:
+            pass
+        except efi.EfiError as exc:  # armed all the same; the next boot refuses the record
+            journal.log(Event.ERROR, f"could not delete an earlier handoff record: {exc}",
+                        priority=journal.WARNING)
     paths = _known_paths(previous)
     paths += [v["path"] for v in chain.volumes if v["path"] not in paths]
     _destroy_unclaimed(paths, ours)

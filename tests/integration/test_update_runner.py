@@ -574,3 +574,27 @@ def test_login_handoff_is_marked_once_per_boot(tmp_path, monkeypatch):
     assert (lock_dir / "done-login-handoff").stat().st_mode & 0o777 == 0o600
     with pytest.raises(ValueError, match="step name"):
         update.first_in_boot("../x")
+
+
+def test_keyhandoff_arm_with_nothing_cached_and_no_terminal_says_so_and_stops(tmp_path, cache):
+    """The command as a person (or a cron job) runs it: finding 16's exact symptom."""
+    require_binary("systemd-ask-password", "apt-get install systemd")
+    ASK_DIR.mkdir(parents=True, exist_ok=True)
+    img = format_image(tmp_path / "v.img", make("cli-noagent"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LIBEFIVAR", "EFIVARFS"))}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "keyhandoff", "arm", "--reboot", "soft", "--ttl", "5m",
+         "--volume", str(img), "--ask-timeout", "2"],
+        env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        start_new_session=True)
+    try:
+        _out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    text = err.decode()
+    assert proc.returncode == 1, text
+    assert "asking for the passphrase of v.img through the password agents" in text
+    assert "no passphrase given for v.img within 2 s" in text
+    assert not update.status()["armed"]
