@@ -164,7 +164,8 @@ def cmd_arm(args: argparse.Namespace) -> int:
         report = update.arm(
             reboot=args.reboot, boots=args.boots, ttl=timedelta(seconds=args.ttl),
             login=args.login, volumes=args.volumes,
-            ask=None if args.no_ask else update.ask_with_systemd, progress=_progress,
+            ask=None if args.no_ask else update.SystemdAsk(args.ask_timeout),
+            progress=_progress,
         )
     except ValueError as exc:
         sys.stderr.write(f"keyhandoff: {exc}\n")
@@ -223,7 +224,7 @@ def cmd_finish(args: argparse.Namespace) -> int:  # noqa: ARG001
 
 def cmd_login_handoff(args: argparse.Namespace) -> int:
     """Hand a passphrase the agent captured this boot to the login path."""
-    from keyhandoff import config, login  # noqa: PLC0415
+    from keyhandoff import config, login, update  # noqa: PLC0415
     from keyhandoff.cache import PassphraseCache  # noqa: PLC0415
 
     conf = config.load()
@@ -235,6 +236,9 @@ def cmd_login_handoff(args: argparse.Namespace) -> int:
     if not volumes:
         sys.stderr.write("keyhandoff: no cached passphrase to hand to the login\n")
         return EXIT_NOT_FOUND
+    if not update.first_in_boot("login-handoff"):  # a restarted unit hands nothing again
+        sys.stderr.write("keyhandoff: the login hand-off ran already in this boot\n")
+        return EXIT_OK
     with cache.get(volumes[0]) as secret:
         login.handoff(secret, timeout=conf.login_timeout)
     return EXIT_OK
@@ -293,6 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a LUKS source path (repeatable; default: /etc/crypttab)")
     p.add_argument("--no-ask", action="store_true",
                    help="use only cached passphrases; never prompt")
+    p.add_argument("--ask-timeout", type=_positive_int, default=90, metavar="S",
+                   help="give up asking the password agents after S seconds (default 90)")
     p.add_argument("--json", action="store_true", help="machine-readable report")
     p.set_defaults(func=cmd_arm)
     p = sub.add_parser("rearm", help="inside an update boot: arm the chain's next boot")

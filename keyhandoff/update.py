@@ -24,6 +24,12 @@ State between the steps lives in our keyring as ``keyhandoff:chain`` (what is ar
 secret) with the deadline as its kernel timeout, ``keyhandoff:vk:<uuid>`` (a volume key,
 only while a chain needs another re-arm) and ``keyhandoff:sealed:<uuid>`` (the sealed login
 payload).  Every one of them expires in the kernel at the chain's deadline.
+
+Every state change (arm, rearm, disarm, restore, finish) holds the state lock
+(:mod:`keyhandoff.statelock`), and a failed one undoes only what it did itself.  Each boot
+step is idempotent within one boot: a restarted unit does nothing more.  The entry points
+that read a secret make the calling process non-dumpable first (not memory-locked: see
+:func:`_harden`).
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from typing import Any, Final, Literal
 
-from keyhandoff import journal
+from keyhandoff import journal, statelock
 from keyhandoff.cache import PassphraseCache, SystemdCache, normalize_uuid
 from keyhandoff.errors import KeyExpired, KeyhandoffError, KeyNotFound, KeyRevoked
 from keyhandoff.journal import Event
@@ -157,10 +163,27 @@ class _Chain:
     boots_left: int
     login: bool
     volumes: list[dict[str, Any]] = field(default_factory=list)
-    #: boot_id of the boot that last wrote a record (rearm is once per boot)
+    #: boot_id of the boot that last wrote a record (rearm is once per boot; restore in
+    #: that boot leaves the record for the next one)
     armed_boot: str = ""
     #: one-time keyslots restored this boot, to destroy once the volumes are open
     pending: list[dict[str, Any]] = field(default_factory=list)
+    #: boot_id of the boot whose restore loaded this chain (a second restore does nothing)
+    restored_boot: str = ""
+    #: keyring channel: the boots a soft chain has started (its restores).  A soft reboot
+    #: keeps the kernel's boot id, so a soft chain counts its own boots.
+    generation: int = 0
+    #: keyring channel: the generation that last armed or re-armed (rearm once per boot)
+    armed_generation: int = 0
+    #: keyring channel: systemd's SoftRebootsCount when armed or last restored (None when
+    #: systemd does not say): a restore with the same count is a restarted unit, not a boot
+    soft_reboots: int | None = None
+
+    def armed_this_boot(self) -> bool:
+        """Whether the running boot armed (or re-armed) this chain."""
+        if self.channel == "keyring":
+            return self.armed_generation == self.generation
+        return self.armed_boot == _boot_id()
 
     def save(self, cache: PassphraseCache, now: int) -> None:
         with Secret(json.dumps(asdict(self)).encode()) as payload:
@@ -195,6 +218,17 @@ def _now() -> int:
     return int(time.time())
 
 
+def _soft_reboots() -> int | None:
+    """The number of soft reboots systemd made since the kernel booted (256+), else None."""
+    try:
+        proc = subprocess.run(["systemctl", "show", "--property=SoftRebootsCount", "--value"],
+                              capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    text = proc.stdout.strip()
+    return int(text) if proc.returncode == 0 and text.isdigit() else None
+
+
 # --- volumes and passphrases -----------------------------------------------------------------
 
 
@@ -214,26 +248,85 @@ def targets(sources: Sequence[str] | None = None) -> list[Target]:
     return out
 
 
-def ask_with_systemd(target: Target) -> Secret:
+#: Seconds :class:`SystemdAsk` waits for an answer by default (systemd-ask-password's own).
+ASK_TIMEOUT: Final = 90
+
+
+def ask_id(target: Target) -> str:
+    """The ``Id=`` of a prompt for ``target``, as systemd-cryptsetup makes it.
+
+    ``cryptsetup:`` and the C-escaped source path: an agent unescapes the Id, so a raw
+    backslash in a path would not survive that.
+    """
+    from keyhandoff.askpass import cescape  # noqa: PLC0415
+
+    return "cryptsetup:" + cescape(os.fsencode(target.path))
+
+
+class SystemdAsk:
     """Ask once through the password-agent protocol, as systemd-cryptsetup would.
 
     The real ``systemd-ask-password`` shows the prompt to whichever agent runs (plymouth,
     the console, a desktop); the answer comes back on a pipe, never in argv or environ.
+    It gives up after ``timeout`` seconds (at least 1): with no agent and no terminal
+    nobody would ever answer, and a daemon calling :func:`arm` must not hang for ever.
     """
-    proc = subprocess.run(
-        ["systemd-ask-password", "--icon=drive-harddisk", "--timeout=0",
-         f"--id=cryptsetup:{target.path}",
-         f"Please enter passphrase for disk {target.name} (for the update):"],
-        capture_output=True, check=False, timeout=None,
-    )
-    raw = bytearray(proc.stdout)
-    proc.stdout = b""
-    if proc.returncode != 0:
-        Secret(raw, allow_empty=True).wipe()
-        raise UpdateError(f"no passphrase given for {target.name}")
-    if raw.endswith(b"\n"):
-        del raw[-1:]
-    return Secret.passphrase(raw)
+
+    def __init__(self, timeout: int = ASK_TIMEOUT) -> None:
+        if not isinstance(timeout, int) or isinstance(timeout, bool) or timeout < 1:
+            raise ValueError("the ask timeout is a whole number of seconds, at least 1")
+        self.timeout = timeout
+
+    def __call__(self, target: Target) -> Secret:
+        """The passphrase typed for ``target`` (unverified); :class:`UpdateError` if none."""
+        try:
+            proc = subprocess.run(
+                ["systemd-ask-password", "--icon=drive-harddisk", f"--timeout={self.timeout}",
+                 f"--id={ask_id(target)}",
+                 f"Please enter passphrase for disk {target.name} (for the update):"],
+                capture_output=True, check=False, timeout=self.timeout + 15,
+            )
+        except subprocess.TimeoutExpired as exc:  # killed: it ignored its own timeout
+            Secret(bytearray(exc.stdout or b""), allow_empty=True).wipe()
+            raise UpdateError(self._none_given(target, "")) from None
+        except FileNotFoundError:
+            raise UpdateError("systemd-ask-password is not installed: cannot ask for the "
+                              f"passphrase of {target.name}") from None
+        raw = bytearray(proc.stdout)
+        proc.stdout = b""
+        if proc.returncode != 0:
+            Secret(raw, allow_empty=True).wipe()
+            why = proc.stderr.decode("utf-8", "replace").strip().splitlines()
+            raise UpdateError(self._none_given(target, why[-1] if why else ""))
+        if raw.endswith(b"\n"):
+            del raw[-1:]
+        return Secret.passphrase(raw)
+
+    def _none_given(self, target: Target, why: str) -> str:
+        detail = f" ({why})" if why else ""
+        return (f"no passphrase given for {target.name} within {self.timeout} s{detail}: no "
+                "password agent answered.  Run it on a terminal, cache the passphrase first "
+                "(keyhandoff cache put), or pass a longer ask timeout")
+
+
+#: The default ``ask`` of :func:`arm`: the password agents, for :data:`ASK_TIMEOUT` seconds.
+ask_with_systemd: Final = SystemdAsk()
+
+
+def _harden() -> None:
+    """Make this process non-dumpable before it reads a secret.
+
+    A runner calling :func:`arm`, :func:`rearm`, :func:`restore` or :func:`finish` holds
+    passphrases, volume keys and the record key in its own memory: no core dump of it, no
+    ptrace or /proc/<pid>/mem by another process of the same uid.  This is process-wide
+    and stays for the caller's lifetime (a root runner does not need to be dumpable).
+    Memory is *not* locked here: ``mlockall`` in someone else's daemon would pin all of
+    its present and future memory and can make its later allocations fail under
+    RLIMIT_MEMLOCK; the keyhandoff command line locks its own memory instead.
+    """
+    from keyhandoff import process  # noqa: PLC0415
+
+    process.harden(lock_memory=False)
 
 
 def _passphrase(target: Target, cache: PassphraseCache, ask: Ask | None) -> tuple[Secret, str]:
@@ -246,27 +339,48 @@ def _passphrase(target: Target, cache: PassphraseCache, ask: Ask | None) -> tupl
         return ask(target), "asked"
 
 
+def _gather(
+    chosen: list[Target], cache: PassphraseCache, ask: Ask | None, say: Progress,
+) -> dict[str, tuple[Secret, str]]:
+    """Every volume's passphrase (unverified), asked before any state is touched."""
+    got: dict[str, tuple[Secret, str]] = {}
+    try:
+        for t in chosen:
+            if t.uuid in got:
+                continue
+            if ask is not None and not _cached(cache, t):
+                limit = getattr(ask, "timeout", None)
+                say(f"asking for the passphrase of {t.name} through the password agents "
+                    f"(Id {ask_id(t)}" + (f", for up to {limit} s)" if limit else ")"))
+            got[t.uuid] = _passphrase(t, cache, ask)
+    except BaseException:
+        for secret, _source in got.values():
+            secret.wipe()
+        raise
+    return got
+
+
+def _cached(cache: PassphraseCache, target: Target) -> bool:
+    return any(e.volume == target.uuid for e in cache.entries())
+
+
 def _refuse_wrong(target: Target, cache: PassphraseCache, source: str) -> ArmRefused:
     if source == "cache":
         cache.forget(target.uuid)  # a cached entry that does not open its volume is junk
     return ArmRefused(f"the passphrase for {target.name} does not open it")
 
 
-def _verified_passphrase(
-    target: Target, cache: PassphraseCache, ask: Ask | None, progress: Progress,
-) -> Secret:
-    """A passphrase for ``target`` that opens it (one PBKDF to check it)."""
+def _verify(target: Target, secret: Secret, source: str, cache: PassphraseCache,
+            say: Progress) -> None:
+    """Check that ``secret`` opens ``target`` (one PBKDF)."""
     from keyhandoff.luks import LuksHeader, WrongPassphrase  # noqa: PLC0415
 
-    secret, source = _passphrase(target, cache, ask)
-    progress(f"checking the passphrase for {target.name} ({source})")
+    say(f"checking the passphrase for {target.name} ({source})")
     try:
         with LuksHeader.open(target.path) as header:
             header.verify(secret)
     except WrongPassphrase:
-        secret.wipe()
         raise _refuse_wrong(target, cache, source) from None
-    return secret
 
 
 # --- arm ---------------------------------------------------------------------------------------
@@ -292,62 +406,115 @@ def arm(
     volumes: Sequence[str] | None = None,
     ask: Ask | None = ask_with_systemd,
     progress: Progress | None = None,
+    lock_wait: float = statelock.DEFAULT_WAIT,
 ) -> ArmReport:
     """Arm the handoff for the next ``boots`` boots, until ``ttl`` from now.
 
     ``volumes`` are source paths (default: the prompting entries of /etc/crypttab).  A
     passphrase comes from the cache (captured and verified at boot) or, if ``ask`` is given,
-    is asked once.  Every volume must be armable; otherwise :class:`ArmRefused` is raised
-    and nothing is left armed.  Returns what was done; ``summary()`` says it in words.
+    is asked once: the default asks the password agents and gives up after
+    :data:`ASK_TIMEOUT` seconds (``SystemdAsk(timeout=...)`` for another bound).  Every
+    volume must be armable; otherwise :class:`ArmRefused` is raised and what was armed
+    before is left as it was (this call undoes only what it did).  Returns what was done;
+    ``summary()`` says it in words.
+
+    Passphrases are asked before the state lock is taken (:mod:`keyhandoff.statelock`);
+    the rest holds it, waiting up to ``lock_wait`` seconds for another state change.  The
+    process is made non-dumpable first (see :func:`_harden`: no memory locking).
     """
     seconds = _check_args(reboot, boots, ttl)
     say = progress or (lambda _msg: None)
+    _harden()
     chosen = targets(volumes)
     if not chosen:
         raise ArmRefused("no volume to arm (no prompting entry in /etc/crypttab)")
+    if reboot == "full":
+        _check_efi(chosen)  # before anyone is asked for anything
     cache = PassphraseCache()
-    _wipe_armed(cache, _Chain.load(cache), [t.path for t in chosen])
-    now = _now()
-    chain = _Chain(
-        channel="keyring" if reboot == "soft" else "efi",
-        reboot=reboot, not_after=now + seconds, boots_left=boots, login=login,
-        volumes=[asdict(t) for t in chosen], armed_boot=_boot_id(),
-    )
-    if reboot == "soft":
-        report = _arm_keyring(chain, chosen, cache, ask, say)
-    else:
-        report = _arm_efi(chain, chosen, cache, ask, say)
+    passphrases = _gather(chosen, cache, ask, say)
+    try:
+        with statelock.held("arm", wait=lock_wait, progress=say):
+            previous = _Chain.load(cache)
+            now = _now()
+            chain = _Chain(
+                channel="keyring" if reboot == "soft" else "efi",
+                reboot=reboot, not_after=now + seconds, boots_left=boots, login=login,
+                volumes=[asdict(t) for t in chosen], armed_boot=_boot_id(),
+            )
+            if reboot == "soft":
+                chain.soft_reboots = _soft_reboots()
+                report = _arm_keyring(chain, chosen, cache, passphrases, say)
+                ours: set[str] = set()
+            else:
+                report, ours = _arm_efi(chain, chosen, cache, passphrases, say)
+            _supersede(cache, previous, chain, ours)
+    finally:
+        for secret, _source in passphrases.values():
+            secret.wipe()
     journal.log(Event.ARMED, f"armed {len(chosen)} volume(s) via {report.channel}",
                 channel=report.channel, boots=boots, deadline=chain.not_after)
     return report
 
 
+def _supersede(
+    cache: PassphraseCache, previous: _Chain | None, chain: _Chain, ours: set[str],
+) -> None:
+    """After a successful arm: remove what the previous arming left (never this one's)."""
+    from keyhandoff import efi  # noqa: PLC0415
+
+    if chain.channel == "keyring" and efi.supported():
+        try:
+            efi.STASH.delete()  # an earlier full arming's record: superseded
+        except efi.EfiVariableNotFound:
+            pass
+        except efi.EfiError as exc:  # armed all the same; the next boot refuses the record
+            journal.log(Event.ERROR, f"could not delete an earlier handoff record: {exc}",
+                        priority=journal.WARNING)
+    paths = _known_paths(previous)
+    paths += [v["path"] for v in chain.volumes if v["path"] not in paths]
+    _destroy_unclaimed(_sweep_paths(paths), ours)  # ``ours``: this arming's bindings
+    uuids = {v["uuid"] for v in previous.volumes} if previous else set()
+    for u in uuids | {v["uuid"] for v in chain.volumes}:
+        for desc in (VK_PREFIX + u, SEALED_PREFIX + u):
+            cache.forget_key(desc)
+
+
 def _arm_keyring(
-    chain: _Chain, chosen: list[Target], cache: PassphraseCache, ask: Ask | None,
-    say: Progress,
+    chain: _Chain, chosen: list[Target], cache: PassphraseCache,
+    passphrases: dict[str, tuple[Secret, str]], say: Progress,
 ) -> ArmReport:
+    """Verify every passphrase, then keep them for the chain; on a failure, as they were."""
+    for t in chosen:
+        secret, source = passphrases[t.uuid]
+        _verify(t, secret, source, cache, say)
+    before = {e.volume: e.seconds_left for e in cache.entries()}
     now = _now()
-    reports = []
+    put: list[str] = []
     try:
         for t in chosen:
-            with _verified_passphrase(t, cache, ask, say) as secret:
-                cache.put(t.uuid, secret, timeout=chain.not_after - now)
-            reports.append(VolumeReport(t.uuid, t.name, armed=True,
-                                        how="passphrase kept in the kernel keyring (RAM)"))
+            if t.uuid not in put:
+                cache.put(t.uuid, passphrases[t.uuid][0], timeout=chain.not_after - now)
+                put.append(t.uuid)
         chain.save(cache, now)
     except BaseException:
-        cache.forget_key(CHAIN_KEY)
+        for u in put:  # what was cached keeps the time it had; what was asked goes
+            left = before.get(u)
+            with contextlib.suppress(KeyhandoffError, OSError, ValueError):
+                if left:
+                    cache.put(u, passphrases[u][0], timeout=left)
+                else:
+                    cache.forget(u)
         raise
+    reports = [VolumeReport(t.uuid, t.name, armed=True,
+                            how="passphrase kept in the kernel keyring (RAM)") for t in chosen]
     login = "the passphrase goes to the login keyring on the last boot" if chain.login \
         else "not requested"
     return ArmReport("keyring", chain.reboot, chain.not_after, chain.boots_left, login,
                      tuple(reports))
 
 
-def _arm_efi(
-    chain: _Chain, chosen: list[Target], cache: PassphraseCache, ask: Ask | None,
-    say: Progress,
-) -> ArmReport:
+def _check_efi(chosen: list[Target]) -> None:
+    """Refuse before asking: no writable EFI variables, or a LUKS1 volume."""
     from keyhandoff import efi  # noqa: PLC0415
     from keyhandoff.luks import LuksHeader  # noqa: PLC0415
 
@@ -363,60 +530,73 @@ def _arm_efi(
                     how="LUKS1 has no tokens for a one-time keyslot; the passphrase would "
                         "have to be stored, which keyhandoff refuses"))
     if refused:
-        report = ArmReport("efi", chain.reboot, chain.not_after, chain.boots_left,
-                           "not armed", tuple(refused))
+        report = ArmReport("efi", "full", 0, 0, "not armed", tuple(refused))
         raise ArmRefused("; ".join(f"{r.name}: {r.how}" for r in refused), report)
+
+
+def _arm_efi(
+    chain: _Chain, chosen: list[Target], cache: PassphraseCache,
+    passphrases: dict[str, tuple[Secret, str]], say: Progress,
+) -> tuple[ArmReport, set[str]]:
+    """Read every volume key first (the passphrase check: one PBKDF each), then write."""
+    from keyhandoff.luks import LuksHeader, WrongPassphrase  # noqa: PLC0415
+
+    volume_keys: dict[str, Secret] = {}
     try:
-        return _write_efi_record(chain, chosen, cache, ask, say)
-    except BaseException:
-        _wipe_armed(cache, chain, [t.path for t in chosen])
-        raise
+        for t in chosen:
+            if t.uuid in volume_keys:
+                continue
+            secret, source = passphrases[t.uuid]
+            say(f"reading the volume key of {t.name} ({source}; one PBKDF)")
+            with LuksHeader.open(t.path) as header:
+                try:
+                    _slot, volume_keys[t.uuid] = header.volume_key(secret)
+                except WrongPassphrase:
+                    raise _refuse_wrong(t, cache, source) from None
+        login = {u: s for u, (s, _src) in passphrases.items()} if chain.login else {}
+        return _write_efi_record(chain, chosen, cache, say, volume_keys, login)
+    finally:
+        for vk in volume_keys.values():
+            vk.wipe()
 
 
 def _write_efi_record(
-    chain: _Chain, chosen: list[Target], cache: PassphraseCache, ask: Ask | None,
-    say: Progress, volume_keys: dict[str, Secret] | None = None,
-) -> ArmReport:
-    """Add one-time keyslots, seal the record, store it.  ``volume_keys``: a re-arm's."""
-    from keyhandoff import onetime, stash  # noqa: PLC0415
-    from keyhandoff.luks import LuksHeader, WrongPassphrase  # noqa: PLC0415
+    chain: _Chain, chosen: list[Target], cache: PassphraseCache, say: Progress,
+    volume_keys: dict[str, Secret], login_passphrases: dict[str, Secret],
+) -> tuple[ArmReport, set[str]]:
+    """Add one-time keyslots, seal the record, store it, save the chain.
+
+    On a failure the keyslots this call added are destroyed again.  The EFI variable is
+    replaced by delete-then-write: once the store was tried, a previous record may be gone
+    (or be this call's, useless without its keyslots), so the chain that needed it goes
+    too and nothing claims to be armed that is not.
+    """
+    from keyhandoff import efi, onetime, stash  # noqa: PLC0415
+    from keyhandoff.luks import LuksError, LuksHeader  # noqa: PLC0415
 
     now = _now()
     boot_id = _boot_id()
     entries: list[stash.StashEntry] = []
     reports = []
+    created: list[tuple[str, Any]] = []
     record_key = stash.new_record_key()
+    stored = "no"
     try:
         for t in chosen:
-            passphrase: Secret | None = None
-            with LuksHeader.open(t.path) as header:
-                if volume_keys is not None:
-                    vk = volume_keys[t.uuid].copy()
-                    if chain.login:
-                        passphrase = cache.get(t.uuid)
-                else:
-                    # The volume key is the check: one PBKDF of the person's keyslot, not two.
-                    passphrase, source = _passphrase(t, cache, ask)
-                    say(f"reading the volume key of {t.name} ({source}; one PBKDF)")
-                    try:
-                        _slot, vk = header.volume_key(passphrase)
-                    except WrongPassphrase:
-                        passphrase.wipe()
-                        raise _refuse_wrong(t, cache, source) from None
-                with vk:
-                    say(f"adding a one-time keyslot to {t.name}")
-                    slot_info, key = onetime.add(
-                        header, vk, not_after=chain.not_after, boot_id=boot_id,
-                        record_key=record_key,
-                    )
-                    volume = _uuid.UUID(t.uuid)
-                    entries.append(stash.StashEntry(volume, stash.EntryKind.ONETIME_KEY, key))
-                    if chain.login and passphrase is not None:
-                        sealed = stash.seal_to_volume_key(vk, passphrase, _login_context(t.uuid))
-                        entries.append(stash.StashEntry(
-                            volume, stash.EntryKind.SEALED_PASSPHRASE, Secret(sealed)))
-                    if passphrase is not None:
-                        passphrase.wipe()
+            with LuksHeader.open(t.path) as header, volume_keys[t.uuid].copy() as vk:
+                say(f"adding a one-time keyslot to {t.name}")
+                slot_info, key = onetime.add(
+                    header, vk, not_after=chain.not_after, boot_id=boot_id,
+                    record_key=record_key,
+                )
+                created.append((t.path, slot_info))
+                volume = _uuid.UUID(t.uuid)
+                entries.append(stash.StashEntry(volume, stash.EntryKind.ONETIME_KEY, key))
+                passphrase = login_passphrases.get(t.uuid)
+                if passphrase is not None:
+                    sealed = stash.seal_to_volume_key(vk, passphrase, _login_context(t.uuid))
+                    entries.append(stash.StashEntry(
+                        volume, stash.EntryKind.SEALED_PASSPHRASE, Secret(sealed)))
             reports.append(VolumeReport(
                 t.uuid, t.name, armed=True,
                 how=f"one-time keyslot {slot_info.keyslot}; the EFI record holds only its key"))
@@ -426,17 +606,33 @@ def _write_efi_record(
         )
         blob = stash.seal(record, record_key)
         say("writing the handoff record to the EFI variable")
+        stored = "tried"
         stash.EfiChannel().store(blob)
+        stored = "yes"
+        chain.armed_boot = boot_id
+        chain.save(cache, now)
+    except BaseException:
+        for path, slot in created:
+            with contextlib.suppress(LuksError, OSError), LuksHeader.open(path) as header:
+                onetime.destroy(header, slot)
+        if stored != "no":
+            with contextlib.suppress(efi.EfiError, OSError):
+                if stored == "yes" or not efi.STASH.exists():
+                    with contextlib.suppress(efi.EfiVariableNotFound):
+                        efi.STASH.delete()
+                    cache.forget_key(CHAIN_KEY)
+                    journal.log(Event.WIPED, "the EFI record could not be replaced: nothing "
+                                "is armed now", priority=journal.WARNING)
+        raise
     finally:
         record_key.wipe()
         for e in entries:
             e.wipe()
-    chain.armed_boot = boot_id
-    chain.save(cache, now)
     login = ("the passphrase travels sealed to the volume key and goes to the login keyring "
              "on the last boot") if chain.login else "not requested"
-    return ArmReport("efi", chain.reboot, chain.not_after, chain.boots_left, login,
-                     tuple(reports))
+    report = ArmReport("efi", chain.reboot, chain.not_after, chain.boots_left, login,
+                       tuple(reports))
+    return report, {slot.binding for _path, slot in created}
 
 
 def _login_context(volume: str) -> bytes:
@@ -446,9 +642,20 @@ def _login_context(volume: str) -> bytes:
 # --- rearm / disarm / status -------------------------------------------------------------------
 
 
-def rearm(*, progress: Progress | None = None) -> ArmReport:
-    """Inside an update boot: arm the chain's next boot (once per boot)."""
+def rearm(*, progress: Progress | None = None,
+          lock_wait: float = statelock.DEFAULT_WAIT) -> ArmReport:
+    """Inside an update boot: arm the chain's next boot (once per boot).
+
+    A soft chain counts its boots by its own restores (a soft reboot keeps the boot id).
+    Holds the state lock; makes the process non-dumpable first.
+    """
     say = progress or (lambda _msg: None)
+    _harden()
+    with statelock.held("rearm", wait=lock_wait, progress=say):
+        return _rearm(say)
+
+
+def _rearm(say: Progress) -> ArmReport:
     cache = PassphraseCache()
     chain = _Chain.load(cache)
     now = _now()
@@ -456,12 +663,12 @@ def rearm(*, progress: Progress | None = None) -> ArmReport:
         raise NotArmed("nothing is armed (disarmed, expired, or never armed)")
     if chain.boots_left < 1:
         raise NotArmed("the armed chain has no boot left")
-    boot_id = _boot_id()
-    if chain.armed_boot == boot_id:
+    if chain.armed_this_boot():
         raise NotArmed("already armed in this boot")
     chosen = chain.targets()
     if chain.channel == "keyring":
-        chain.armed_boot = boot_id
+        chain.armed_generation = chain.generation
+        chain.armed_boot = _boot_id()
         chain.save(cache, now)
         reports = tuple(VolumeReport(t.uuid, t.name, armed=True,
                                      how="passphrase still in the kernel keyring")
@@ -470,16 +677,19 @@ def rearm(*, progress: Progress | None = None) -> ArmReport:
                            "on the last boot" if chain.login else "not requested", reports)
     else:
         volume_keys: dict[str, Secret] = {}
+        login: dict[str, Secret] = {}
         try:
             for t in chosen:
                 vk = cache.get_key(VK_PREFIX + t.uuid)
                 if vk is None:
                     raise NotArmed(f"the volume key of {t.name} is gone (expired?)")
                 volume_keys[t.uuid] = vk
-            report = _write_efi_record(chain, chosen, cache, None, say, volume_keys)
+                if chain.login:
+                    login[t.uuid] = cache.get(t.uuid)
+            report, _ours = _write_efi_record(chain, chosen, cache, say, volume_keys, login)
         finally:
-            for vk in volume_keys.values():
-                vk.wipe()
+            for secret in (*volume_keys.values(), *login.values()):
+                secret.wipe()
         for t in chosen:
             cache.forget_key(VK_PREFIX + t.uuid)
     journal.log(Event.ARMED, f"re-armed for {chain.boots_left} more boot(s)",
@@ -487,23 +697,26 @@ def rearm(*, progress: Progress | None = None) -> ArmReport:
     return report
 
 
-def disarm(*, quiet: bool = False, volumes: Sequence[str] | None = None) -> dict[str, int]:
+def disarm(*, quiet: bool = False, volumes: Sequence[str] | None = None,
+           lock_wait: float = statelock.DEFAULT_WAIT) -> dict[str, int]:
     """Wipe everything armed.
 
     The EFI record, our state keys, the one-time keyslots on every LUKS volume of the
     machine (:func:`_sweep_paths`: also those no chain state names any more), and the
     cached passphrases of the armed volumes (``volumes``, else crypttab and the chain's).
+    Holds the state lock.
     """
-    cache = PassphraseCache()
-    chain = _Chain.load(cache)
-    paths = list(volumes) if volumes is not None else _known_paths(chain)
-    # keyslots: on every LUKS volume of the machine; passphrases: only the named volumes'
-    counts = _wipe_armed(cache, chain, _sweep_paths([*paths, *_known_paths(chain)]))
-    uuids = {v["uuid"] for v in chain.volumes} if chain else set()
-    with contextlib.suppress(KeyhandoffError, OSError):
-        uuids |= {t.uuid for t in targets(paths)}
-    for u in uuids:
-        counts["keys"] += cache.forget(u)
+    with statelock.held("disarm", wait=lock_wait):
+        cache = PassphraseCache()
+        chain = _Chain.load(cache)
+        paths = list(volumes) if volumes is not None else _known_paths(chain)
+        # keyslots: on every LUKS volume of the machine; passphrases: only the named volumes'
+        counts = _wipe_armed(cache, chain, _sweep_paths([*paths, *_known_paths(chain)]))
+        uuids = {v["uuid"] for v in chain.volumes} if chain else set()
+        with contextlib.suppress(KeyhandoffError, OSError):
+            uuids |= {t.uuid for t in targets(paths)}
+        for u in uuids:
+            counts["keys"] += cache.forget(u)
     if not quiet:
         journal.log(Event.WIPED, "disarmed", **counts)
     return counts
@@ -573,11 +786,36 @@ def status() -> dict[str, Any]:
         "armed": True, "channel": chain.channel, "reboot": chain.reboot,
         "deadline": chain.not_after, "boots_left": chain.boots_left, "login": chain.login,
         "volumes": [v["uuid"] for v in chain.volumes],
-        "rearmed_this_boot": chain.armed_boot == _boot_id(),
+        "rearmed_this_boot": chain.armed_this_boot(),
     }
 
 
 # --- boot time: restore and finish ----------------------------------------------------------
+
+
+def first_in_boot(step: str, *, lock_wait: float = statelock.DEFAULT_WAIT) -> bool:
+    """Mark ``step`` as done in this boot; ``False`` when it was done in this boot already.
+
+    For boot steps with no chain state of their own to tell (``login-handoff``): a restart
+    of their unit must not hand the passphrase over again.  The mark is a file beside the
+    state lock holding the boot id (not secret), written before the step runs: a step that
+    failed half-way is not retried in the same boot, the person types instead.
+    """
+    if not step.replace("-", "").isalnum():
+        raise ValueError("a step name is letters, digits and dashes")
+    boot = _boot_id()
+    with statelock.held(step, wait=lock_wait):
+        path = os.path.join(statelock.LOCK_DIR, f"done-{step}")
+        with contextlib.suppress(FileNotFoundError), open(path, encoding="ascii") as f:
+            if f.read().strip() == boot:
+                return False
+        tmp = path + ".new"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600)
+        with os.fdopen(fd, "w", encoding="ascii") as f:
+            f.write(boot + "\n")
+        os.replace(tmp, path)
+    return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -590,7 +828,10 @@ class RestoreReport:
     keyslots_destroyed: int
 
 
-def restore(*, volumes: Sequence[str] | None = None, wait: float = 0) -> RestoreReport:
+def restore(
+    *, volumes: Sequence[str] | None = None, wait: float = 0,
+    lock_wait: float = statelock.DEFAULT_WAIT,
+) -> RestoreReport:
     """Early in boot: load what an armed record carries into the cache, wipe the rest.
 
     ``wait``: seconds to wait for the volumes' devices when a record is there.
@@ -599,29 +840,57 @@ def restore(*, volumes: Sequence[str] | None = None, wait: float = 0) -> Restore
     boot count goes down.  The ``efi`` record is read and deleted first (if it cannot be
     deleted it is not used), then authenticated and checked; its one-time keys are cached
     for the agent with a short kernel timeout.  Every boot destroys one-time keyslots that no
-    valid record claims, including expired ones, on every LUKS volume of the machine (the
-    given paths or crypttab, every crypttab source and every LUKS block device: see
-    :func:`_sweep_paths`), whether or not any chain state still names them.
+    valid record claims, including expired ones, on either channel and on every LUKS volume
+    of the machine (the given paths or crypttab, every crypttab source and every LUKS block
+    device: see :func:`_sweep_paths`), whether or not any chain state still names them.
+
+    Idempotent within one boot: in the boot that armed (or re-armed) the chain, the record
+    and its keyslots are for the *next* boot and stay; a second restore in the boot that
+    restored does nothing more.  Holds the state lock; makes the process non-dumpable.
     """
-    cache = PassphraseCache()
-    chain = _Chain.load(cache)
-    if chain is not None and chain.channel == "keyring":
-        return _restore_keyring(chain, cache)
-    return _restore_efi(cache, volumes, wait)
+    _harden()
+    with statelock.held("restore", wait=lock_wait):
+        cache = PassphraseCache()
+        chain = _Chain.load(cache)
+        if chain is not None and chain.channel == "keyring":
+            return _restore_keyring(chain, cache, volumes)
+        if chain is not None and chain.armed_this_boot():
+            journal.log(Event.RESTORED, "armed in this boot: the record is for the next boot",
+                        channel=chain.channel, volumes=0)
+            return RestoreReport(None, (), None, 0)
+        if chain is not None and chain.restored_boot == _boot_id():
+            return RestoreReport(None, (), None, 0)  # restored already in this boot
+        return _restore_efi(cache, volumes, wait)
 
 
-def _restore_keyring(chain: _Chain, cache: PassphraseCache) -> RestoreReport:
+def _restore_keyring(
+    chain: _Chain, cache: PassphraseCache, volumes: Sequence[str] | None,
+) -> RestoreReport:
     now = _now()
     if chain.pending:
         # restored already and not finished yet (the unit ran twice in one userspace): a
         # soft reboot keeps the boot id, so this marker is what counts each boot once
         return RestoreReport("keyring", (), None, 0)
+    count = _soft_reboots()
+    if count is not None and count == chain.soft_reboots:
+        # no soft reboot since the chain was armed or last restored: the unit was restarted
+        # (a package upgrade, systemctl restart) in a boot that is counted already
+        return RestoreReport("keyring", (), None, 0)
+    # A soft chain makes no one-time keyslots and needs no record: any there are stale
+    # (an earlier full arming, a crash), and are swept as on every boot.
+    blob, _refused = _take_record()
+    if blob is not None:
+        blob.wipe()
+    paths = list(volumes) if volumes is not None else _known_paths(chain)
+    destroyed = _destroy_unclaimed(paths, set())
     chain.boots_left -= 1
+    chain.generation += 1
+    chain.soft_reboots = count
     chain.pending = [{"uuid": v["uuid"], "keyslot": -1, "token": -1} for v in chain.volumes]
     chain.save(cache, now)
     journal.log(Event.RESTORED, "restored from the kernel keyring",
                 channel="keyring", volumes=len(chain.volumes), boots_left=chain.boots_left)
-    return RestoreReport("keyring", tuple(v["uuid"] for v in chain.volumes), None, 0)
+    return RestoreReport("keyring", tuple(v["uuid"] for v in chain.volumes), None, destroyed)
 
 
 def _wait_for(paths: list[str], seconds: float) -> None:
@@ -763,7 +1032,7 @@ def _load_efi_record(
     chain = _Chain(channel="efi", reboot="full", not_after=record.not_after,
                    boots_left=record.boots_left - 1,
                    login=any(e.kind is stash.EntryKind.SEALED_PASSPHRASE for e in record.entries),
-                   volumes=volumes, armed_boot="", pending=pending)
+                   volumes=volumes, armed_boot="", pending=pending, restored_boot=_boot_id())
     chain.save(cache, now)
     journal.log(Event.RESTORED, f"restored one-time keys for {len(restored)} volume(s)",
                 channel="efi", volumes=len(restored), boots_left=chain.boots_left)
@@ -778,15 +1047,24 @@ class FinishReport:
     login: str
 
 
-def finish(*, login_timeout: int = 120) -> FinishReport:
+def finish(*, login_timeout: int = 120,
+           lock_wait: float = statelock.DEFAULT_WAIT) -> FinishReport:
     """After ``cryptsetup.target``: destroy the used one-time keyslots.
 
     Also every one-time keyslot on the machine not armed in this boot (or expired), with
     or without chain state: its record was consumed by this boot's restore.
 
     Keeps what the chain needs next (a volume key while boots remain) and, on the last
-    boot, hands the passphrase to the login path.
+    boot, hands the passphrase to the login path.  Idempotent: what it handled is no longer
+    pending, so a second finish in the same boot does nothing.  Holds the state lock;
+    makes the process non-dumpable first.
     """
+    _harden()
+    with statelock.held("finish", wait=lock_wait):
+        return _finish(login_timeout)
+
+
+def _finish(login_timeout: int) -> FinishReport:
     cache = PassphraseCache()
     chain = _Chain.load(cache)
     if chain is None or not chain.pending:
