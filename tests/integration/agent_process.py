@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -145,13 +146,14 @@ def ask_files_of(pid: int, ask_dir: Path = ASK_DIR) -> list[Path]:
     return found
 
 
-def next_ask_file(pid: int, seen: set[Path], timeout: float = 10) -> Path:
-    """An ask file of querier ``pid`` that is not in ``seen`` (a retry's new prompt)."""
+def retry_ask_file(pid: int, timeout: float = 10) -> Path:
+    """The ask file of querier ``pid`` that does not accept cached passwords (a retry)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        fresh = [p for p in ask_files_of(pid) if p not in seen]
-        if fresh:
-            return fresh[0]
+        for p in ask_files_of(pid):
+            with contextlib.suppress(FileNotFoundError):
+                if "\nAcceptCached=0\n" in p.read_text():
+                    return p
         time.sleep(0.01)
     pytest.fail(f"querier {pid} wrote no new ask file within {timeout} s")
 
