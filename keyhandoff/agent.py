@@ -207,9 +207,10 @@ class Agent:
         try:
             handler()
         except Exception as exc:  # noqa: BLE001  # bad data must never end the agent
-            journal.log(Event.ERROR, "an event handler failed; the agent goes on",
-                        priority=journal.ERR, handler=getattr(handler, "__name__", "?"),
-                        reason=_reason(exc))
+            with contextlib.suppress(Exception):  # not even when logging it fails
+                journal.log(Event.ERROR, "an event handler failed; the agent goes on",
+                            priority=journal.ERR, handler=getattr(handler, "__name__", "?"),
+                            reason=_reason(exc))
 
     def _timeout(self) -> float | None:
         """Sleep without a timeout unless a verifier child has a deadline."""
@@ -510,15 +511,25 @@ class Agent:
             running.running.kill()  # its pidfd turns readable: reaped as FAILED
 
     def _on_check_done(self) -> None:
+        from keyhandoff.verifier import Verdict  # noqa: PLC0415
+
         check, self._running = self._running, None
         if check is None or check.running is None:
             return
-        self._selector.unregister(check.running.fileno())
-        verdict = check.running.result()
+        with contextlib.suppress(KeyError, ValueError):
+            self._selector.unregister(check.running.fileno())
         try:
-            self._finish_check(check, verdict, maxrss_kib=check.running.maxrss_kib)
+            try:
+                verdict, reason = check.running.result(), ""
+            except OSError as exc:
+                verdict, reason = Verdict.FAILED, _reason(exc)
+            self._finish_check(check, verdict, reason=reason,
+                               maxrss_kib=check.running.maxrss_kib)
         finally:
-            self._start_next_check()
+            check.secret.wipe()
+            if check.kind == "retry":
+                self._checking.discard(check.volume)
+            self._start_next_check()  # a failure above must not stall the queue
             self._reconsider()  # a prompt may have waited for this check
 
     def _finish_check(

@@ -41,15 +41,20 @@ TIMEOUT: Final = 120.0
 
 
 class Verdict(enum.IntEnum):
-    """The child's exit status."""
+    """The child's exit status.
 
-    OPENS = 0
+    None of them is 0, 1 or 2: an interpreter that fails (an uncaught exception exits 1, a
+    usage error 2, a module that is not found 1) must never read as a verdict, least of
+    all as "refused", which makes the agent drop a cache entry.
+    """
+
+    OPENS = 10
     """The passphrase opens a keyslot of the volume."""
-    REFUSED = 1
+    REFUSED = 11
     """No keyslot accepts it."""
-    OTHER_VOLUME = 2
+    OTHER_VOLUME = 12
     """The header at the path is not (any more) the volume the parent named."""
-    FAILED = 3
+    FAILED = 13
     """It could not be checked (no header, I/O error, bad arguments, killed, ...)."""
 
 
@@ -85,7 +90,7 @@ class Verification:
         try:
             self._verdict = Verdict(code)
         except ValueError:
-            self._verdict = Verdict.FAILED  # killed by a signal (negative) or anything else
+            self._verdict = Verdict.FAILED  # killed by a signal (negative), or it crashed
         return self._verdict
 
 

@@ -182,9 +182,10 @@ def test_independent_prompt_without_accept_cached_keeps_a_right_entry(tmp_path, 
         with cache.get(vid) as kept:
             assert bytes(kept.view()) == pw
         assert finish(ask(f"--id=cryptsetup:{img}", "--accept-cached")) == (0, pw + b"\n")
-        log = agent.log.read_text()
-        assert "DROPPED" not in log
-        assert log.count("keyhandoff: ANSWERED") == 2
+        agent.wait_for_count("keyhandoff: ANSWERED", 2)  # the log line follows the answer
+    log = agent.log.read_text()  # complete: the agent has stopped
+    assert "DROPPED" not in log
+    assert log.count("keyhandoff: ANSWERED") == 2
 
 
 @pytest.mark.parametrize("right", [True, False], ids=["right-entry", "wrong-entry"])
@@ -408,7 +409,8 @@ def test_bad_header_uuid_is_refused_and_later_prompts_are_answered(tmp_path, cac
         assert agent.proc is not None
         assert agent.proc.poll() is None  # still serving
         assert finish(ask(f"--id=cryptsetup:{img}", "--accept-cached")) == (0, pw + b"\n")
-        assert agent.log.read_text().count("keyhandoff: ANSWERED") == 1
+        agent.wait_for_count("keyhandoff: ANSWERED", 1)
+    assert agent.log.read_text().count("keyhandoff: ANSWERED") == 1
 
 
 # --- finding 9: only the prompt's own device proves the volume -----------------------------
@@ -547,3 +549,16 @@ def test_verifier_child_gets_the_passphrase_on_a_pipe_only(tmp_path, volume, mon
         running.kill()
         assert running.result() is verifier.Verdict.FAILED  # killed: never "opens"
     assert img.exists()
+
+
+@pytest.mark.parametrize("code", [0, 1, 2])
+def test_a_child_that_fails_is_never_a_verdict(code):
+    # 1 is what an uncaught exception exits with: read as "refused" it would drop a
+    # right entry.  Verdicts are 10..13; anything else is FAILED.
+    pid = os.posix_spawn(sys.executable, [sys.executable, "-c", f"raise SystemExit({code})"],
+                         dict(os.environ))
+    running = verifier.Verification(pid, os.pidfd_open(pid))
+    import select  # noqa: PLC0415
+
+    assert select.select([running.fileno()], [], [], 30)[0]
+    assert running.result() is verifier.Verdict.FAILED
