@@ -136,7 +136,8 @@ class Agent:
         self._last_status = ""
         self._monitor: Any = None
         self._notifier = process.Notifier()
-        self._notify_fd = -1
+        #: (descriptor, connection) registered for EVENT_WRITE; (-1, 0) for none
+        self._notify_fd = (-1, 0)
         self._notify_drop_logged = False
 
     # --- set-up -----------------------------------------------------------------------
@@ -256,13 +257,14 @@ class Agent:
     def _sync_notify(self) -> None:
         """Wait for the notify socket to become writable only while something is queued."""
         fd = self._notifier.fileno() if self._notifier.wants_write else -1
-        if fd != self._notify_fd:
-            if self._notify_fd >= 0:
+        wanted = (fd, self._notifier.connections if fd >= 0 else 0)
+        if wanted != self._notify_fd:
+            if self._notify_fd[0] >= 0:
                 with contextlib.suppress(KeyError, ValueError):
-                    self._selector.unregister(self._notify_fd)
+                    self._selector.unregister(self._notify_fd[0])
             if fd >= 0:
                 self._selector.register(fd, selectors.EVENT_WRITE, self._on_notify_writable)
-            self._notify_fd = fd
+            self._notify_fd = wanted
         if self._notifier.dropped and not self._notify_drop_logged:
             self._notify_drop_logged = True  # once: a stuck reader must not flood the journal
             journal.log(Event.NOTIFY_DROPPED,

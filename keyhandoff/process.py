@@ -142,6 +142,8 @@ class Notifier:
         self._status: str | None = None
         #: datagrams dropped or replaced because the reader's queue was full
         self.dropped = 0
+        #: counts the sockets made: a new socket may reuse the old one's descriptor number
+        self.connections = 0
 
     @property
     def enabled(self) -> bool:
@@ -168,6 +170,7 @@ class Notifier:
                 sock.close()
                 return None
             self._sock = sock
+            self.connections += 1
         return self._sock
 
     def notify(self, *, state: str | None = None, status: str | None = None) -> None:
