@@ -1,13 +1,16 @@
-"""Agent benchmarks: prompt->answer latency, 64 simultaneous prompts, idle RSS, start-up
-time to READY=1, and wakeups while idle, each against a reference measured in the same run.
+"""Agent benchmarks: prompt->answer latency, 64 simultaneous prompts, resident memory
+(idle, after serving prompts, after a capture), start-up time to READY=1, and wakeups
+while idle, each against a reference measured in the same run.
 
-Run as root: .venv/bin/python bench/bench_agent.py [--runs 200] [--idle 60]
+Run as root: .venv/bin/python bench/bench_agent.py [--runs 200] [--idle 60] [--serve 50]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import re
 import signal
 import socket
 import statistics
@@ -42,12 +45,23 @@ def make_image(path: Path, pw: bytes) -> str:
                           text=True, check=True).stdout.strip()
 
 
-def start_agent(tmp: Path, notify: str | None = None) -> subprocess.Popen[bytes]:
+AGENT_KEYNAME = "kh-bench"
+
+
+def start_agent(
+    tmp: Path, notify: str | None = None, *, retain: int = 0, log: Path | None = None,
+) -> subprocess.Popen[bytes]:
     conf = tmp / "bench.conf"
-    conf.write_text('[capture]\nretain = 0\n[agent]\nsystemd_keyname = "kh-bench"\n')
+    conf.write_text(f'[capture]\nretain = {retain}\n[agent]\n'
+                    f'systemd_keyname = "{AGENT_KEYNAME}"\n')
     env = {**os.environ, "KEYHANDOFF_LOG": "stderr"}
     if notify:
         env["NOTIFY_SOCKET"] = notify
+    if log is not None:
+        with log.open("wb") as out:
+            return subprocess.Popen(
+                [sys.executable, "-m", "keyhandoff", "agent", "--config", str(conf)],
+                stderr=out, env=env)
     return subprocess.Popen([sys.executable, "-m", "keyhandoff", "agent", "--config", str(conf)],
                             stderr=None if os.environ.get("BENCH_DEBUG") else subprocess.DEVNULL,
                             env=env)
@@ -74,13 +88,15 @@ def run_once(args: list[str]) -> float:
     return dt
 
 
-def start_ready(tmp: Path) -> subprocess.Popen[bytes]:
+def start_ready(
+    tmp: Path, *, retain: int = 0, log: Path | None = None,
+) -> subprocess.Popen[bytes]:
     """Start the agent with a notify socket of ours and wait for READY=1; then close that
-    socket (systemd would keep reading it; a full queue would block the agent's notify)."""
+    socket (its later status lines find nobody, as after systemd stopped reading)."""
     notify_path = tmp / "notify.sock"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as ns:
         ns.bind(str(notify_path))
-        agent = start_agent(tmp, str(notify_path))
+        agent = start_agent(tmp, str(notify_path), retain=retain, log=log)
         wait_ready(ns)
     notify_path.unlink()
     return agent
@@ -197,12 +213,89 @@ def idle_and_startup(tmp: Path, idle: int) -> None:
     print(f"wakeups (context switches) over {idle} s idle: {wakeups} (target 0)")
 
 
+def wait_log(log: Path, text: str, timeout: float = 30) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        content = log.read_text(errors="replace")
+        if text in content:
+            return content
+        time.sleep(0.02)
+    raise SystemExit(f"agent log lacks {text!r}")
+
+
+def person_types(img: Path, pw: bytes) -> None:
+    """A prompt for ``img`` that pushes into the agent's systemd key, answered by a person
+    (the real systemd-reply-password), as systemd-cryptsetup's retry would be."""
+    q = subprocess.Popen(["systemd-ask-password", "--no-tty", "--timeout=20",
+                          f"--keyname={AGENT_KEYNAME}", f"--id=cryptsetup:{img}", "bench"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ask_file = None
+    deadline = time.monotonic() + 10
+    while ask_file is None and time.monotonic() < deadline:
+        for p in ASK_DIR.glob("ask.*"):
+            with contextlib.suppress(FileNotFoundError):
+                if f"PID={q.pid}\n" in p.read_text():
+                    ask_file = p
+        time.sleep(0.01)
+    if ask_file is None:
+        raise SystemExit("the capture querier wrote no ask file")
+    sock = next(line.split("=", 1)[1] for line in ask_file.read_text().splitlines()
+                if line.startswith("Socket="))
+    subprocess.run(["/lib/systemd/systemd-reply-password", "1", sock], input=pw + b"\n",
+                   check=True, timeout=10)
+    q.wait(timeout=20)
+
+
+def memory(tmp: Path, img: Path, pw: bytes, cache: PassphraseCache, vid: str, serve: int) -> None:
+    """RSS idle, after ``serve`` answered prompts, after a capture, vs a sleeping python3."""
+    log = tmp / "rss-agent.log"
+    agent = start_ready(tmp, retain=60, log=log)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])
+    try:
+        time.sleep(1.0)
+        idle, sleeping = rss_kib(agent.pid), rss_kib(sleeper.pid)
+        for _ in range(serve):
+            run_once([f"--id=cryptsetup:{img}", "--accept-cached"])
+        served = rss_kib(agent.pid)
+        # a capture: the person types into a prompt nothing answers (the entry is gone)
+        cache.forget(vid)
+        person_types(img, pw)
+        content = wait_log(log, "CAPTURED")
+        time.sleep(0.5)
+        captured = rss_kib(agent.pid)
+        maps = Path(f"/proc/{agent.pid}/maps").read_text()
+        for _ in range(serve):
+            run_once([f"--id=cryptsetup:{img}", "--accept-cached"])
+        after = rss_kib(agent.pid)
+    finally:
+        for p in (agent, sleeper):
+            p.send_signal(signal.SIGTERM)
+            p.wait(timeout=10)
+        SystemdCache(keyname=AGENT_KEYNAME).clear()
+    child = re.search(r"verifier_maxrss_kib=(\d+)", content)
+    mib = 1024
+    print(f"RSS (MiB), sleeping python3 {sleeping / mib:.1f} in the same run "
+          "(target <= 20 MiB and <= 2x):")
+    for label, kib in (("idle", idle), (f"after {serve} answered prompts", served),
+                       ("after a capture", captured),
+                       (f"after {serve} more prompts", after)):
+        print(f"  agent {label:28s} {kib / mib:5.1f}  ({kib / sleeping:.2f}x)")
+    print("  libcryptsetup mapped in the agent after the capture: "
+          f"{'yes' if 'libcryptsetup' in maps else 'no'}")
+    if child:
+        print(f"  verifier child peak RSS {int(child[1]) / mib:.1f} MiB (short-lived, exits)")
+    if not child and "CAPTURED" in content:
+        print("  verifier child peak RSS: not reported (agent runs the check in-process)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=200)
     parser.add_argument("--idle", type=int, default=60)
-    parser.add_argument("--only", choices=["latency", "simultaneous", "idle"], default=None,
-                        help="run one part only")
+    parser.add_argument("--serve", type=int, default=50,
+                        help="prompts answered before the RSS is read")
+    parser.add_argument("--only", choices=["latency", "simultaneous", "idle", "memory"],
+                        default=None, help="run one part only")
     args = parser.parse_args()
     keyring.join_session_keyring()
     keyring.link(keyring.get_keyring_id(keyring.USER, create=True), keyring.SESSION)
@@ -221,6 +314,9 @@ def main() -> None:
                 latency(tmp, args.runs, img, sc)
             if args.only in (None, "simultaneous"):
                 simultaneous(tmp, cache)
+            if args.only in (None, "memory"):
+                memory(tmp, img, pw, cache, vid, args.serve)
+                cache.put(vid, Secret.passphrase(pw), timeout=600)
             if args.only in (None, "idle"):
                 idle_and_startup(tmp, args.idle)
         finally:

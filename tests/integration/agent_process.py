@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -20,18 +21,29 @@ INSTALL_SYSTEMD = "apt-get install systemd"
 class AgentProcess:
     """The agent as a child process with its own config; stderr collected for scans."""
 
-    def __init__(self, tmp_path: Path, *, retain: int = 60) -> None:
+    def __init__(
+        self,
+        tmp_path: Path,
+        *,
+        retain: int = 60,
+        ask_dir: Path | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.keyname = f"kh-test-cryptsetup-{uuid.uuid4().hex[:12]}"
         self.config = tmp_path / "keyhandoff.conf"
+        ask = f'ask_dir = "{ask_dir}"\n' if ask_dir is not None else ""
         self.config.write_text(
-            f'[capture]\nretain = {retain}\n[agent]\nsystemd_keyname = "{self.keyname}"\n',
+            f'[capture]\nretain = {retain}\n[agent]\nsystemd_keyname = "{self.keyname}"\n'
+            + ask,
         )
+        self.ask_dir = ask_dir or ASK_DIR
         self.log = tmp_path / "agent.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        self._env = env or {}
 
     def __enter__(self) -> AgentProcess:
         ASK_DIR.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "KEYHANDOFF_LOG": "stderr"}
+        env = {**os.environ, "KEYHANDOFF_LOG": "stderr", **self._env}
         with self.log.open("wb") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "keyhandoff", "agent", "--config", str(self.config)],
@@ -120,3 +132,93 @@ def type_answer(ask_file: Path, passphrase: bytes) -> None:
     socket_path = next(line.split("=", 1)[1] for line in ask_file.read_text().splitlines()
                        if line.startswith("Socket="))
     subprocess.run([reply, "1", socket_path], input=passphrase + b"\n", timeout=10, check=True)
+
+
+def ask_files_of(pid: int, ask_dir: Path = ASK_DIR) -> list[Path]:
+    """The ask files querier ``pid`` has in ``ask_dir`` now."""
+    found = []
+    for p in ask_dir.glob("ask.*"):
+        try:
+            if f"PID={pid}\n" in p.read_text():
+                found.append(p)
+        except FileNotFoundError:
+            continue
+    return found
+
+
+def retry_ask_file(pid: int, timeout: float = 10) -> Path:
+    """The ask file of querier ``pid`` that does not accept cached passwords (a retry)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for p in ask_files_of(pid):
+            with contextlib.suppress(FileNotFoundError):
+                if "\nAcceptCached=0\n" in p.read_text():
+                    return p
+        time.sleep(0.01)
+    pytest.fail(f"querier {pid} wrote no new ask file within {timeout} s")
+
+
+def cryptsetup_attach(image: Path, name: str, timeout: int = 20) -> subprocess.Popen[bytes]:
+    """The real systemd-cryptsetup 252 asking for ``image``'s passphrase, as at boot.
+
+    Its first prompt says AcceptCached=1, each retry after a passphrase that did not open
+    the volume AcceptCached=0, from the same PID.  It pushes every passphrase it receives
+    into root's ``cryptsetup`` key: the caller removes what it answered with.
+    """
+    binary = "/lib/systemd/systemd-cryptsetup"
+    from conftest import require  # noqa: PLC0415
+
+    require(os.access(binary, os.X_OK), binary, INSTALL_SYSTEMD)
+    return subprocess.Popen(
+        [binary, "attach", name, str(image), "none", f"luks,timeout={timeout}"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+
+
+class HandQuerier:
+    """A querier written by the test in a private ask directory (the agent's ask_dir).
+
+    For the one protocol case the real queriers cannot produce: systemd-cryptsetup asks
+    again (same PID, AcceptCached=0) only after a passphrase that did not open the volume,
+    so a retry after a *right* answer (activation failing for another reason) needs a
+    querier of our own.  It writes ask files as systemd does (into place by rename) and
+    records what reaches its root-owned socket.
+    """
+
+    def __init__(self, ask_dir: Path) -> None:
+        import socket as _socket  # noqa: PLC0415
+
+        self.dir = ask_dir
+        self.dir.mkdir(mode=0o755, exist_ok=True)
+        self.socket_path = self.dir / f"sck.{uuid.uuid4().hex[:16]}"
+        self.sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_DGRAM)
+        self.sock.bind(str(self.socket_path))
+        self.sock.settimeout(0)
+        self.count = 0
+
+    def prompt(self, source: Path, *, accept_cached: bool, pid: int | None = None) -> Path:
+        self.count += 1
+        name = f"ask.hand{self.count:02d}"
+        tmp = self.dir / f"tmp.hand{self.count:02d}"
+        tmp.write_text(
+            f"[Ask]\nPID={pid or os.getpid()}\nSocket={self.socket_path}\n"
+            f"AcceptCached={int(accept_cached)}\nEcho=0\nNotAfter=0\nSilent=0\n"
+            f"Message=Please enter passphrase for disk test:\nIcon=drive-harddisk\n"
+            f"Id=cryptsetup:{source}\n",
+        )
+        tmp.rename(self.dir / name)
+        return self.dir / name
+
+    def received(self, timeout: float = 0) -> list[bytes]:
+        got = []
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                got.append(self.sock.recv(65536))
+            except BlockingIOError:
+                if got or time.monotonic() >= deadline:
+                    return got
+                time.sleep(0.01)
+
+    def close(self) -> None:
+        self.sock.close()

@@ -16,15 +16,20 @@ from pathlib import Path
 
 import pytest
 from conftest import require, require_binary
-from luks_images import format_image, uuid_of
+from luks_headers import set_header_uuid
+from luks_images import cryptsetup, format_image, uuid_of
 from passphrases import make
 
-from keyhandoff.luks import NoSuchDevice, NotLuks
+from keyhandoff.luks import LuksHeader, NoSuchDevice, NotLuks
 from keyhandoff.volumes import (
+    LuksIdentity,
     UdevUnavailable,
     Volume,
     enumerate_luks,
+    luks_identity,
     monitor,
+    parse_luks_identity,
+    prompt_volume,
     resolve_source,
 )
 
@@ -125,3 +130,122 @@ def test_monitor_needs_udevd():
     else:
         with pytest.raises(UdevUnavailable, match="/run/udev/control"):
             monitor()
+
+
+# --- the hand-written identity reader against libcryptsetup ---------------------------------
+
+FORMATS = {
+    "luks1": ("--type", "luks1"),
+    "luks2": ("--type", "luks2"),
+    "luks2-64k-metadata": ("--type", "luks2", "--luks2-metadata-size", "64k",
+                           "--luks2-keyslots-size", "4m"),
+    "luks2-1m-metadata": ("--type", "luks2", "--luks2-metadata-size", "1m",
+                          "--luks2-keyslots-size", "4m"),
+    "luks2-label-4k-sectors": ("--type", "luks2", "--label", "kh-data", "--subsystem", "kh",
+                               "--sector-size", "4096"),
+    "luks2-given-upper-uuid": ("--type", "luks2", "--uuid",
+                               "0F1E2D3C-4B5A-4978-8695-A4B3C2D1E0F0"),
+    "luks1-given-uuid": ("--type", "luks1", "--uuid", "00000000-0000-4000-8000-000000000001"),
+}
+
+
+def _format(path, options):
+    with path.open("wb") as f:
+        f.truncate(32 * 1024 * 1024)
+    fast = ("--pbkdf-force-iterations", "1000") if "luks1" in options else (
+        "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000")
+    cryptsetup("luksFormat", *options, *fast, "--batch-mode", "--key-file=-", str(path),
+               stdin=make("fmt"))
+    return path
+
+
+@pytest.mark.parametrize("name", list(FORMATS))
+def test_identity_reader_agrees_with_libcryptsetup(tmp_path, name):
+    image = _format(tmp_path / f"{name}.img", FORMATS[name])
+    with LuksHeader.open(image) as header:
+        expected = LuksIdentity(header.luks_version, header.uuid)
+    assert luks_identity(str(image)) == expected
+    assert prompt_volume(str(image)) == expected.uuid == uuid_of(image).lower()
+    assert resolve_source(str(image)) == expected.uuid
+
+
+def test_identity_reader_on_a_detached_header_and_a_loop_device(tmp_path, loop_device, image):
+    header_file = tmp_path / "detached.hdr"
+    data = _format(tmp_path / "data.img", ("--type", "luks2", "--header", str(header_file)))
+    with LuksHeader.open(header_file) as header:
+        assert luks_identity(str(header_file)) == LuksIdentity(2, header.uuid)
+    with pytest.raises(NotLuks):
+        luks_identity(str(data))  # the data device of a detached header holds none
+    with LuksHeader.open(loop_device) as header:
+        assert luks_identity(loop_device) == LuksIdentity(2, header.uuid)
+    assert prompt_volume(loop_device) == uuid_of(image).lower()
+
+
+@pytest.mark.parametrize("luks", ["luks1", "luks2"])
+@pytest.mark.parametrize("raw", [b"NOT-A-UUID", b"\xff\xfe" + b"a" * 34,
+                                 b"{12345678-1234-1234-1234-123456789a}",
+                                 b"12345678123412341234123456789abc",
+                                 b"12345678-1234-1234-1234-123456789abc\0\0\0x",
+                                 b"12345678-1234-1234-1234-123456789ab\xc3\xa9",
+                                 b""])
+def test_malformed_uuids_are_refused_where_libcryptsetup_hands_them_out(tmp_path, luks, raw):
+    image = format_image(tmp_path / "bad.img", make("bad"), luks=luks)
+    set_header_uuid(image, raw)
+    # libcryptsetup loads it and says what it holds
+    with LuksHeader.open(image) as header, contextlib.suppress(UnicodeDecodeError):
+        assert header.uuid == raw.split(b"\0")[0].decode().lower()
+    with pytest.raises(NotLuks, match="malformed UUID"):
+        luks_identity(str(image))
+    c_string = raw.split(b"\0")[0]
+    if c_string == b"12345678-1234-1234-1234-123456789abc":
+        # libcryptsetup reads the field as a C string: bytes after the NUL go unseen
+        assert resolve_source(str(image)) == c_string.decode()
+    else:
+        with pytest.raises(NotLuks):
+            resolve_source(str(image))  # the libcryptsetup path refuses it too, no crash
+
+
+def test_luks2_headers_naming_two_uuids_are_refused(tmp_path):
+    image = format_image(tmp_path / "split.img", make("split"))
+    set_header_uuid(image, str(_uuid.uuid4()).encode(), secondary=False)
+    with pytest.raises(NotLuks, match="different UUIDs"):
+        luks_identity(str(image))
+
+
+def test_identity_parser_refusals():
+    good = bytearray(512)
+    good[:6] = b"LUKS\xba\xbe"
+    good[6:8] = (2).to_bytes(2, "big")
+    good[168:204] = b"12345678-1234-1234-1234-123456789abc"
+    assert parse_luks_identity(bytes(good)) == LuksIdentity(
+        2, "12345678-1234-1234-1234-123456789abc")
+    for version in (0, 3, 0x100, 0xFFFF):
+        bad = bytearray(good)
+        bad[6:8] = version.to_bytes(2, "big")
+        with pytest.raises(NotLuks, match="version"):
+            parse_luks_identity(bytes(bad))
+    with pytest.raises(NotLuks):
+        parse_luks_identity(bytes(good[:200]))  # too short to hold the UUID
+    with pytest.raises(NotLuks):
+        parse_luks_identity(b"SKUL\xba\xbe" + bytes(good[6:]))  # secondary magic as primary
+    secondary = b"SKUL\xba\xbe" + bytes(good[6:])
+    assert parse_luks_identity(secondary, magic=b"SKUL\xba\xbe").uuid == good[168:204].decode()
+    v1 = bytearray(secondary)
+    v1[6:8] = (1).to_bytes(2, "big")
+    with pytest.raises(NotLuks, match="version"):
+        parse_luks_identity(bytes(v1), magic=b"SKUL\xba\xbe")
+
+
+def test_prompt_volume_needs_an_existing_block_device_or_file(tmp_path, image):
+    vid = uuid_of(image)
+    for source in (f"UUID={vid}", f"/dev/disk/by-uuid/{vid}", vid, str(tmp_path),
+                   "/dev/null", str(tmp_path / "absent.img")):
+        with pytest.raises(NoSuchDevice):
+            prompt_volume(source)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(NoSuchDevice, match="not a block device"):
+        prompt_volume(str(fifo))  # refused before it is opened: no hang
+    link = tmp_path / "link"
+    link.symlink_to(image)
+    assert prompt_volume(str(link)) == vid.lower()  # a by-uuid link is a symlink
