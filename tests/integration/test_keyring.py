@@ -28,7 +28,6 @@ def test_add_read_describe_in_session():
     d = keyring.describe(serial)
     assert (d.key_type, d.uid, d.description) == ("user", 0, "kh-test:a")
     assert keyring.search(keyring.SESSION, "user", "kh-test:a") == serial
-    assert keyring.find("user", "kh-test:a") == serial
     assert serial in keyring.list_keyring(keyring.get_keyring_id(keyring.SESSION))
 
 
@@ -113,4 +112,22 @@ def test_permission_denied_for_setperm_on_foreign_key():
     keyring.set_perm(serial, 0x01000000)  # possessor may only view: no setattr any more
     with pytest.raises(PermissionDenied):
         keyring.set_perm(serial, KEY_PERM)
+    keyring.unlink(serial, keyring.SESSION)
+
+
+def test_find_trusted_searches_only_from_the_keyring_given():
+    serial = keyring.add("user", "kh-test:trusted", b"x", keyring.SESSION)
+    keyring.set_perm(serial, KEY_PERM)
+    assert keyring.find_trusted("user", "kh-test:trusted", perm=KEY_PERM,
+                                within=keyring.SESSION) == serial
+    # exact permissions: a superset is not ours
+    with pytest.raises(KeyNotFound, match="not trusted"):
+        keyring.find_trusted("user", "kh-test:trusted", perm=KEY_PERM | 0x3F,
+                             within=keyring.SESSION)
+    # not linked into @u: a search from there does not find it
+    with pytest.raises(KeyNotFound):
+        keyring.find_trusted("user", "kh-test:trusted", perm=KEY_PERM, within=keyring.USER)
+    keyring.revoke(serial)
+    with pytest.raises(KeyRevoked):
+        keyring.find_trusted("user", "kh-test:trusted", perm=KEY_PERM, within=keyring.SESSION)
     keyring.unlink(serial, keyring.SESSION)
