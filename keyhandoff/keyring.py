@@ -270,9 +270,13 @@ class KeyDescription:
 
 def describe(serial: int) -> KeyDescription:
     """Describe a key: type, owner, permissions, description."""
-    size = _check(lib.keyctl_describe(serial, ffi.NULL, 0), f"describe key {serial}")
-    buf = ffi.new("char[]", size)
-    _check(lib.keyctl_describe(serial, buf, size), f"describe key {serial}")
+    size = 256  # one call for every description we use; asked again when longer
+    while True:
+        buf = ffi.new("char[]", size)
+        need = _check(lib.keyctl_describe(serial, buf, size), f"describe key {serial}")
+        if need <= size:
+            break
+        size = need
     text = ffi.string(buf).decode("utf-8", "replace")
     key_type, uid, gid, perm, description = text.split(";", 4)
     return KeyDescription(key_type, int(uid), int(gid), int(perm, 16), description)

@@ -95,8 +95,7 @@ class Secret:
         way the Secret is wiped from here on.
         """
         buf = self._buf
-        for i in range(len(buf)):
-            buf[i] = 0
+        buf[:] = bytes(len(buf))  # same length: a memcpy into place, allowed despite views
         self._wiped = True
         with contextlib.suppress(BufferError):
             del buf[:]

@@ -131,3 +131,11 @@ def test_find_trusted_searches_only_from_the_keyring_given():
     with pytest.raises(KeyRevoked):
         keyring.find_trusted("user", "kh-test:trusted", perm=KEY_PERM, within=keyring.SESSION)
     keyring.unlink(serial, keyring.SESSION)
+
+
+def test_describe_a_long_description():
+    desc = "kh-test:" + "d" * 3000  # longer than describe()'s first buffer
+    serial = keyring.add("user", desc, b"x", keyring.SESSION)
+    d = keyring.describe(serial)
+    assert (d.description, d.uid, d.key_type) == (desc, 0, "user")
+    keyring.unlink(serial, keyring.SESSION)
