@@ -44,6 +44,7 @@ __all__ = [
     "add",
     "clear",
     "describe",
+    "find",
     "find_trusted",
     "get_keyring_id",
     "invalidate",
@@ -156,6 +157,20 @@ def search(keyring: int, key_type: str, description: str) -> int:
     return _check(
         lib.keyctl_search(keyring, _cstr(key_type), _cstr(description), 0),
         f"search {key_type} key {description!r}",
+    )
+
+
+def find(key_type: str, description: str) -> int:
+    """The serial of a key in the caller's possessed keyrings (thread, process, session).
+
+    ``request_key`` without callout information: no upcall, and no ``/proc/keys`` scan (the
+    fallback of libkeyutils' ``find_key_by_type_and_desc``, which returns keys of any uid).
+    It does **not** apply the trust rule: for telling whether a key exists (tests); never
+    read what it returns, use :func:`find_trusted` for that.
+    """
+    return _check(
+        lib.request_key(_cstr(key_type), _cstr(description), ffi.NULL, 0),
+        f"find {key_type} key {description!r}",
     )
 
 

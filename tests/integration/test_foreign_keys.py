@@ -91,6 +91,8 @@ def test_a_foreign_cryptsetup_key_in_its_own_session_is_not_read():
             keyring.find_trusted("user", name, perm=EVERYTHING_TO_EVERYONE, within=keyring.USER)
         with pytest.raises(KeyNotFound):
             keyring.find_trusted("user", name, perm=KEY_PERM, within=keyring.SESSION)
+        with pytest.raises(KeyNotFound):  # the existence check has no /proc/keys fallback
+            keyring.find("user", name)
 
 
 def test_a_foreign_key_linked_into_a_keyring_we_possess_is_refused(fresh_session_keyring):

@@ -28,6 +28,7 @@ def test_add_read_describe_in_session():
     d = keyring.describe(serial)
     assert (d.key_type, d.uid, d.description) == ("user", 0, "kh-test:a")
     assert keyring.search(keyring.SESSION, "user", "kh-test:a") == serial
+    assert keyring.find("user", "kh-test:a") == serial
     assert serial in keyring.list_keyring(keyring.get_keyring_id(keyring.SESSION))
 
 
