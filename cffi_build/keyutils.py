@@ -25,8 +25,6 @@ ffibuilder.cdef(
                          const void *payload, size_t plen, key_serial_t ringid);
     key_serial_t request_key(const char *type, const char *description,
                              const char *callout_info, key_serial_t destringid);
-    key_serial_t find_key_by_type_and_desc(const char *type, const char *desc,
-                                           key_serial_t destringid);
     key_serial_t keyctl_get_keyring_ID(key_serial_t id, int create);
     key_serial_t keyctl_join_session_keyring(const char *name);
     long keyctl_update(key_serial_t id, const void *payload, size_t plen);

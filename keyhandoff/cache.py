@@ -13,7 +13,13 @@ Reading either store requires *possession* of root's ``@u`` (it must be linked i
 caller's session keyring: ``KeyringMode=shared`` in a unit).  Keys are created with the
 kernel's default permissions for user keys, which are exactly ``0x3f010000``
 (possessor: all; owner uid: view only; group, other: nothing), and those are set again
-explicitly before a key becomes reachable.
+explicitly, with the timeout, before a key becomes reachable.  Only keys found from a
+keyring we possess, owned by uid 0 and carrying exactly those permissions are ever read
+(:func:`keyhandoff.keyring.find_trusted`).
+
+Our own secret payloads are stored padded (:func:`pad`): 4096 bytes whatever the secret's
+length, because ``/proc/key-users`` (world-readable) shows every uid's total payload
+bytes.  The chain state (not secret) and systemd's key (systemd's format) are not padded.
 """
 
 from __future__ import annotations
@@ -26,21 +32,34 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
 from keyhandoff import keyring
-from keyhandoff.errors import KeyExpired, KeyhandoffError, KeyNotFound, KeyRevoked
-from keyhandoff.secret import Secret
+from keyhandoff.errors import (
+    KeyExpired,
+    KeyhandoffError,
+    KeyNotFound,
+    KeyRevoked,
+    KeyringError,
+    PermissionDenied,
+)
+from keyhandoff.secret import Secret, SecretError
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Callable, Iterable
 
 __all__ = [
     "ASK_PASSWORD_DIR",
     "KEY_PERM",
+    "MAX_PADDED",
     "MAX_TIMEOUT",
+    "PADDED_SIZE",
+    "SYSTEMD_PERM",
     "CacheEntry",
     "InvalidVolume",
+    "MalformedKey",
     "PassphraseCache",
     "SystemdCache",
     "normalize_uuid",
+    "pad",
+    "unpad",
 ]
 
 #: possessor: view, read, write, search, link, setattr; owning uid: view; nobody else.
@@ -52,10 +71,57 @@ MAX_TIMEOUT: Final = 86400
 ASK_PASSWORD_DIR: Final = "/run/systemd/ask-password"  # noqa: S105  # a path, not a password
 SYSTEMD_KEYNAME: Final = "cryptsetup"
 SYSTEMD_TIMEOUT: Final = 150
+#: systemd 252 leaves its key with the kernel default for a user key created by root.
+SYSTEMD_PERM: Final = 0x3F010000
+#: Every padded payload is this long: length (u16, big-endian), secret, zero bytes.
+PADDED_SIZE: Final = 4096
+MAX_PADDED: Final = PADDED_SIZE - 2
+_ZEROS: Final = bytes(PADDED_SIZE)
 
 
 class InvalidVolume(KeyhandoffError, ValueError):
     """A volume identifier is not a LUKS UUID."""
+
+
+class MalformedKey(KeyNotFound):
+    """A stored payload is not in the padded format: to every caller, no usable key."""
+
+
+def pad(secret: Secret) -> Secret:
+    """The padded form of ``secret`` (1..4094 bytes): exactly :data:`PADDED_SIZE` bytes.
+
+    Bytes 0-1 are the length as a big-endian u16, then the secret, then zeros; the buffer
+    is sized once, so no unwiped partial copy is left behind.
+    """
+    n = len(secret)
+    if not 1 <= n <= MAX_PADDED:
+        raise SecretError(f"a stored secret must be 1 to {MAX_PADDED} bytes")
+    out = Secret(bytearray(PADDED_SIZE))
+    buf = out.buffer()
+    buf[0:2] = n.to_bytes(2, "big")
+    buf[2 : 2 + n] = secret.view()
+    return out
+
+
+def unpad(raw: Secret) -> Secret:
+    """The secret inside a :func:`pad` payload; :class:`MalformedKey` for anything else.
+
+    Refused: another size, a length out of 1..4094, a non-zero padding byte.  ``raw`` is
+    left to its owner to wipe.
+    """
+    view = raw.view()
+    try:
+        if len(view) != PADDED_SIZE:
+            raise MalformedKey(errno.EBADMSG, "stored payload is not padded to its size")
+        n = int.from_bytes(view[0:2], "big")
+        if not 1 <= n <= MAX_PADDED:
+            raise MalformedKey(errno.EBADMSG, "stored payload has an impossible length")
+        # the padding is not secret: a plain memcmp (startswith) is enough
+        if not raw.buffer().startswith(_ZEROS[: PADDED_SIZE - 2 - n], 2 + n):
+            raise MalformedKey(errno.EBADMSG, "stored payload has non-zero padding")
+        return Secret(bytearray(view[2 : 2 + n]))
+    finally:
+        view.release()
 
 
 def normalize_uuid(text: str) -> str:
@@ -79,7 +145,9 @@ def _check_timeout(timeout: int) -> int:
     return timeout
 
 
-def _new_key_with_timeout(description: str, payload: Secret, timeout: int) -> int:
+def _new_key_with_timeout(
+    description: str, payload: Secret, timeout: int, *, perm: int = KEY_PERM,
+) -> int:
     """Create a key that is born with its permissions and expiry before anyone can reach it.
 
     The key is added to this thread's keyring first, given its permissions and timeout, and
@@ -89,7 +157,7 @@ def _new_key_with_timeout(description: str, payload: Secret, timeout: int) -> in
     """
     serial = keyring.add("user", description, payload, keyring.THREAD)
     try:
-        keyring.set_perm(serial, KEY_PERM)
+        keyring.set_perm(serial, perm)
         keyring.set_timeout(serial, timeout)
     except BaseException:
         keyring.invalidate(serial)
@@ -133,12 +201,16 @@ class PassphraseCache:
     def keyring_serial(self) -> int:
         """Serial of the ``keyhandoff`` keyring, created (empty) on first use."""
         if self._serial is None:
-            self._serial = keyring.named_keyring(self._name, self._parent, KEY_PERM)
+            serial = keyring.named_keyring(self._name, self._parent, KEY_PERM)
+            if keyring.describe(serial).uid != keyring.TRUSTED_UID:
+                raise PermissionDenied(errno.EACCES, f"keyring {self._name!r} is not root's")
+            self._serial = serial
         return self._serial
 
     def _find(self, description: str) -> int | None:
         try:
-            return keyring.search(self.keyring_serial, "user", description)
+            return keyring.find_trusted("user", description, perm=KEY_PERM,
+                                        within=self.keyring_serial)
         except (KeyNotFound, KeyExpired, KeyRevoked):
             # expired or invalidated keys linger until the kernel's GC: they count as gone
             return None
@@ -152,16 +224,24 @@ class PassphraseCache:
         passphrase.check_passphrase()
         return self.put_key(VOLUME_PREFIX + volume, passphrase, timeout=timeout)
 
-    def put_key(self, description: str, payload: Secret, *, timeout: int) -> int:
+    def put_key(
+        self, description: str, payload: Secret, *, timeout: int, padded: bool = True,
+    ) -> int:
         """Store any keyhandoff key (``keyhandoff:<what>``) in our keyring, with a timeout.
 
         For the handoff's own state (chain marker, sealed login payloads, volume keys during
         a chain).  Same rules as :meth:`put`: born with permissions and expiry, replacing.
+        Stored :func:`pad`-ded unless ``padded=False`` (only for what is not secret: the
+        chain state); read it back with the same ``padded``.
         """
         if not description.startswith("keyhandoff:"):
             raise ValueError("keyhandoff keys are named keyhandoff:<what>")
         _check_timeout(timeout)
-        serial = _new_key_with_timeout(description, payload, timeout)
+        if padded:
+            with pad(payload) as stored:
+                serial = _new_key_with_timeout(description, stored, timeout)
+        else:
+            serial = _new_key_with_timeout(description, payload, timeout)
         try:
             # Destroy the old entry while we still possess it: once the link below displaced
             # it we could no longer invalidate it, and it would linger until the GC ran.
@@ -170,51 +250,71 @@ class PassphraseCache:
                 with contextlib.suppress(KeyNotFound):
                     keyring.invalidate(old)
             keyring.link(serial, self.keyring_serial)
+        except BaseException:
+            with contextlib.suppress(KeyringError):
+                keyring.invalidate(serial)
+            raise
         finally:
             with contextlib.suppress(KeyNotFound):
                 keyring.unlink(serial, keyring.THREAD)
         _touch(self._ask_dir)  # as systemd does: waiting agents look at their prompts again
         return serial
 
-    def get_key(self, description: str) -> Secret | None:
-        """The payload of one of our keys, ``None`` when missing, expired or revoked."""
+    def get_key(self, description: str, *, padded: bool = True) -> Secret | None:
+        """The payload of one of our keys, ``None`` when missing, expired, revoked, malformed."""
         serial = self._find(description)
         if serial is None:
             return None
         try:
-            return keyring.read(serial)
+            return self._read(serial, padded=padded)
         except (KeyNotFound, KeyExpired, KeyRevoked):
             return None
 
+    @staticmethod
+    def _read(serial: int, *, padded: bool) -> Secret:
+        raw = keyring.read(serial)
+        if not padded:
+            return raw
+        with raw:
+            return unpad(raw)
+
     def forget_key(self, description: str) -> bool:
-        """Destroy one of our keys; return whether there was one."""
-        serial = self._find(description)
-        if serial is None:
-            return False
-        with contextlib.suppress(KeyNotFound):
-            keyring.invalidate(serial)
-        return True
+        """Destroy one of our keys (and unlink dead ones of that name); whether one was live."""
+        return self._sweep(lambda d: d == description) > 0
 
     def get(self, volume: str) -> Secret:
         """The passphrase for ``volume``; :class:`KeyNotFound`/:class:`KeyExpired` if none."""
         return self.get_entry(volume)[1]
 
     def get_entry(self, volume: str) -> tuple[int, Secret]:
-        """The key serial and passphrase for ``volume`` (the serial tells entries apart)."""
+        """The key serial and passphrase for ``volume`` (the serial tells entries apart).
+
+        :class:`KeyNotFound` (:class:`MalformedKey` for a payload not in the padded format)
+        when there is no usable entry, :class:`KeyExpired` when it timed out.
+        """
         volume = normalize_uuid(volume)
         try:
-            serial = keyring.search(self.keyring_serial, "user", VOLUME_PREFIX + volume)
+            serial = keyring.find_trusted("user", VOLUME_PREFIX + volume, perm=KEY_PERM,
+                                          within=self.keyring_serial)
         except KeyRevoked:
             # forgotten (invalidated) and not yet collected: to callers it is simply gone
             raise KeyNotFound(errno.ENOKEY, f"no cached passphrase for {volume}") from None
-        return serial, keyring.read(serial)
+        return serial, self._read(serial, padded=True)
+
+    def _listed(self) -> list[keyring.KeyInfo]:
+        """/proc/keys lines of the keys linked into our keyring, dead and expired included."""
+        serials = set(keyring.list_keyring(self.keyring_serial))
+        return list(keyring.proc_keys(serials))
 
     def entries(self) -> list[CacheEntry]:
-        """The volumes we hold a passphrase for, with seconds left.  Never reads a payload."""
-        serials = set(keyring.list_keyring(self.keyring_serial))
+        """The volumes we hold a usable passphrase for, with seconds left.  Never reads a payload.
+
+        Expired and revoked keys (which linger until the kernel's GC) are not listed, nor
+        keys that are not ours (another owner or other permissions).
+        """
         out = []
-        for info in keyring.proc_keys(serials):
-            if info.dead:
+        for info in self._listed():
+            if not info.usable or info.uid != keyring.TRUSTED_UID or info.perm != KEY_PERM:
                 continue
             if info.key_type == "user" and info.description.startswith(VOLUME_PREFIX):
                 out.append(
@@ -228,12 +328,41 @@ class PassphraseCache:
         return self.forget_key(VOLUME_PREFIX + normalize_uuid(volume))
 
     def forget_all(self) -> int:
-        """Destroy every entry; return how many there were."""
+        """Destroy every cached passphrase; return how many usable ones there were.
+
+        Only passphrase entries (``keyhandoff:luks:*``): the chain state, volume keys and
+        sealed payloads name what is armed and are removed by ``disarm`` alone.  Expired and
+        revoked entries are unlinked too, so nothing of them waits for the GC in our keyring.
+        """
+        return self._sweep(lambda d: d.startswith(VOLUME_PREFIX))
+
+    def _sweep(self, wanted: Callable[[str], bool]) -> int:
+        """Remove every user key in our keyring whose description is ``wanted``.
+
+        A usable key is invalidated (destroyed at once); one the kernel no longer lets us
+        invalidate (expired, revoked) is unlinked.  Every key is tried even when one fails;
+        the first failure is raised at the end.  Returns how many usable keys went.
+        """
         count = 0
-        for serial in keyring.list_keyring(self.keyring_serial):
-            with contextlib.suppress(KeyNotFound):
-                keyring.invalidate(serial)
-                count += 1
+        failure: KeyringError | None = None
+        for info in self._listed():
+            if info.key_type != "user" or not wanted(info.description):
+                continue
+            try:
+                keyring.invalidate(info.serial)
+            except KeyNotFound:
+                continue  # collected meanwhile
+            except KeyringError:
+                try:
+                    keyring.unlink(info.serial, self.keyring_serial)
+                except KeyNotFound:
+                    continue
+                except KeyringError as exc:
+                    failure = failure or exc
+                    continue
+            count += info.usable
+        if failure is not None:
+            raise failure
         return count
 
 
@@ -258,8 +387,18 @@ class SystemdCache:
         self._ask_dir = ask_dir
 
     def _serial(self) -> int:
-        # systemd uses request_key("user", keyname, NULL, 0): the caller's keyrings, no upcall
-        return keyring.find("user", self.keyname)
+        # systemd writes its key into @u; only root's, with systemd's permissions, is read
+        return keyring.find_trusted("user", self.keyname, perm=SYSTEMD_PERM,
+                                    within=self._keyring)
+
+    def info(self) -> keyring.KeyInfo | None:
+        """The kernel's view of the key (expiry, never the payload); ``None`` if not usable."""
+        try:
+            serial = self._serial()
+        except (KeyNotFound, KeyExpired, KeyRevoked):
+            return None
+        infos = [i for i in keyring.proc_keys({serial}) if i.usable]
+        return infos[0] if infos else None
 
     def read(self) -> list[Secret]:
         """All cached passwords, oldest first (empty list when the key is missing/expired)."""
@@ -315,8 +454,8 @@ class SystemdCache:
             if not keep:
                 self.clear()
                 return True
-            infos = list(keyring.proc_keys({self._serial()}))
-            left = infos[0].seconds_left if infos else None
+            info = self.info()
+            left = info.seconds_left if info is not None else None
             self._write(keep, max(1, min(left or SYSTEMD_TIMEOUT, SYSTEMD_TIMEOUT)))
         finally:
             for c in current:
@@ -324,6 +463,14 @@ class SystemdCache:
         return True
 
     def _write(self, entries: list[Secret], timeout: int) -> None:
+        """Replace the key with ``entries``; it is never visible without its timeout.
+
+        Made in this thread's keyring with its permissions and timeout, then linked into
+        ``@u``: linking displaces the old key of the same name in one step (readers see the
+        old or the new key, never none), and the old key, referenced by nothing any more,
+        is destroyed by the kernel.  Until the link nobody else can reach the new key.
+        """
+        timeout = _check_timeout(timeout)
         # sized once: growing a bytearray would leave unwiped copies behind in freed memory
         size = sum(len(pw) for pw in entries) + len(entries) - 1
         with Secret(bytearray(size), allow_empty=True) as payload:
@@ -331,8 +478,16 @@ class SystemdCache:
             for pw in entries:
                 buf[pos : pos + len(pw)] = pw.view()
                 pos += len(pw) + 1  # the byte after each entry stays NUL
-            serial = keyring.add("user", self.keyname, payload, self._keyring)
-        keyring.set_timeout(serial, _check_timeout(timeout))
+            serial = _new_key_with_timeout(self.keyname, payload, timeout, perm=SYSTEMD_PERM)
+        try:
+            keyring.link(serial, self._keyring)
+        except BaseException:
+            with contextlib.suppress(KeyringError):
+                keyring.invalidate(serial)
+            raise
+        finally:
+            with contextlib.suppress(KeyNotFound):
+                keyring.unlink(serial, keyring.THREAD)
 
     def clear(self) -> bool:
         """Destroy the key; return whether there was one."""

@@ -4,6 +4,10 @@ Exit codes: 0 success; 1 a refusal or error (one line on stderr); 2 usage error;
 3 nothing found (``cache forget`` of a volume we hold nothing for).
 Passphrases are read from stdin (one line, or all of it when not a tty) or asked on the
 terminal without echo; never taken from the command line or the environment.
+
+Every command that touches a secret (``cache put``, ``arm``, ``rearm``, ``disarm``,
+``restore``, ``finish``, ``login-handoff``, ``agent``) hardens its process first
+(:func:`keyhandoff.process.harden`: not dumpable, memory locked), before it reads one.
 """
 
 from __future__ import annotations
@@ -96,11 +100,24 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _harden() -> None:
+    """Make this process non-dumpable and lock its memory before it holds a secret.
+
+    Not being able to make it non-dumpable is an error (exit 1, nothing read); memory
+    that could not be locked is said on stderr and the command goes on, as the agent does.
+    """
+    from keyhandoff import process  # noqa: PLC0415
+
+    for problem in process.harden():
+        sys.stderr.write(f"keyhandoff: warning: process hardening incomplete: {problem}\n")
+
+
 def cmd_cache_put(args: argparse.Namespace) -> int:
     """Store a passphrase for a volume, read from stdin or the terminal."""
     from keyhandoff.cache import PassphraseCache, normalize_uuid  # noqa: PLC0415
 
     volume = normalize_uuid(args.volume)  # refuse a bad UUID before asking for a passphrase
+    _harden()
     with read_passphrase(f"Passphrase for {volume}: ") as secret:
         PassphraseCache().put(volume, secret, timeout=args.timeout)
     sys.stderr.write(f"keyhandoff: cached passphrase for {volume} for {args.timeout} s\n")
@@ -156,6 +173,7 @@ def _progress(message: str) -> None:
 
 def cmd_arm(args: argparse.Namespace) -> int:
     """Arm the handoff and print what the next boot will do."""
+    _harden()
     from datetime import timedelta  # noqa: PLC0415
 
     from keyhandoff import update  # noqa: PLC0415
@@ -176,6 +194,7 @@ def cmd_arm(args: argparse.Namespace) -> int:
 
 def cmd_rearm(args: argparse.Namespace) -> int:
     """Re-arm an armed chain for its next boot."""
+    _harden()
     from keyhandoff import update  # noqa: PLC0415
 
     try:
@@ -191,6 +210,7 @@ def cmd_rearm(args: argparse.Namespace) -> int:
 
 def cmd_disarm(args: argparse.Namespace) -> int:
     """Wipe everything armed."""
+    _harden()
     from keyhandoff import update  # noqa: PLC0415
 
     counts = update.disarm(volumes=args.volumes)
@@ -201,6 +221,7 @@ def cmd_disarm(args: argparse.Namespace) -> int:
 
 def cmd_restore(args: argparse.Namespace) -> int:
     """Boot time: load an armed record."""
+    _harden()
     from keyhandoff import update  # noqa: PLC0415
 
     report = update.restore(volumes=args.volumes, wait=args.wait)
@@ -214,6 +235,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
 def cmd_finish(args: argparse.Namespace) -> int:  # noqa: ARG001
     """Boot time, after the volumes opened."""
+    _harden()
     from keyhandoff import config, update  # noqa: PLC0415
 
     report = update.finish(login_timeout=config.load().login_timeout)
@@ -224,6 +246,7 @@ def cmd_finish(args: argparse.Namespace) -> int:  # noqa: ARG001
 
 def cmd_login_handoff(args: argparse.Namespace) -> int:
     """Hand a passphrase the agent captured this boot to the login path."""
+    _harden()
     from keyhandoff import config, login, update  # noqa: PLC0415
     from keyhandoff.cache import PassphraseCache  # noqa: PLC0415
 
@@ -254,6 +277,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _cache_timeout(text: str) -> int:
+    from keyhandoff.cache import MAX_TIMEOUT  # noqa: PLC0415
+
+    value = _positive_int(text)
+    if value > MAX_TIMEOUT:
+        raise argparse.ArgumentTypeError(f"at most {MAX_TIMEOUT} seconds (one day)")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (separate so tests and docs can inspect it)."""
     parser = _Parser(prog="keyhandoff", description="Type the disk passphrase once.")
@@ -272,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
         "line or the environment, where other processes could see it.",
     )
     p.add_argument("--volume", required=True, metavar="UUID", help="LUKS UUID of the volume")
-    p.add_argument("--timeout", type=_positive_int, default=600, metavar="S",
+    p.add_argument("--timeout", type=_cache_timeout, default=600, metavar="S",
                    help="seconds until the kernel expires it (default 600, at most 86400)")
     p.set_defaults(func=cmd_cache_put)
     p = csub.add_parser("list", help="volumes with a cached passphrase and their time left")

@@ -36,6 +36,7 @@ __all__ = [
     "PROCESS",
     "SESSION",
     "THREAD",
+    "TRUSTED_UID",
     "USER",
     "USER_SESSION",
     "KeyDescription",
@@ -44,6 +45,7 @@ __all__ = [
     "clear",
     "describe",
     "find",
+    "find_trusted",
     "get_keyring_id",
     "invalidate",
     "join_session_keyring",
@@ -69,6 +71,8 @@ USER_SESSION: Final[int] = lib.KEY_SPEC_USER_SESSION_KEYRING
 # Permission bits (keyutils.h KEY_POS_* / KEY_USR_*).
 PERM_POSSESSOR_ALL: Final = 0x3F000000
 PERM_USER_VIEW: Final = 0x00010000
+#: The only owner whose keys are ever read (finding: keys other uids made must not count).
+TRUSTED_UID: Final = 0
 
 _ERRNO_CLASSES: Final[dict[int, type[KeyringError]]] = {
     _errno.ENOKEY: KeyNotFound,
@@ -157,15 +161,50 @@ def search(keyring: int, key_type: str, description: str) -> int:
 
 
 def find(key_type: str, description: str) -> int:
-    """Find a key by type and description in the caller's keyrings, as pam_gdm does.
+    """The serial of a key in the caller's possessed keyrings (thread, process, session).
 
-    Uses ``find_key_by_type_and_desc`` (request_key without an upcall, then a /proc/keys
-    scan), the same call gdm's ``pam_gdm`` makes.
+    ``request_key`` without callout information: no upcall, and no ``/proc/keys`` scan (the
+    fallback of libkeyutils' ``find_key_by_type_and_desc``, which returns keys of any uid).
+    It does **not** apply the trust rule: for telling whether a key exists (tests); never
+    read what it returns, use :func:`find_trusted` for that.
     """
     return _check(
-        lib.find_key_by_type_and_desc(_cstr(key_type), _cstr(description), 0),
+        lib.request_key(_cstr(key_type), _cstr(description), ffi.NULL, 0),
         f"find {key_type} key {description!r}",
     )
+
+
+def find_trusted(key_type: str, description: str, *, perm: int, within: int) -> int:
+    """Find a key we may trust and return its serial; :class:`KeyNotFound` for anything else.
+
+    Trusted means all of: found by ``keyctl_search`` starting at ``within`` (a keyring the
+    caller possesses, searched recursively; never the ``/proc/keys`` scan that libkeyutils'
+    ``find_key_by_type_and_desc`` falls back to, which returns keys of any uid that are
+    merely viewable), owned by uid 0, carrying exactly ``perm``, and with exactly this type
+    and description.  The attack: another uid makes a key of the same name that grants
+    everyone everything; reading it would let that user choose what root uses as a
+    passphrase, or watch root try its guesses.  The owner cannot be changed by that user
+    afterwards (chown needs CAP_SYS_ADMIN), so checking before the read is enough.
+    Expired or revoked keys raise :class:`KeyExpired`/:class:`KeyRevoked` as the kernel
+    reports them.
+    """
+    serial = search(within, key_type, description)
+    try:
+        found = describe(serial)
+    except PermissionDenied:
+        found = None  # not even viewable by its possessor: not one of ours
+    if (
+        found is None
+        or found.key_type != key_type
+        or found.description != description
+        or found.uid != TRUSTED_UID
+        or found.perm != perm
+    ):
+        what = "unviewable" if found is None else f"uid {found.uid}, permissions {found.perm:08x}"
+        raise KeyNotFound(
+            _errno.ENOKEY, f"{key_type} key {description!r} is not trusted ({what}); ignored",
+        )
+    return serial
 
 
 def set_timeout(serial: int, seconds: int) -> None:
@@ -246,9 +285,13 @@ class KeyDescription:
 
 def describe(serial: int) -> KeyDescription:
     """Describe a key: type, owner, permissions, description."""
-    size = _check(lib.keyctl_describe(serial, ffi.NULL, 0), f"describe key {serial}")
-    buf = ffi.new("char[]", size)
-    _check(lib.keyctl_describe(serial, buf, size), f"describe key {serial}")
+    size = 256  # one call for every description we use; asked again when longer
+    while True:
+        buf = ffi.new("char[]", size)
+        need = _check(lib.keyctl_describe(serial, buf, size), f"describe key {serial}")
+        if need <= size:
+            break
+        size = need
     text = ffi.string(buf).decode("utf-8", "replace")
     key_type, uid, gid, perm, description = text.split(";", 4)
     return KeyDescription(key_type, int(uid), int(gid), int(perm, 16), description)
@@ -270,6 +313,16 @@ class KeyInfo:
     def dead(self) -> bool:
         """Revoked, invalidated or dead: waiting for the kernel's garbage collector."""
         return any(flag in self.flags for flag in "RDi")
+
+    @property
+    def expired(self) -> bool:
+        """The kernel timeout passed; the key lingers, unusable, until the GC runs."""
+        return self.expiry == "expd"
+
+    @property
+    def usable(self) -> bool:
+        """Neither dead nor expired: a key a reader could still use."""
+        return not self.dead and not self.expired
 
     @property
     def seconds_left(self) -> int | None:

@@ -6,7 +6,11 @@ Two keys in root's user keyring, both with a short kernel timeout:
   entry: the stock ``pam_gdm`` (and ``pam_systemd_loadkey``) take the last entry and set
   PAM_AUTHTOK, which ``pam_gnome_keyring`` uses to unlock the ``login`` collection;
 * ``keyhandoff:login``, a one-shot key that ``pam_keyhandoff.so`` reads and invalidates,
-  for display managers without pam_gdm.
+  for display managers without pam_gdm; its payload is padded (:func:`keyhandoff.cache.pad`:
+  4096 bytes, length first) so ``/proc/key-users`` does not show the passphrase's length.
+
+Neither key is ever visible without its timeout: each is made in this thread's keyring,
+given its permissions and timeout, and only then linked into ``@u``.
 
 Readers need possession of ``@u`` (``gdm.service`` has ``KeyringMode=shared``).
 """
@@ -18,8 +22,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
 from keyhandoff import journal, keyring
-from keyhandoff.cache import KEY_PERM, SystemdCache
-from keyhandoff.errors import KeyExpired, KeyNotFound, KeyRevoked
+from keyhandoff.cache import KEY_PERM, SystemdCache, pad
+from keyhandoff.errors import KeyExpired, KeyNotFound, KeyRevoked, KeyringError
 
 if TYPE_CHECKING:
     from keyhandoff.secret import Secret
@@ -49,13 +53,15 @@ def handoff(
     sc.remove([passphrase])
     sc.add([passphrase], timeout=timeout)
     clear()  # while we possess it: a displaced old key could no longer be destroyed by us
-    serial = keyring.add("user", LOGIN_KEY, passphrase, keyring.THREAD)
+    with pad(passphrase) as stored:
+        serial = keyring.add("user", LOGIN_KEY, stored, keyring.THREAD)
     try:
         keyring.set_perm(serial, KEY_PERM)
         keyring.set_timeout(serial, timeout)
         keyring.link(serial, keyring.USER)
     except BaseException:
-        keyring.invalidate(serial)
+        with contextlib.suppress(KeyringError):
+            keyring.invalidate(serial)
         raise
     finally:
         with contextlib.suppress(KeyNotFound):
@@ -71,7 +77,9 @@ def clear() -> bool:
     systemd's ``cryptsetup`` key is left to its own timeout: systemd owns it.
     """
     try:
-        keyring.invalidate(keyring.find("user", LOGIN_KEY))
+        keyring.invalidate(
+            keyring.find_trusted("user", LOGIN_KEY, perm=KEY_PERM, within=keyring.USER),
+        )
     except (KeyNotFound, KeyExpired, KeyRevoked):
         return False
     return True

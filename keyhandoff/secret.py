@@ -10,6 +10,7 @@ one passed straight to C.
 
 from __future__ import annotations
 
+import contextlib
 from _operator import _compare_digest
 from typing import TYPE_CHECKING, NoReturn, Self
 
@@ -86,12 +87,18 @@ class Secret:
         return Secret(bytearray(self.view()), allow_empty=True)
 
     def wipe(self) -> None:
-        """Overwrite the bytes with zeros and release them.  Idempotent."""
+        """Overwrite the bytes with zeros and release them.  Idempotent; never raises.
+
+        The zeros are written in place, so a live view (a ``memoryview`` somebody kept, a
+        buffer C still holds) sees them too.  Such a view pins the storage: it cannot be
+        shrunk then, and the zeroed buffer is released when the last view goes.  Either
+        way the Secret is wiped from here on.
+        """
         buf = self._buf
-        for i in range(len(buf)):
-            buf[i] = 0
-        del buf[:]
+        buf[:] = bytes(len(buf))  # same length: a memcpy into place, allowed despite views
         self._wiped = True
+        with contextlib.suppress(BufferError):
+            del buf[:]
 
     @property
     def wiped(self) -> bool:
@@ -99,7 +106,7 @@ class Secret:
         return self._wiped
 
     def __len__(self) -> int:
-        return len(self._buf)
+        return 0 if self._wiped else len(self._buf)
 
     def __bool__(self) -> bool:
         return not self._wiped

@@ -51,7 +51,7 @@ def _text(value: object) -> str:
 
 def _keyring_section() -> dict[str, Any]:
     from keyhandoff import keyring  # noqa: PLC0415  # lazy: status must work without it
-    from keyhandoff.cache import SYSTEMD_KEYNAME, PassphraseCache  # noqa: PLC0415
+    from keyhandoff.cache import PassphraseCache, SystemdCache  # noqa: PLC0415
 
     out: dict[str, Any] = {}
     try:
@@ -69,12 +69,12 @@ def _keyring_section() -> dict[str, Any]:
         out["cached_volumes"] = [e.as_dict() for e in entries]
     except OSError as exc:
         out["cached_volumes"] = f"unreadable: {exc.strerror}"
-    systemd = [
-        {"serial": i.serial, "seconds_left": i.seconds_left}
-        for i in keyring.proc_keys()
-        if i.key_type == "user" and i.description == SYSTEMD_KEYNAME and i.uid == 0
-    ]
-    out["systemd_cryptsetup_key"] = systemd[0] if systemd else None
+    # only root's own key in @u, with systemd's permissions, and only while it is usable
+    systemd = SystemdCache().info()
+    out["systemd_cryptsetup_key"] = (
+        None if systemd is None
+        else {"serial": systemd.serial, "seconds_left": systemd.seconds_left}
+    )
     return out
 
 

@@ -187,11 +187,11 @@ class _Chain:
 
     def save(self, cache: PassphraseCache, now: int) -> None:
         with Secret(json.dumps(asdict(self)).encode()) as payload:
-            cache.put_key(CHAIN_KEY, payload, timeout=max(1, self.not_after - now))
+            cache.put_key(CHAIN_KEY, payload, timeout=max(1, self.not_after - now), padded=False)
 
     @classmethod
     def load(cls, cache: PassphraseCache) -> _Chain | None:
-        raw = cache.get_key(CHAIN_KEY)
+        raw = cache.get_key(CHAIN_KEY, padded=False)
         if raw is None:
             return None
         with raw:

@@ -1,6 +1,7 @@
 """PassphraseCache and SystemdCache against the real kernel keyring and real systemd."""
 
 import os
+import re
 import select
 import subprocess
 import time
@@ -159,8 +160,13 @@ def systemd_key():
     sc.clear()
 
 
+def _systemd_serial(sc: SystemdCache) -> int:
+    """The serial of the test's systemd-format key, searched in @u as systemd writes it."""
+    return keyring.search(keyring.USER, "user", sc.keyname)
+
+
 def _raw(sc: SystemdCache) -> bytes:
-    with keyring.read(keyring.find("user", sc.keyname)) as raw:
+    with keyring.read(_systemd_serial(sc)) as raw:
         return bytes(raw.view())
 
 
@@ -180,7 +186,7 @@ def test_writer_format_matches_systemd(systemd_key):
     assert systemd_key.add([Secret(b), Secret(a)])  # a is a duplicate: skipped
     assert _raw(systemd_key) == a + b"\0" + b
     assert not systemd_key.add([Secret(a), Secret(b"", allow_empty=True)])  # nothing new
-    serial = keyring.find("user", systemd_key.keyname)
+    serial = _systemd_serial(systemd_key)
     assert keyring.describe(serial).perm == 0x3F010000
     [info] = keyring.proc_keys({serial})
     assert info.seconds_left is not None
@@ -191,7 +197,7 @@ def test_duplicate_does_not_refresh_timeout(systemd_key):
     a = make("a")
     systemd_key.add([Secret(a)], timeout=3)
     assert not systemd_key.add([Secret(a)], timeout=150)
-    [info] = keyring.proc_keys({keyring.find("user", systemd_key.keyname)})
+    [info] = keyring.proc_keys({_systemd_serial(systemd_key)})
     assert info.seconds_left is not None
     assert info.seconds_left <= 3
 
@@ -264,3 +270,314 @@ def test_we_read_what_systemd_ask_password_stored(systemd_key):
             for p in ASK_DIR.iterdir():
                 p.unlink()
             ASK_DIR.rmdir()
+
+
+# --- expired entries, and what a cache command may remove (findings 7 and 3) --------------
+
+def _wait_expired(serials: set[int], timeout: float = 6) -> None:
+    """Wait (bounded) until /proc/keys says ``expd`` for each key: the kernel's expiry."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        infos = {i.serial: i for i in keyring.proc_keys(serials)}
+        if all(s in infos and infos[s].expiry == "expd" for s in serials):
+            return
+        time.sleep(0.1)
+    pytest.fail("the kernel did not expire the keys in time")
+
+
+def _linked(cache) -> dict[int, str]:
+    """Every key linked into our keyring, live or expired, by serial.
+
+    Invalidated keys are left out: the kernel marks them at once and its GC unlinks them
+    moments later (they are unusable meanwhile).  Expired keys stay linked until unlinked.
+    """
+    serials = set(keyring.list_keyring(cache.keyring_serial))
+    infos = list(keyring.proc_keys(serials))
+    for missing in serials - {i.serial for i in infos}:  # only what the GC just took
+        with pytest.raises(OSError):
+            keyring.describe(missing)
+    return {i.serial: i.description for i in infos if "i" not in i.flags}
+
+
+def test_forget_all_removes_expired_and_live_entries_and_keeps_the_chain_state(cache):
+    expired = [vol(), vol()]
+    live = vol()
+    gone = {cache.put(v, Secret.passphrase(make("short")), timeout=1) for v in expired}
+    kept = cache.put(live, Secret.passphrase(make("live")), timeout=60)
+    chain = ["keyhandoff:chain", f"keyhandoff:vk:{vol()}", f"keyhandoff:sealed:{vol()}"]
+    for desc in chain:
+        cache.put_key(desc, Secret(b"state"), timeout=60, padded=desc != "keyhandoff:chain")
+    try:
+        _wait_expired(gone)
+        assert gone | {kept} <= set(_linked(cache))
+        assert cache.forget_all() == 1  # the one usable passphrase; no EKEYEXPIRED
+        left = _linked(cache)
+        assert not [d for d in left.values() if d.startswith("keyhandoff:luks:")]
+        assert sorted(left.values()) == sorted(chain)  # the state naming armed volumes stays
+        with pytest.raises(KeyNotFound):
+            cache.get(live)
+    finally:
+        for desc in chain:
+            cache.forget_key(desc)
+    assert _linked(cache) == {}
+
+
+def test_forget_of_an_expired_entry_unlinks_it(cache):
+    v = vol()
+    serial = cache.put(v, Secret.passphrase(make("exp1")), timeout=1)
+    _wait_expired({serial})
+    with pytest.raises(KeyExpired):
+        cache.get(v)
+    # listing skips what the kernel expired (it lingers, unusable, until the GC)
+    assert cache.entries() == []
+    assert not cache.forget(v)  # nothing usable was there ...
+    assert serial not in _linked(cache)  # ... and the dead key is gone from our keyring
+
+
+def test_put_replaces_an_expired_entry(cache):
+    v = vol()
+    first = cache.put(v, Secret.passphrase(make("exp2")), timeout=1)
+    _wait_expired({first})
+    pw = make("after")
+    second = cache.put(v, Secret.passphrase(pw), timeout=30)
+    assert set(_linked(cache)) == {second}  # linking displaced the expired key
+    with cache.get(v) as got:
+        assert bytes(got.view()) == pw
+
+
+# --- padded payloads: /proc/key-users shows no length (finding 11) ----------------------
+
+def _root_qnbytes() -> int:
+    """Root's payload bytes in the world-readable /proc/key-users, once it stopped moving.
+
+    (The kernel's GC frees keys of earlier tests asynchronously: read until stable.)
+    """
+    def read() -> int:
+        for line in Path("/proc/key-users").read_text().splitlines():
+            uid, rest = line.split(":", 1)
+            if uid.strip() == "0":
+                return int(rest.split()[3].split("/")[0])
+        pytest.fail("root has no line in /proc/key-users")
+
+    last = read()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        now = read()
+        if now == last:
+            return now
+        last = now
+    pytest.fail("root's key bytes did not settle")
+
+
+def test_key_users_does_not_show_the_passphrase_length(cache):
+    warm = vol()
+    cache.put(warm, Secret.passphrase(make("warm")), timeout=5)  # thread keyring exists now
+    cache.forget(warm)
+    growth = {}
+    for length in (1, 2048, 700):
+        before = _root_qnbytes()
+        cache.put(vol(), Secret.passphrase(b"x" * length), timeout=30)
+        growth[length] = _root_qnbytes() - before
+    assert growth[1] == growth[2048] == growth[700], growth
+    assert growth[1] > 4096  # payload, description and the kernel's own accounting
+
+
+def _proc_keys_size(serial: int) -> int:
+    """The payload size /proc/keys reports for a user key (its last column)."""
+    for line in Path("/proc/keys").read_text().splitlines():
+        if int(line.split()[0], 16) == serial:
+            return int(line.rsplit(": ", 1)[1])
+    pytest.fail(f"key {serial} is not in /proc/keys")
+
+
+def test_every_secret_payload_is_padded_the_chain_state_is_not(cache):
+    from keyhandoff import login  # noqa: PLC0415
+
+    v = vol()
+    name = f"kh-test-cryptsetup-{uuid.uuid4().hex[:8]}"
+    pw = make("login")
+    try:
+        stored = {
+            cache.put(v, Secret.passphrase(make("p")), timeout=30): 4096,
+            cache.put_key(f"keyhandoff:vk:{v}", Secret(b"k" * 64), timeout=30): 4096,
+            cache.put_key(f"keyhandoff:sealed:{v}", Secret(b"s" * 100), timeout=30): 4096,
+            cache.put_key("keyhandoff:chain", Secret(b"{}"), timeout=30, padded=False): 2,
+        }
+        handed = login.handoff(Secret.passphrase(pw), timeout=30, systemd_keyname=name)
+        stored[handed.login_key] = 4096
+        # systemd's key keeps systemd's format (the stock pam_gdm reads it)
+        stored[keyring.search(keyring.USER, "user", name)] = len(pw)
+        assert {s: _proc_keys_size(s) for s in stored} == stored
+        with cache.get_key(f"keyhandoff:vk:{v}") as vk:
+            assert bytes(vk.view()) == b"k" * 64
+        with cache.get_key("keyhandoff:chain", padded=False) as chain:
+            assert bytes(chain.view()) == b"{}"
+    finally:
+        login.clear()
+        SystemdCache(keyname=name).clear()
+        for desc in (f"keyhandoff:vk:{v}", f"keyhandoff:sealed:{v}", "keyhandoff:chain"):
+            cache.forget_key(desc)
+
+
+def _plant(cache, volume: str, payload: bytes) -> int:
+    """A key exactly like ours (owner, permissions, timeout) but with ``payload`` as stored."""
+    serial = keyring.add("user", f"keyhandoff:luks:{volume}", payload, keyring.THREAD)
+    keyring.set_perm(serial, KEY_PERM)
+    keyring.set_timeout(serial, 30)
+    keyring.link(serial, cache.keyring_serial)
+    keyring.unlink(serial, keyring.THREAD)
+    return serial
+
+
+def _padded(secret: bytes, length: int | None = None, tail: bytes = b"") -> bytes:
+    n = len(secret) if length is None else length
+    body = n.to_bytes(2, "big") + secret + tail
+    return body + bytes(4096 - len(body))
+
+
+@pytest.mark.parametrize("case", ["raw", "short", "long", "zero-length", "length-4095",
+                                  "padding-not-zero", "last-byte"])
+def test_a_tampered_payload_is_refused(cache, case):
+    pw = make("tamper")
+    payload = {
+        "raw": pw,  # the old, unpadded format
+        "short": _padded(pw)[:4095],
+        "long": _padded(pw) + b"\0",
+        "zero-length": _padded(b"", 0),
+        "length-4095": (4095).to_bytes(2, "big") + b"y" * 4094,
+        "padding-not-zero": _padded(pw, tail=b"\1"),
+        "last-byte": _padded(pw)[:-1] + b"\1",
+    }[case]
+    v = vol()
+    _plant(cache, v, payload)
+    with pytest.raises(KeyNotFound, match=r"padd|length"):
+        cache.get(v)
+    assert cache.get_key(f"keyhandoff:luks:{v}") is None
+    # the control: the same, well-formed, is read
+    v2 = vol()
+    _plant(cache, v2, _padded(pw))
+    with cache.get(v2) as got:
+        assert bytes(got.view()) == pw
+
+
+# --- no key of ours is ever visible without its timeout (finding 12) ---------------------
+
+HANDOFF = (
+    "import sys\n"
+    "from keyhandoff import login\n"
+    "from keyhandoff.secret import Secret\n"
+    "pw = Secret.passphrase(sys.stdin.buffer.read())\n"
+    "for _ in range(2):  # the second replaces the keys the first made\n"
+    "    h = login.handoff(pw, timeout=30, systemd_keyname=sys.argv[1])\n"
+    "    print(h.login_key, flush=True)\n"
+)
+
+_SYSCALL = re.compile(r"^(?:\d+ +)?(?P<call>add_key|keyctl)\((?P<args>.*)\) += (?P<rc>-?\d+)")
+
+
+def _keyring_syscalls(trace: Path) -> list[tuple[str, list[str], int]]:
+    """(call, arguments, result) of each add_key/keyctl in an ``strace -f -s 0`` log.
+
+    ``-s 0`` prints no string contents (``""...``), so no payload is in the log.
+    """
+    out = []
+    for line in trace.read_text().splitlines():
+        m = _SYSCALL.match(line)
+        if m:
+            out.append((m["call"], [a.strip() for a in m["args"].split(",")], int(m["rc"])))
+    return out
+
+
+def test_login_handoff_links_into_user_keyring_only_after_the_timeout(tmp_path):
+    """The real syscall order of a real hand-off, recorded by strace.
+
+    For every key the hand-off makes: the add_key or KEYCTL_LINK that makes it reachable in
+    @u comes after its KEYCTL_SET_TIMEOUT.  Before the fix, systemd's key was add_key-ed
+    straight into @u and given its timeout afterwards.
+    """
+    import sys  # noqa: PLC0415
+
+    from keyhandoff import login  # noqa: PLC0415
+
+    strace = require_binary("strace", "apt-get install strace")
+    name = f"kh-test-cryptsetup-{uuid.uuid4().hex[:8]}"
+    trace = tmp_path / "strace.log"
+    try:
+        r = subprocess.run(
+            [strace, "-f", "-qq", "-s", "0", "-e", "trace=add_key,keyctl", "-o", str(trace),
+             sys.executable, "-c", HANDOFF, name],
+            input=make("handoff"), capture_output=True, timeout=60, check=False,
+        )
+        assert r.returncode == 0, r.stderr.decode(errors="replace")
+        login_keys = [int(x) for x in r.stdout.split()]
+        systemd_key = keyring.search(keyring.USER, "user", name)
+    finally:
+        login.clear()
+        SystemdCache(keyname=name).clear()
+    calls = _keyring_syscalls(trace)
+    timed: set[int] = set()
+    reachable: list[int] = []
+    for call, args, rc in calls:
+        if call == "keyctl" and args[0] == "KEYCTL_SET_TIMEOUT" and rc == 0:
+            timed.add(int(args[1]))
+        made_reachable = (
+            rc if call == "add_key" and args[-1] == "KEY_SPEC_USER_KEYRING"
+            else int(args[1]) if call == "keyctl" and args[0] == "KEYCTL_LINK"
+            and args[2] == "KEY_SPEC_USER_KEYRING" and rc == 0
+            else None
+        )
+        if made_reachable is not None:
+            assert made_reachable in timed, (
+                f"key {made_reachable} reached @u before its timeout was set: "
+                f"{[c for c in calls if str(made_reachable) in (c[1] + [str(c[2])])]}"
+            )
+            reachable.append(made_reachable)
+    # the trace saw what it had to see: both keys of both hand-offs were made reachable
+    assert set(login_keys) <= set(reachable)
+    assert systemd_key in reachable
+    assert len(reachable) >= 4
+
+
+def test_replacing_systemds_key_is_one_link(systemd_key):
+    """Linking the new key displaces the old one in @u in one step; the old one is destroyed."""
+    systemd_key.add([Secret(make("one"))])
+    old = _systemd_serial(systemd_key)
+    systemd_key.add([Secret(make("two"))])
+    new = _systemd_serial(systemd_key)
+    assert new != old
+    user = keyring.get_keyring_id(keyring.USER)
+    named = [i for i in keyring.proc_keys(set(keyring.list_keyring(user)))
+             if i.description == systemd_key.keyname]
+    assert [i.serial for i in named] == [new]
+    deadline = time.monotonic() + 5  # unreferenced now: the kernel's GC destroys it
+    while any(True for _ in keyring.proc_keys({old})):
+        if time.monotonic() > deadline:
+            pytest.fail("the displaced key was not destroyed")
+        time.sleep(0.05)
+
+
+def test_readers_always_find_systemds_key_while_it_is_replaced(systemd_key):
+    """A reader racing the writer never finds no key (no unlink-then-add window)."""
+    import threading  # noqa: PLC0415
+
+    systemd_key.add([Secret(make("first"))])
+    misses = []
+    done = threading.Event()
+
+    def reader() -> None:
+        while not done.is_set():
+            try:
+                keyring.search(keyring.USER, "user", systemd_key.keyname)
+            except KeyNotFound:
+                misses.append(1)
+
+    t = threading.Thread(target=reader)
+    t.start()
+    try:
+        for i in range(200):
+            systemd_key.add([Secret(make(f"n{i}"))])
+    finally:
+        done.set()
+        t.join()
+    assert misses == []

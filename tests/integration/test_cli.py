@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import re
 import subprocess
 import sys
+import tempfile
+import time
 import uuid
+from pathlib import Path
 
+import pytest
+from conftest import require_binary
+from luks_images import format_image, uuid_of
 from passphrases import make
 
-from keyhandoff.cache import PassphraseCache
+from keyhandoff import keyring
+from keyhandoff.cache import PassphraseCache, SystemdCache
+from keyhandoff.secret import Secret
 
 
 def kh(*args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[str]:
@@ -50,6 +61,7 @@ def test_user_errors_are_one_line_without_traceback(cache):
         (("cache", "put", "--volume", str(uuid.uuid4())), b"a\0b\n", 1),  # NUL
         (("cache", "put", "--volume", str(uuid.uuid4())), b"x" * 3000, 1),  # too long
         (("cache", "put", "--volume", str(uuid.uuid4()), "--timeout", "0"), b"pw\n", 2),
+        (("cache", "put", "--volume", str(uuid.uuid4()), "--timeout", "100000"), b"pw\n", 2),
         (("cache", "forget"), b"", 2),
         (("arm", "--reboot", "warm"), b"", 2),
         (("rearm",), b"", 3),  # nothing armed
@@ -68,3 +80,181 @@ def test_passphrase_never_in_argv_help():
     assert r.returncode == 0
     assert "stdin" in r.stdout
     assert "--passphrase" not in r.stdout
+
+
+# --- expired entries: list and forget (finding 7) ------------------------------------------
+
+def test_list_status_and_forget_all_with_an_expired_entry(cache):
+    dead, live = str(uuid.uuid4()), str(uuid.uuid4())
+    serial = cache.put(dead, Secret.passphrase(make("dead")), timeout=1)
+    cache.put(live, Secret.passphrase(make("live")), timeout=60)
+    deadline = time.monotonic() + 6
+    while not all(i.expiry == "expd" for i in keyring.proc_keys({serial})):
+        if time.monotonic() > deadline:
+            pytest.fail("the kernel did not expire the entry")
+        time.sleep(0.1)
+    listed = json.loads(kh("cache", "list", "--json").stdout)
+    assert [e["volume"] for e in listed] == [live]  # not shown with "seconds_left": 0
+    status = json.loads(kh("status", "--json").stdout)
+    assert [e["volume"] for e in status["keyring"]["cached_volumes"]] == [live]
+    r = kh("cache", "forget", "--all")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == "keyhandoff: forgot 1 cached passphrase(s)\n"
+    assert kh("cache", "list").stdout == "no cached passphrases\n"
+    assert serial not in keyring.list_keyring(cache.keyring_serial)
+
+
+# --- every command that touches a secret hardens itself first (finding 8) ---------------
+
+_TRACED = "trace=prctl,mlockall,keyctl,add_key,read,readv"
+_NOT_DUMPABLE = re.compile(r"prctl\(PR_SET_DUMPABLE, SUID_DUMP_DISABLE\) += 0$")
+_LOCKED = re.compile(r"mlockall\(MCL_CURRENT\|MCL_FUTURE\|MCL_ONFAULT\) += 0$")
+#: reading stdin, reading a key, making a key: what a command holding a secret does
+_SECRET = re.compile(r"(readv?\(0, |keyctl\(KEYCTL_READ, |add_key\()")
+
+
+@contextlib.contextmanager
+def _login_enabled():
+    """A mount namespace whose /etc has ``[login] enabled = true`` (an overlay over /etc).
+
+    The machine's /etc is not touched; only the command run inside sees the file.
+    """
+    with tempfile.TemporaryDirectory(prefix="kh-cli-etc-") as d:
+        upper, work = Path(d, "upper"), Path(d, "work")
+        (upper / "keyhandoff").mkdir(parents=True)
+        work.mkdir()
+        (upper / "keyhandoff" / "keyhandoff.conf").write_text("[login]\nenabled = true\n")
+        unshare = require_binary("unshare", "apt-get install util-linux")
+        script = (f"mount -t overlay overlay -o lowerdir=/etc,upperdir={upper},workdir={work} "
+                  '/etc && exec "$@"')
+        yield [unshare, "--mount", "--propagation", "private", "sh", "-c", script, "sh"]
+
+
+def _traced(tmp_path: Path, *args: str, stdin: bytes = b"",
+            prefix: list[str] | None = None) -> tuple[int, list[str]]:
+    """Run ``keyhandoff ARGS`` under strace; its exit code and the traced syscalls.
+
+    ``-s 0``: no string or buffer contents in the log (no payload, no passphrase).
+    """
+    strace = require_binary("strace", "apt-get install strace")
+    log = tmp_path / f"strace-{uuid.uuid4().hex[:8]}.log"
+    proc = subprocess.run(
+        [*(prefix or []), strace, "-f", "-qq", "-s", "0", "-e", _TRACED, "-o", str(log),
+         sys.executable, "-m", "keyhandoff", *args],
+        input=stdin, capture_output=True, timeout=120, check=False,
+    )
+    assert "Traceback" not in proc.stderr.decode(errors="replace"), args
+    return proc.returncode, [ln for ln in log.read_text().splitlines()
+                             if not re.search(r"\bread\((?!0,)", ln)]
+
+
+def _assert_hardened_first(calls: list[str], *, touches_secret: bool = True) -> None:
+    """Non-dumpable and memory-locked before the first read of stdin or of a key."""
+    def first(pattern: re.Pattern[str]) -> int | None:
+        return next((i for i, c in enumerate(calls) if pattern.search(c)), None)
+
+    dump, lock, secret = first(_NOT_DUMPABLE), first(_LOCKED), first(_SECRET)
+    assert dump is not None, "never made itself non-dumpable"
+    assert lock is not None, "never locked its memory"
+    if touches_secret:
+        assert secret is not None, "the command did not touch a secret: the check proves nothing"
+    if secret is not None:
+        assert dump < secret, f"read before non-dumpable: {calls[secret]}"
+        assert lock < secret, f"read before mlockall: {calls[secret]}"
+
+
+def test_every_secret_command_hardens_before_it_touches_a_secret(tmp_path, cache):
+    from keyhandoff import login, update  # noqa: PLC0415
+
+    pw = make("harden")
+    img = format_image(tmp_path / "v.img", pw)
+    vid = uuid_of(img)
+    try:
+        rc, calls = _traced(tmp_path, "cache", "put", "--volume", vid, "--timeout", "120",
+                            stdin=pw + b"\n")
+        assert rc == 0
+        _assert_hardened_first(calls)
+        with _login_enabled() as prefix:
+            rc, calls = _traced(tmp_path, "login-handoff", "--volume", vid, prefix=prefix)
+        assert rc == 0
+        _assert_hardened_first(calls)
+        login.clear()
+        SystemdCache().clear()
+        steps = [
+            (("arm", "--reboot", "soft", "--volume", str(img), "--no-ask", "--login"), 0, True),
+            (("restore", "--volume", str(img)), 0, True),
+            (("finish",), 0, True),
+            (("rearm",), 3, False),  # the one-boot chain is over: nothing to re-arm
+            (("disarm",), 0, False),
+        ]
+        for args, code, touches in steps:
+            rc, calls = _traced(tmp_path, *args)
+            assert rc == code, args
+            _assert_hardened_first(calls, touches_secret=touches)
+    finally:
+        update.disarm(quiet=True, volumes=[])
+        login.clear()
+        SystemdCache().clear()
+        cache.forget(vid)
+
+
+def _blocked_on_stdin(pid: int, timeout: float = 20) -> None:
+    """Wait until the process sits in a read of its stdin pipe (waiting for the passphrase)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            wchan = Path(f"/proc/{pid}/wchan").read_text()
+            syscall = Path(f"/proc/{pid}/syscall").read_text().split()
+        except OSError:
+            syscall, wchan = [], ""
+        if wchan.endswith("pipe_read") and syscall[1:2] == ["0x0"]:
+            return
+        time.sleep(0.02)
+    pytest.fail("the command never waited for its passphrase on stdin")
+
+
+def _vmlck_kib(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return next(int(ln.split()[1]) for ln in status.splitlines() if ln.startswith("VmLck:"))
+
+
+def test_cache_put_is_memory_locked_while_it_waits_for_the_passphrase(cache):
+    vid = str(uuid.uuid4())
+    pw = make("locked")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "keyhandoff", "cache", "put", "--volume", vid, "--timeout", "30"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    try:
+        _blocked_on_stdin(proc.pid)
+        assert _vmlck_kib(proc.pid) > 0  # mlockall(MCL_ONFAULT): the pages it touched
+        _out, err = proc.communicate(pw + b"\n", timeout=30)
+        assert proc.returncode == 0, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    with cache.get(vid) as got:
+        assert bytes(got.view()) == pw
+
+
+def test_cache_put_is_not_dumpable_while_it_waits_for_the_passphrase():
+    """The reading only PR_SET_DUMPABLE changes: who owns /proc/<pid>/environ.
+
+    Run as uid 65534 (CAP_DAC_READ_SEARCH only to import us from a 0700 checkout): the
+    kernel gives a non-dumpable process's /proc files to root, a dumpable one's stay its
+    own (ptrace is refused to everyone in this sandbox, so it cannot tell the two apart).
+    The process waits for a passphrase that never comes and is ended by its PID.
+    """
+    proc = subprocess.Popen(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+         "--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search",
+         sys.executable, "-m", "keyhandoff", "cache", "put", "--volume", str(uuid.uuid4())],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    try:
+        _blocked_on_stdin(proc.pid)
+        assert os.stat(f"/proc/{proc.pid}/environ").st_uid == 0
+    finally:
+        proc.kill()
+        proc.wait()

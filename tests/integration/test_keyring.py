@@ -114,3 +114,29 @@ def test_permission_denied_for_setperm_on_foreign_key():
     with pytest.raises(PermissionDenied):
         keyring.set_perm(serial, KEY_PERM)
     keyring.unlink(serial, keyring.SESSION)
+
+
+def test_find_trusted_searches_only_from_the_keyring_given():
+    serial = keyring.add("user", "kh-test:trusted", b"x", keyring.SESSION)
+    keyring.set_perm(serial, KEY_PERM)
+    assert keyring.find_trusted("user", "kh-test:trusted", perm=KEY_PERM,
+                                within=keyring.SESSION) == serial
+    # exact permissions: a superset is not ours
+    with pytest.raises(KeyNotFound, match="not trusted"):
+        keyring.find_trusted("user", "kh-test:trusted", perm=KEY_PERM | 0x3F,
+                             within=keyring.SESSION)
+    # not linked into @u: a search from there does not find it
+    with pytest.raises(KeyNotFound):
+        keyring.find_trusted("user", "kh-test:trusted", perm=KEY_PERM, within=keyring.USER)
+    keyring.revoke(serial)
+    with pytest.raises(KeyRevoked):
+        keyring.find_trusted("user", "kh-test:trusted", perm=KEY_PERM, within=keyring.SESSION)
+    keyring.unlink(serial, keyring.SESSION)
+
+
+def test_describe_a_long_description():
+    desc = "kh-test:" + "d" * 3000  # longer than describe()'s first buffer
+    serial = keyring.add("user", desc, b"x", keyring.SESSION)
+    d = keyring.describe(serial)
+    assert (d.description, d.uid, d.key_type) == (desc, 0, "user")
+    keyring.unlink(serial, keyring.SESSION)

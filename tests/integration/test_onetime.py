@@ -243,7 +243,7 @@ cache = PassphraseCache()
 record_file = os.environ["EFIVARFS_PATH"] + efi.STASH_NAME + "-" + efi.VENDOR_GUID
 
 def new_boot():
-    cache.forget_all()            # RAM is gone, so is everything in the kernel keyring
+    keyring.clear(cache.keyring_serial)  # RAM is gone, so is everything in the kernel keyring
     with open(boot_file, "w") as f:
         f.write(str(uuid.uuid4()))
 

@@ -35,10 +35,12 @@ def cache():
 
 def _login_key() -> bytes | None:
     from keyhandoff import keyring  # noqa: PLC0415
+    from keyhandoff.cache import KEY_PERM, unpad  # noqa: PLC0415
     from keyhandoff.errors import KeyNotFound  # noqa: PLC0415
 
     try:
-        with keyring.read(keyring.find("user", LOGIN_KEY)) as s:
+        serial = keyring.find_trusted("user", LOGIN_KEY, perm=KEY_PERM, within=keyring.USER)
+        with keyring.read(serial) as raw, unpad(raw) as s:  # stored padded
             return bytes(s.view())
     except KeyNotFound:
         return None

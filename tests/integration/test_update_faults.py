@@ -23,7 +23,7 @@ from test_efi_scratch import tiny_tmpfs
 SCRIPT = """
 import json, os, sys, time, uuid
 from datetime import timedelta
-from keyhandoff import update, efi, onetime
+from keyhandoff import update, efi, keyring, onetime
 from keyhandoff.cache import PassphraseCache
 from keyhandoff.luks import LuksHeader
 from keyhandoff.secret import Secret
@@ -35,7 +35,7 @@ cache = PassphraseCache()
 record_file = os.environ["EFIVARFS_PATH"] + efi.STASH_NAME + "-" + efi.VENDOR_GUID
 
 def new_boot():
-    cache.forget_all()
+    keyring.clear(cache.keyring_serial)  # RAM is gone: every key of ours, chain state too
     with open(boot_file, "w") as f:
         f.write(str(uuid.uuid4()))
 
@@ -54,7 +54,7 @@ else:
     # With its chain state, restore in the arming boot leaves the record for the next boot
     # (test_update_runner.py).  Without it (expired, or forgotten), a record made in this
     # boot is refused: what arm cached is not the question here, what restore adds is.
-    cache.forget_all()
+    keyring.clear(cache.keyring_serial)
 real_now = update._now
 if fault == "late":            # powered off past the deadline, then booted
     update._now = lambda: real_now() + 3600

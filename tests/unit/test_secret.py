@@ -30,17 +30,34 @@ def test_wipe_zeroes_the_taken_over_buffer():
         s.view()
 
 
-def test_wipe_overwrites_before_release():
-    buf = bytearray(b"abcdef")
-    view = memoryview(buf)
+def test_wipe_with_a_live_view_zeroes_in_place_and_marks_wiped():
+    buf = bytearray(make("view"))
+    n = len(buf)
+    view = memoryview(buf)  # a live export pins the storage: it cannot be shrunk now
     s = Secret(buf)
-    # a live export pins the storage: wipe must still zero it even though it cannot shrink
-    with pytest.raises(BufferError):
-        s.wipe()
-    assert bytes(view) == b"\0" * 6
+    s.wipe()  # must neither raise nor leave the secret marked unwiped
+    assert s.wiped
+    assert not s
+    assert len(s) == 0
+    assert bytes(view) == b"\0" * n  # overwritten in place, seen through the old view
+    with pytest.raises(SecretError):
+        s.view()
+    with pytest.raises(SecretError):
+        s.buffer()
+    assert repr(s) == "<Secret wiped>"
+    s.wipe()  # idempotent
     view.release()
     s.wipe()
+    assert buf == b""  # released once nothing pins it
+
+
+def test_wipe_with_a_view_from_secret_view():
+    s = Secret.passphrase(make("own-view"))
+    kept = s.view()  # what a careless caller might hold on to
+    with s:
+        pass
     assert s.wiped
+    assert set(bytes(kept)) == {0}
 
 
 def test_no_pickle_no_copy():
