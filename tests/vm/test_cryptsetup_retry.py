@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -34,8 +35,16 @@ GUEST_SCRIPT = Path(__file__).parent / "guest" / "cryptsetup_retry.py"
 JOB_TIMEOUT = 300  # the guest's own bounds are 60 s per event; TCG
 
 
+@dataclass(frozen=True)
+class RetryBoot:
+    """The boot's report, and the job's own output (run.log on the job disk)."""
+
+    outcome: JobOutcome
+    run_log: bytes
+
+
 @pytest.fixture(scope="module")
-def retry_boot(vm_image: RunImage, tmp_path_factory: pytest.TempPathFactory) -> JobOutcome:
+def retry_boot(vm_image: RunImage, tmp_path_factory: pytest.TempPathFactory) -> RetryBoot:
     """One boot running the guest job; both tests read its report."""
     machine = Machine(vm_image, tmp_path_factory.mktemp("cryptsetup-retry"))
     job = GuestJob(script=GUEST_SCRIPT.read_text(), timeout=JOB_TIMEOUT)
@@ -43,6 +52,8 @@ def retry_boot(vm_image: RunImage, tmp_path_factory: pytest.TempPathFactory) -> 
         outcome = machine.boot_and_run(job)
     finally:
         machine.kill()
+    # the job's stdout (systemd-cryptsetup's stderr, the agent's log) is on the job disk
+    run_log = machine.job_file("run.log") or b""
     log.info(
         "cryptsetup-retry: multi-user after %.1f s, boot with job %.1f s; %s",
         outcome.booted_seconds,
@@ -51,11 +62,17 @@ def retry_boot(vm_image: RunImage, tmp_path_factory: pytest.TempPathFactory) -> 
     )
     for result in outcome.results:
         log.info("  %s: %s", result.name, result.detail)
-    return outcome
+    if MARKER in run_log:
+        log.info("  run.log: holds a test passphrase, not shown")
+    else:
+        for line in run_log.decode(errors="replace").splitlines():
+            log.info("  run.log: %s", line)
+    return RetryBoot(outcome, run_log)
 
 
-def _assert_part(outcome: JobOutcome, part: str, prefix: str, *names: str) -> None:
+def _assert_part(boot: RetryBoot, part: str, prefix: str, *names: str) -> None:
     """Every fact of one guest part passed, and nothing of the boot leaked a passphrase."""
+    outcome = boot.outcome
     failed = [
         r
         for r in outcome.results
@@ -69,9 +86,11 @@ def _assert_part(outcome: JobOutcome, part: str, prefix: str, *names: str) -> No
     assert all(r.passed for r in leaks), leaks
     assert outcome.result("no-leak").passed
     assert MARKER.decode() not in outcome.console, "a test passphrase is on the serial console"
+    assert boot.run_log, "the job wrote no run.log"
+    assert MARKER not in boot.run_log, "a test passphrase is in the job's output"
 
 
-def test_systemd_cryptsetup_retries_do_not_accept_cached(retry_boot: JobOutcome) -> None:
+def test_systemd_cryptsetup_retries_do_not_accept_cached(retry_boot: RetryBoot) -> None:
     # The real systemd-cryptsetup 257 on a LUKS2 image file: first ask file AcceptCached=1;
     # after a wrong reply (keyhandoff.askpass's send_reply) its retry comes from the same PID
     # with AcceptCached=0 and the same Id; the retry is then cancelled.
@@ -85,11 +104,11 @@ def test_systemd_cryptsetup_retries_do_not_accept_cached(retry_boot: JobOutcome)
         "cs-retry-same-id",
         "cs-retry-cancelled",
     )
-    assert retry_boot.result("cs-first-accepts-cached").detail.startswith("AcceptCached=1")
-    assert retry_boot.result("cs-retry-no-accept-cached").detail == "AcceptCached=0"
+    assert retry_boot.outcome.result("cs-first-accepts-cached").detail.startswith("AcceptCached=1")
+    assert retry_boot.outcome.result("cs-retry-no-accept-cached").detail == "AcceptCached=0"
 
 
-def test_retry_after_our_wrong_answer_is_not_answered(retry_boot: JobOutcome) -> None:
+def test_retry_after_our_wrong_answer_is_not_answered(retry_boot: RetryBoot) -> None:
     # Finding 10, the rule kept: keyhandoff's agent holding a wrong cached passphrase answers
     # systemd-cryptsetup's first prompt once; its retry (same PID, AcceptCached=0) is never
     # answered, and the entry is dropped once the check in the verifier child says it does
@@ -106,5 +125,5 @@ def test_retry_after_our_wrong_answer_is_not_answered(retry_boot: JobOutcome) ->
         "agent-retry-cancelled",
         "agent-answered-once",
     )
-    assert retry_boot.result("agent-answered-once").detail.startswith("1 ANSWERED line(s)")
-    assert retry_boot.rc == 0  # the job's own verdict: every part ran to its end
+    assert retry_boot.outcome.result("agent-answered-once").detail.startswith("1 ANSWERED line(s)")
+    assert retry_boot.outcome.rc == 0  # the job's own verdict: every part ran to its end
