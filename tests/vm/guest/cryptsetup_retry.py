@@ -294,8 +294,8 @@ def part_agent_answers_once(workdir: Path) -> None:
     finally:
         rc = agent.stop()
         cache.forget(vid)
+        show("agent-log", f"agent log (rc={rc})", agent.text().encode())
     log = agent.text()  # complete: the agent has stopped
-    show("agent-log", f"agent log (rc={rc})", log.encode())
     count = log.count("keyhandoff: ANSWERED")
     expect("agent-answered-once", count == 1, f"{count} ANSWERED line(s) in the agent's log")
 
