@@ -17,9 +17,7 @@ from agent_process import (
     HandQuerier,
     ask,
     ask_file_of,
-    cryptsetup_attach,
     finish,
-    retry_ask_file,
     type_answer,
 )
 from conftest import require, require_binary
@@ -27,8 +25,7 @@ from luks_headers import set_header_uuid
 from luks_images import format_image, uuid_of
 from passphrases import MARKER, make
 
-from keyhandoff import askpass, verifier
-from keyhandoff.cache import SystemdCache
+from keyhandoff import verifier
 from keyhandoff.errors import KeyNotFound
 from keyhandoff.secret import Secret
 
@@ -129,46 +126,7 @@ def test_captures_what_the_person_typed_wrong_then_right(tmp_path, cache, volume
         assert finish(ask(f"--id=cryptsetup:{img}", "--accept-cached")) == (0, pw + b"\n")
 
 
-def test_retry_after_our_wrong_answer_is_not_answered(tmp_path, cache, volume):
-    # Finding 10, the rule kept: the real systemd-cryptsetup gets our (wrong) cached
-    # passphrase once; its retry (same PID, AcceptCached=0) is never answered, and the
-    # entry is dropped once the check in the verifier child says it does not open the volume.
-    # systemd-cryptsetup asks again only when libcryptsetup refused the passphrase, which it
-    # checks while activating: without device-mapper every try fails with EOPNOTSUPP and
-    # no retry comes.  (HandQuerier below covers the same rule where dm is missing.)
-    require("device-mapper" in Path("/proc/misc").read_text(), "device-mapper",
-            "modprobe dm_mod (or run where the kernel has CONFIG_BLK_DEV_DM)")
-    img, vid, _pw = volume
-    stale = make("stale")
-    cache.put(vid, Secret.passphrase(stale), timeout=60)  # cached, but wrong
-    with AgentProcess(tmp_path, retain=0) as agent:
-        proc = cryptsetup_attach(img, f"khretry{uuid.uuid4().hex[:6]}")
-        try:
-            # its first try (AcceptCached=1, test_askpass_systemd shows it) is answered at
-            # once, too fast to watch; its retry waits for the person
-            agent.wait_for_log("keyhandoff: ANSWERED")
-            retry = retry_ask_file(proc.pid)
-            request = askpass.read_ask_file(retry.parent, retry.name)
-            assert request.accept_cached is False  # its retry
-            agent.wait_for_log("keyhandoff: DROPPED")
-            log = agent.log.read_text()
-            assert log.index("keyhandoff: RETRY") < log.index("keyhandoff: DROPPED")
-            with pytest.raises(KeyNotFound):
-                cache.get(vid)
-            # the retry is still waiting for the person: cancel it as the person would
-            askpass.send_reply(retry.parent, retry.name, request, askpass.cancel_datagram())
-            proc.communicate(timeout=20)
-            assert proc.returncode != 0
-        finally:
-            if proc.poll() is None:
-                proc.terminate()
-                proc.communicate(timeout=10)
-            # systemd-cryptsetup pushed what it received into root's "cryptsetup" key
-            with Secret(stale) as pushed:
-                SystemdCache().remove([pushed])
-        assert agent.log.read_text().count("keyhandoff: ANSWERED") == 1
-    with pytest.raises(KeyNotFound):
-        cache.get(vid)
+# The retry of the real systemd-cryptsetup needs device-mapper: tests/vm/test_cryptsetup_retry.py
 
 
 def test_independent_prompt_without_accept_cached_keeps_a_right_entry(tmp_path, cache, volume):

@@ -288,45 +288,7 @@ def test_accept_cached_is_what_the_querier_was_told(querier):
     cancel_and_wait(proc, name, request)
 
 
-def test_systemd_cryptsetup_retries_do_not_accept_cached(tmp_path):
-    # The protocol the agent follows (src/cryptsetup/cryptsetup.c, v252: get_password(...,
-    # tries == 0 && !arg_verify, ...)): the first prompt says AcceptCached=1, the prompt
-    # after a passphrase that did not open the volume says 0, from the same PID.  The
-    # passphrase is checked while activating, so this needs device-mapper.
-    require("device-mapper" in Path("/proc/misc").read_text(), "device-mapper",
-            "modprobe dm_mod (or run where the kernel has CONFIG_BLK_DEV_DM)")
-    binary = "/lib/systemd/systemd-cryptsetup"
-    require(os.access(binary, os.X_OK), binary, INSTALL)
-    os.makedirs(ASK_DIR, mode=0o755, exist_ok=True)
-    image = format_image(tmp_path / "retry.img", make("right"))
-    wrong = make("wrong")
-    proc = subprocess.Popen(
-        [binary, "attach", f"khrt{secrets.token_hex(3)}", str(image), "none",
-         "luks,timeout=20"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )
-    try:
-        first, request = wait_for_ask_file(proc.pid, timeout=10)
-        assert request.accept_cached is True
-        with Secret.passphrase(wrong) as secret, reply_datagram(secret) as datagram:
-            send_reply(ASK_DIR, first, request, datagram)
-        deadline = time.monotonic() + 20
-        while True:
-            retry, again = wait_for_ask_file(proc.pid, timeout=20)
-            if retry != first:
-                break
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
-        assert again.accept_cached is False
-        assert again.id == request.id
-        cancel_and_wait(proc, retry, again)
-    finally:
-        stop_querier(proc)
-        # systemd-cryptsetup pushed the passphrase it received into root's "cryptsetup" key
-        from keyhandoff.cache import SystemdCache  # noqa: PLC0415
-
-        with Secret(wrong) as pushed:
-            SystemdCache().remove([pushed])
+# systemd-cryptsetup's retries need device-mapper: tests/vm/test_cryptsetup_retry.py
 
 
 def _pid_of(name: str) -> int | None:
