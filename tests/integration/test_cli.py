@@ -117,7 +117,9 @@ _SECRET = re.compile(r"(readv?\(0, |keyctl\(KEYCTL_READ, |add_key\()")
 def _login_enabled():
     """A mount namespace whose /etc has ``[login] enabled = true`` (an overlay over /etc).
 
-    The machine's /etc is not touched; only the command run inside sees the file.
+    The machine's /etc is not touched; only the command run inside sees the file.  Its
+    /run/keyhandoff is a private tmpfs too: ``login-handoff`` marks itself done once per boot
+    there, and a mark left on the machine would turn every later run into a no-op.
     """
     with tempfile.TemporaryDirectory(prefix="kh-cli-etc-") as d:
         upper, work = Path(d, "upper"), Path(d, "work")
@@ -125,7 +127,9 @@ def _login_enabled():
         work.mkdir()
         (upper / "keyhandoff" / "keyhandoff.conf").write_text("[login]\nenabled = true\n")
         unshare = require_binary("unshare", "apt-get install util-linux")
-        script = (f"mount -t overlay overlay -o lowerdir=/etc,upperdir={upper},workdir={work} "
+        script = ("mkdir -p -m 0700 /run/keyhandoff && "
+                  "mount -t tmpfs -o mode=0700 keyhandoff-test /run/keyhandoff && "
+                  f"mount -t overlay overlay -o lowerdir=/etc,upperdir={upper},workdir={work} "
                   '/etc && exec "$@"')
         yield [unshare, "--mount", "--propagation", "private", "sh", "-c", script, "sh"]
 
