@@ -297,7 +297,7 @@ class LuksHeader:
             canonical = str(_uuid.UUID(text.decode("ascii")))
         except (UnicodeDecodeError, ValueError):
             canonical = ""
-        if canonical != text.decode("ascii", "replace").lower():
+        if not canonical or canonical != text.decode("ascii", "replace").lower():
             # not what cryptsetup writes; a hand-edited header must not pass as a UUID
             raise LuksError(_errno.EINVAL, f"LUKS header of {self._path} has a malformed UUID")
         return canonical

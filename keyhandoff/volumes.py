@@ -140,18 +140,18 @@ def _parse_uuid(text: str) -> str:
 
 
 def _header_uuid(path: str) -> str:
-    from keyhandoff.luks import LuksHeader  # noqa: PLC0415  # see the module's imports
+    from keyhandoff.luks import LuksError, LuksHeader  # noqa: PLC0415  # see the module's imports
 
     with LuksHeader.open(path) as header:
         try:
-            raw = header.uuid
-        except UnicodeDecodeError:
-            raise NotLuks(errno.EINVAL, f"LUKS header of {path} has a non-ASCII UUID") from None
-    # libcryptsetup hands out whatever the header holds: refuse what is not a UUID, so no
-    # caller keys a cache entry or a keyslot decision on it (and none crashes on it).
-    if not _UUID_TEXT.fullmatch(raw.encode()):
-        raise NotLuks(errno.EINVAL, f"LUKS header of {path} has a malformed UUID")
-    return raw.lower()
+            # canonical lower case; LuksError(EINVAL) for what is not a UUID (libcryptsetup
+            # hands out whatever the header holds), so no caller keys a cache entry or a
+            # keyslot decision on it, and none crashes on it
+            return header.uuid
+        except LuksError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            raise NotLuks(errno.EINVAL, f"LUKS header of {path} has a malformed UUID") from None
 
 
 def resolve_source(source: str, *, require_header: bool = False) -> str:

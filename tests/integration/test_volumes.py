@@ -20,7 +20,7 @@ from luks_headers import set_header_uuid
 from luks_images import cryptsetup, format_image, uuid_of
 from passphrases import make
 
-from keyhandoff.luks import LuksHeader, NoSuchDevice, NotLuks
+from keyhandoff.luks import LuksError, LuksHeader, NoSuchDevice, NotLuks
 from keyhandoff.volumes import (
     LuksIdentity,
     UdevUnavailable,
@@ -191,12 +191,16 @@ def test_identity_reader_on_a_detached_header_and_a_loop_device(tmp_path, loop_d
 def test_malformed_uuids_are_refused_where_libcryptsetup_hands_them_out(tmp_path, luks, raw):
     image = format_image(tmp_path / "bad.img", make("bad"), luks=luks)
     set_header_uuid(image, raw)
-    # libcryptsetup loads it and says what it holds
-    with LuksHeader.open(image) as header, contextlib.suppress(UnicodeDecodeError):
-        assert header.uuid == raw.split(b"\0")[0].decode().lower()
+    c_string = raw.split(b"\0")[0]
+    # libcryptsetup loads it; LuksHeader.uuid refuses what is not a canonical UUID
+    with LuksHeader.open(image) as header:
+        if c_string == b"12345678-1234-1234-1234-123456789abc":
+            assert header.uuid == c_string.decode()
+        else:
+            with pytest.raises(LuksError, match="UUID"):
+                header.uuid  # noqa: B018
     with pytest.raises(NotLuks, match="malformed UUID"):
         luks_identity(str(image))
-    c_string = raw.split(b"\0")[0]
     if c_string == b"12345678-1234-1234-1234-123456789abc":
         # libcryptsetup reads the field as a C string: bytes after the NUL go unseen
         assert resolve_source(str(image)) == c_string.decode()
