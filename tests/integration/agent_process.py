@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import subprocess
@@ -144,35 +143,6 @@ def ask_files_of(pid: int, ask_dir: Path = ASK_DIR) -> list[Path]:
         except FileNotFoundError:
             continue
     return found
-
-
-def retry_ask_file(pid: int, timeout: float = 10) -> Path:
-    """The ask file of querier ``pid`` that does not accept cached passwords (a retry)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for p in ask_files_of(pid):
-            with contextlib.suppress(FileNotFoundError):
-                if "\nAcceptCached=0\n" in p.read_text():
-                    return p
-        time.sleep(0.01)
-    pytest.fail(f"querier {pid} wrote no new ask file within {timeout} s")
-
-
-def cryptsetup_attach(image: Path, name: str, timeout: int = 20) -> subprocess.Popen[bytes]:
-    """The real systemd-cryptsetup 252 asking for ``image``'s passphrase, as at boot.
-
-    Its first prompt says AcceptCached=1, each retry after a passphrase that did not open
-    the volume AcceptCached=0, from the same PID.  It pushes every passphrase it receives
-    into root's ``cryptsetup`` key: the caller removes what it answered with.
-    """
-    binary = "/lib/systemd/systemd-cryptsetup"
-    from conftest import require  # noqa: PLC0415
-
-    require(os.access(binary, os.X_OK), binary, INSTALL_SYSTEMD)
-    return subprocess.Popen(
-        [binary, "attach", name, str(image), "none", f"luks,timeout={timeout}"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )
 
 
 class HandQuerier:
