@@ -832,3 +832,18 @@ def test_key_without_possession_is_not_read(pam_module, checker, linked_keyring_
     assert AUTHINFO_UNAVAIL in out
     assert checker.token() is None
     assert keyring.find("user", description) == serial, "an unread key must not be consumed"
+
+
+@pytest.mark.usefixtures("own_session")
+def test_pam_gdm_reads_another_users_cryptsetup_key(pam_gdm, checker):
+    """A fact about gdm's module, not ours (SECURITY.md, "What is not protected").
+
+    pam_gdm looks up ``cryptsetup`` with find_key_by_type_and_desc, which falls back to
+    /proc/keys when root's stack possesses no such key: uid 65534's key, made in its own
+    session with open permissions, becomes root's PAM_AUTHTOK.  If gdm ever fixes this, this
+    test fails and SECURITY.md's note goes."""
+    chosen = make("chosen-for-gdm")
+    with nobodys_key("cryptsetup", chosen):
+        result = pamtester(f"auth requisite {pam_gdm}", checker.line())
+    assert result.succeeded, result
+    assert checker.token() == chosen
