@@ -40,10 +40,12 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from keyhandoff import askpass, journal
+from keyhandoff import askpass, journal, process, verifier
 from keyhandoff.cache import PassphraseCache, SystemdCache
-from keyhandoff.errors import KeyExpired, KeyhandoffError, KeyNotFound, KeyRevoked
+from keyhandoff.errors import KeyExpired, KeyhandoffError, KeyNotFound, KeyRevoked, KeyUnavailable
 from keyhandoff.journal import Event
+from keyhandoff.verifier import Verdict
+from keyhandoff.volumes import UdevUnavailable, monitor, prompt_volume
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -112,7 +114,6 @@ class Agent:
         cache: PassphraseCache | None = None,
         systemd_cache: SystemdCache | None = None,
     ) -> None:
-        from keyhandoff import process  # noqa: PLC0415  # lazy: compiled module
 
         self.config = config
         self.ask_dir = config.ask_dir
@@ -143,7 +144,6 @@ class Agent:
     # --- set-up -----------------------------------------------------------------------
 
     def _setup(self) -> None:
-        from keyhandoff import process  # noqa: PLC0415  # lazy: compiled module
 
         os.makedirs(self.ask_dir, mode=0o755, exist_ok=True)
         self._inotify = process.Inotify()
@@ -159,7 +159,6 @@ class Agent:
             signal.signal(sig, self._on_signal)
         signal.signal(signal.SIGHUP, lambda *_: None)  # wakes the loop: rescan
         try:
-            from keyhandoff.volumes import UdevUnavailable, monitor  # noqa: PLC0415
 
             self._monitor = monitor()
             self._monitor.start()
@@ -183,7 +182,6 @@ class Agent:
         self._setup()
         self._guarded(self._rescan)
         self._notify("READY=1")
-        from keyhandoff import process  # noqa: PLC0415
 
         journal.log(Event.STARTED, "keyhandoff agent serving " + self.ask_dir,
                     ask_dir=self.ask_dir, udev=int(self._monitor is not None),
@@ -289,7 +287,6 @@ class Agent:
         self._reconsider()
 
     def _on_inotify(self) -> None:
-        from keyhandoff import process  # noqa: PLC0415
 
         for ev in self._inotify.read():
             if ev.mask & process.IN_Q_OVERFLOW:
@@ -377,7 +374,6 @@ class Agent:
             prompt.answered = True  # never answered, never captured
             return
         try:
-            from keyhandoff.volumes import prompt_volume  # noqa: PLC0415
 
             # The header at the prompt's own source is the volume's identity: a name
             # (UUID=, a by-uuid link that is not there) proves nothing.
@@ -447,7 +443,7 @@ class Agent:
         assert prompt.source is not None  # noqa: S101  # set with prompt.volume
         try:
             serial, secret = self.cache.get_entry(volume)
-        except (KeyNotFound, KeyRevoked, KeyExpired):
+        except KeyUnavailable:
             return  # nothing left to judge
         if serial != answered_serial:
             secret.wipe()  # replaced since our answer: the new entry was not tried yet
@@ -492,7 +488,6 @@ class Agent:
         self._start_next_check()
 
     def _start_next_check(self) -> None:
-        from keyhandoff import verifier  # noqa: PLC0415  # small; libcryptsetup stays out
 
         while self._running is None and self._checks:
             check = self._checks.popleft()
@@ -513,7 +508,6 @@ class Agent:
             running.running.kill()  # its pidfd turns readable: reaped as FAILED
 
     def _on_check_done(self) -> None:
-        from keyhandoff.verifier import Verdict  # noqa: PLC0415
 
         check, self._running = self._running, None
         if check is None or check.running is None:
@@ -537,7 +531,6 @@ class Agent:
     def _finish_check(
         self, check: _Check, verdict: int, *, reason: str = "", maxrss_kib: int = 0,
     ) -> None:
-        from keyhandoff.verifier import Verdict  # noqa: PLC0415
 
         volume = check.volume
         with check.secret:
@@ -562,13 +555,12 @@ class Agent:
         self._notify()
 
     def _finish_retry(self, check: _Check, verdict: int, reason: str) -> None:
-        from keyhandoff.verifier import Verdict  # noqa: PLC0415
 
         volume = check.volume
         if verdict == Verdict.REFUSED:
             try:
                 serial, current = self.cache.get_entry(volume)
-            except (KeyNotFound, KeyRevoked, KeyExpired):
+            except KeyUnavailable:
                 return  # gone already
             current.wipe()
             if serial != check.serial:

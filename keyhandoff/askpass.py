@@ -62,7 +62,14 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
-from keyhandoff.errors import KeyhandoffError
+from keyhandoff import names
+from keyhandoff.errors import (
+    AskPasswordError,
+    HostileAskFile,
+    InvalidEscape,
+    Refused,
+    ReplyFailed,
+)
 from keyhandoff.secret import Secret
 
 if TYPE_CHECKING:
@@ -95,7 +102,7 @@ __all__ = [
 ]
 
 #: The system ask directory (v257+ adds per-user ones; not supported yet).
-ASK_DIR: Final = "/run/systemd/ask-password"
+ASK_DIR: Final = names.ASK_DIR
 
 #: Larger ask files are refused unread: systemd's are a few hundred bytes, and a cap keeps
 #: a hostile writer from making the agent read without bound.
@@ -118,34 +125,6 @@ _KNOWN_KEYS: Final = frozenset(
 
 _CRYPTSETUP: Final = "cryptsetup:"
 _VERIFICATION: Final = "cryptsetup-verification:"
-
-
-class AskPasswordError(KeyhandoffError):
-    """Root of this module's errors.  ``reason`` is a fixed text; it never quotes content."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-class HostileAskFile(AskPasswordError, ValueError):
-    """An ask file systemd would not write: refuse the whole query, answer nothing."""
-
-
-class InvalidEscape(HostileAskFile):
-    """A C escape systemd's ``cunescape`` would refuse (also raised for a bad ``Id=``)."""
-
-
-class Refused(AskPasswordError):
-    """:func:`send_reply` found a check failing and sent nothing."""
-
-
-class ReplyFailed(AskPasswordError):
-    """Every check passed but the kernel refused the datagram (``errno`` says why)."""
-
-    def __init__(self, reason: str, errno_: int) -> None:
-        super().__init__(reason)
-        self.errno = errno_
 
 
 # --- prompts -------------------------------------------------------------------------------

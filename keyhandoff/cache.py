@@ -31,13 +31,15 @@ import uuid as _uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
-from keyhandoff import keyring
+from keyhandoff import keyring, names
 from keyhandoff.errors import (
-    KeyExpired,
-    KeyhandoffError,
+    InvalidArgument,
+    InvalidVolume,
     KeyNotFound,
     KeyRevoked,
     KeyringError,
+    KeyUnavailable,
+    MalformedKey,
     PermissionDenied,
 )
 from keyhandoff.secret import Secret, SecretError
@@ -62,29 +64,19 @@ __all__ = [
     "unpad",
 ]
 
-#: possessor: view, read, write, search, link, setattr; owning uid: view; nobody else.
-KEY_PERM: Final = keyring.PERM_POSSESSOR_ALL | keyring.PERM_USER_VIEW
-KEYRING_NAME: Final = "keyhandoff"
-VOLUME_PREFIX: Final = "keyhandoff:luks:"
+KEY_PERM: Final = names.KEY_PERM
+KEYRING_NAME: Final = names.KEYRING_NAME
+VOLUME_PREFIX: Final = names.VOLUME_PREFIX
 #: A cache entry never lives longer than a day (a handoff chain re-puts its keys).
 MAX_TIMEOUT: Final = 86400
-ASK_PASSWORD_DIR: Final = "/run/systemd/ask-password"  # noqa: S105  # a path, not a password
-SYSTEMD_KEYNAME: Final = "cryptsetup"
-SYSTEMD_TIMEOUT: Final = 150
-#: systemd 252 leaves its key with the kernel default for a user key created by root.
-SYSTEMD_PERM: Final = 0x3F010000
+ASK_PASSWORD_DIR: Final = names.ASK_DIR
+SYSTEMD_KEYNAME: Final = names.SYSTEMD_KEYNAME
+SYSTEMD_TIMEOUT: Final = names.SYSTEMD_TIMEOUT
+SYSTEMD_PERM: Final = names.SYSTEMD_PERM
 #: Every padded payload is this long: length (u16, big-endian), secret, zero bytes.
 PADDED_SIZE: Final = 4096
 MAX_PADDED: Final = PADDED_SIZE - 2
 _ZEROS: Final = bytes(PADDED_SIZE)
-
-
-class InvalidVolume(KeyhandoffError, ValueError):
-    """A volume identifier is not a LUKS UUID."""
-
-
-class MalformedKey(KeyNotFound):
-    """A stored payload is not in the padded format: to every caller, no usable key."""
 
 
 def pad(secret: Secret) -> Secret:
@@ -141,7 +133,7 @@ def _check_timeout(timeout: int) -> int:
     if not isinstance(timeout, int) or isinstance(timeout, bool):
         raise TypeError("timeout must be an int number of seconds")
     if not 1 <= timeout <= MAX_TIMEOUT:
-        raise ValueError(f"timeout must be between 1 and {MAX_TIMEOUT} seconds")
+        raise InvalidArgument(f"timeout must be between 1 and {MAX_TIMEOUT} seconds")
     return timeout
 
 
@@ -211,7 +203,7 @@ class PassphraseCache:
         try:
             return keyring.find_trusted("user", description, perm=KEY_PERM,
                                         within=self.keyring_serial)
-        except (KeyNotFound, KeyExpired, KeyRevoked):
+        except KeyUnavailable:
             # expired or invalidated keys linger until the kernel's GC: they count as gone
             return None
 
@@ -234,8 +226,8 @@ class PassphraseCache:
         Stored :func:`pad`-ded unless ``padded=False`` (only for what is not secret: the
         chain state); read it back with the same ``padded``.
         """
-        if not description.startswith("keyhandoff:"):
-            raise ValueError("keyhandoff keys are named keyhandoff:<what>")
+        if not description.startswith(names.KEY_PREFIX):
+            raise InvalidArgument("keyhandoff keys are named keyhandoff:<what>")
         _check_timeout(timeout)
         if padded:
             with pad(payload) as stored:
@@ -267,7 +259,7 @@ class PassphraseCache:
             return None
         try:
             return self._read(serial, padded=padded)
-        except (KeyNotFound, KeyExpired, KeyRevoked):
+        except KeyUnavailable:
             return None
 
     @staticmethod
@@ -395,7 +387,7 @@ class SystemdCache:
         """The kernel's view of the key (expiry, never the payload); ``None`` if not usable."""
         try:
             serial = self._serial()
-        except (KeyNotFound, KeyExpired, KeyRevoked):
+        except KeyUnavailable:
             return None
         infos = [i for i in keyring.proc_keys({serial}) if i.usable]
         return infos[0] if infos else None
@@ -404,7 +396,7 @@ class SystemdCache:
         """All cached passwords, oldest first (empty list when the key is missing/expired)."""
         try:
             raw = keyring.read(self._serial())
-        except (KeyNotFound, KeyExpired, KeyRevoked):
+        except KeyUnavailable:
             return []
         with raw:
             return _split_nulstr(raw.view())
@@ -493,7 +485,7 @@ class SystemdCache:
         """Destroy the key; return whether there was one."""
         try:
             keyring.invalidate(self._serial())
-        except (KeyNotFound, KeyExpired, KeyRevoked):
+        except KeyUnavailable:
             return False
         return True
 

@@ -1,6 +1,7 @@
 """The ``keyhandoff`` command line.
 
-Exit codes: 0 success; 1 a refusal or error (one line on stderr); 2 usage error;
+Exit codes: 0 success; 1 a refusal or error (one line on stderr); 2 usage error (also an
+:class:`~keyhandoff.errors.InvalidArgument` from the library, one line on stderr);
 3 nothing found (``cache forget`` of a volume we hold nothing for).
 Passphrases are read from stdin (one line, or all of it when not a tty) or asked on the
 terminal without echo; never taken from the command line or the environment.
@@ -16,14 +17,15 @@ import argparse
 import json
 import os
 import sys
+from datetime import timedelta
 from typing import TYPE_CHECKING, NoReturn
 
-from keyhandoff.errors import KeyhandoffError
+from keyhandoff.errors import InvalidArgument, KeyhandoffError
+from keyhandoff.secret import MAX_PASSPHRASE, Secret
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    from keyhandoff.secret import Secret
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -39,11 +41,9 @@ class _Parser(argparse.ArgumentParser):
 
 def read_passphrase(prompt: str = "Passphrase: ") -> Secret:
     """Read one passphrase from the terminal (no echo) or from stdin, as a Secret."""
-    from keyhandoff.secret import MAX_PASSPHRASE, Secret  # noqa: PLC0415  # lazy: start-up time
-
     limit = MAX_PASSPHRASE + 2  # room to see that it is too long, and a newline
     if os.isatty(sys.stdin.fileno()):
-        import termios  # noqa: PLC0415  # only for interactive use
+        import termios  # only for interactive use
 
         fd = sys.stdin.fileno()
         old = termios.tcgetattr(fd)
@@ -93,7 +93,7 @@ def _emit(args: argparse.Namespace, data: object, text: str) -> None:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """Report what the machine offers and what we hold (never a payload)."""
-    from keyhandoff.status import collect  # noqa: PLC0415
+    from keyhandoff.status import collect
 
     report = collect()
     _emit(args, report.as_dict(), report.as_text())
@@ -106,7 +106,7 @@ def _harden() -> None:
     Not being able to make it non-dumpable is an error (exit 1, nothing read); memory
     that could not be locked is said on stderr and the command goes on, as the agent does.
     """
-    from keyhandoff import process  # noqa: PLC0415
+    from keyhandoff import process
 
     for problem in process.harden():
         sys.stderr.write(f"keyhandoff: warning: process hardening incomplete: {problem}\n")
@@ -114,7 +114,7 @@ def _harden() -> None:
 
 def cmd_cache_put(args: argparse.Namespace) -> int:
     """Store a passphrase for a volume, read from stdin or the terminal."""
-    from keyhandoff.cache import PassphraseCache, normalize_uuid  # noqa: PLC0415
+    from keyhandoff.cache import PassphraseCache, normalize_uuid
 
     volume = normalize_uuid(args.volume)  # refuse a bad UUID before asking for a passphrase
     _harden()
@@ -126,7 +126,7 @@ def cmd_cache_put(args: argparse.Namespace) -> int:
 
 def cmd_cache_list(args: argparse.Namespace) -> int:
     """List cached volumes with the time the kernel leaves them."""
-    from keyhandoff.cache import PassphraseCache  # noqa: PLC0415
+    from keyhandoff.cache import PassphraseCache
 
     entries = PassphraseCache().entries()
     lines = [f"{e.volume}  {_left(e.seconds_left)}\n" for e in entries]
@@ -142,7 +142,7 @@ def _left(seconds: int | None) -> str:
 
 def cmd_cache_forget(args: argparse.Namespace) -> int:
     """Destroy one volume's entry, or all."""
-    from keyhandoff.cache import PassphraseCache  # noqa: PLC0415
+    from keyhandoff.cache import PassphraseCache
 
     cache = PassphraseCache()
     if args.all:
@@ -174,9 +174,7 @@ def _progress(message: str) -> None:
 def cmd_arm(args: argparse.Namespace) -> int:
     """Arm the handoff and print what the next boot will do."""
     _harden()
-    from datetime import timedelta  # noqa: PLC0415
-
-    from keyhandoff import update  # noqa: PLC0415
+    from keyhandoff import update
 
     try:
         report = update.arm(
@@ -195,7 +193,7 @@ def cmd_arm(args: argparse.Namespace) -> int:
 def cmd_rearm(args: argparse.Namespace) -> int:
     """Re-arm an armed chain for its next boot."""
     _harden()
-    from keyhandoff import update  # noqa: PLC0415
+    from keyhandoff import update
 
     try:
         report = update.rearm(progress=_progress)
@@ -211,7 +209,7 @@ def cmd_rearm(args: argparse.Namespace) -> int:
 def cmd_disarm(args: argparse.Namespace) -> int:
     """Wipe everything armed."""
     _harden()
-    from keyhandoff import update  # noqa: PLC0415
+    from keyhandoff import update
 
     counts = update.disarm(volumes=args.volumes)
     sys.stderr.write("keyhandoff: disarmed (" + ", ".join(
@@ -222,7 +220,7 @@ def cmd_disarm(args: argparse.Namespace) -> int:
 def cmd_restore(args: argparse.Namespace) -> int:
     """Boot time: load an armed record."""
     _harden()
-    from keyhandoff import update  # noqa: PLC0415
+    from keyhandoff import update
 
     report = update.restore(volumes=args.volumes, wait=args.wait)
     if report.refused:
@@ -236,7 +234,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
 def cmd_finish(args: argparse.Namespace) -> int:  # noqa: ARG001
     """Boot time, after the volumes opened."""
     _harden()
-    from keyhandoff import config, update  # noqa: PLC0415
+    from keyhandoff import config, update
 
     report = update.finish(login_timeout=config.load().login_timeout)
     sys.stderr.write(f"keyhandoff: destroyed {report.keyslots_destroyed} one-time "
@@ -247,8 +245,8 @@ def cmd_finish(args: argparse.Namespace) -> int:  # noqa: ARG001
 def cmd_login_handoff(args: argparse.Namespace) -> int:
     """Hand a passphrase the agent captured this boot to the login path."""
     _harden()
-    from keyhandoff import config, login, update  # noqa: PLC0415
-    from keyhandoff.cache import PassphraseCache  # noqa: PLC0415
+    from keyhandoff import config, login, update
+    from keyhandoff.cache import PassphraseCache
 
     conf = config.load()
     if not conf.login_enabled:
@@ -278,7 +276,7 @@ def _positive_int(text: str) -> int:
 
 
 def _cache_timeout(text: str) -> int:
-    from keyhandoff.cache import MAX_TIMEOUT  # noqa: PLC0415
+    from keyhandoff.cache import MAX_TIMEOUT
 
     value = _positive_int(text)
     if value > MAX_TIMEOUT:
@@ -363,8 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_agent(args: argparse.Namespace) -> int:
     """Run the agent until SIGTERM."""
-    from keyhandoff import config, journal, process  # noqa: PLC0415
-    from keyhandoff.agent import Agent  # noqa: PLC0415
+    from keyhandoff import config, journal, process
+    from keyhandoff.agent import Agent
 
     problems = process.harden()
     conf = config.load(args.config) if args.config else config.load()
@@ -379,6 +377,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
+    except InvalidArgument as exc:  # a value the call does not accept: a usage error
+        sys.stderr.write(f"keyhandoff: {exc}\n")
+        return EXIT_USAGE
     except KeyhandoffError as exc:
         sys.stderr.write(f"keyhandoff: {exc}\n")
         return EXIT_ERROR

@@ -21,11 +21,12 @@ import tomllib
 from dataclasses import dataclass
 from typing import Any, Final
 
+from keyhandoff import names
 from keyhandoff.errors import ConfigError
 
 __all__ = ["DEFAULT_PATH", "Config", "load"]
 
-DEFAULT_PATH: Final = "/etc/keyhandoff/keyhandoff.conf"
+DEFAULT_PATH: Final = names.CONFIG_PATH
 _MAX_SECONDS: Final = 86400
 
 
@@ -36,8 +37,8 @@ class Config:
     retain: int = 600
     login_enabled: bool = False
     login_timeout: int = 120
-    ask_dir: str = "/run/systemd/ask-password"
-    systemd_keyname: str = "cryptsetup"
+    ask_dir: str = names.ASK_DIR
+    systemd_keyname: str = names.SYSTEMD_KEYNAME
 
     def __post_init__(self) -> None:
         if not 0 <= self.retain <= _MAX_SECONDS:

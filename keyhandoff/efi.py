@@ -35,8 +35,16 @@ import re
 from dataclasses import dataclass
 from typing import Any, Final
 
+from keyhandoff import names
 from keyhandoff._bindings._efivar import ffi, lib
-from keyhandoff.errors import KeyhandoffError
+from keyhandoff.errors import (
+    EfiError,
+    EfiPermission,
+    EfiStoreFull,
+    EfiUnavailable,
+    EfiVariableNotFound,
+    EfiWriteRefused,
+)
 from keyhandoff.secret import Secret
 
 __all__ = [
@@ -70,12 +78,9 @@ ATTR_BOOTSERVICE_ACCESS: Final[int] = lib.EFI_VARIABLE_BOOTSERVICE_ACCESS
 ATTR_RUNTIME_ACCESS: Final[int] = lib.EFI_VARIABLE_RUNTIME_ACCESS
 ATTR_APPEND_WRITE: Final[int] = lib.EFI_VARIABLE_APPEND_WRITE
 
-#: keyhandoff's vendor GUID: every variable we write lives under it.
-VENDOR_GUID: Final = "7ec2927b-59f1-4933-8945-01041e7137eb"
-#: The handoff record's variable name.
-STASH_NAME: Final = "KeyHandoffStash"
-#: Scratch variable used by :func:`probe`; never holds anything but a marker.
-PROBE_NAME: Final = "KeyHandoffProbe"
+VENDOR_GUID: Final = names.EFI_VENDOR_GUID
+STASH_NAME: Final = names.EFI_RECORD_NAME
+PROBE_NAME: Final = names.EFI_PROBE_NAME
 #: BS|RT|NV: survives any reboot (the ``efi`` channel).
 STASH_ATTRIBUTES_NV: Final[int] = (
     ATTR_NON_VOLATILE | ATTR_BOOTSERVICE_ACCESS | ATTR_RUNTIME_ACCESS
@@ -91,34 +96,6 @@ STASH_MODE: Final = 0o600
 _NAME_RE: Final = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,127}")
 _GUID_RE: Final = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _GUID_STR_LEN: Final = 36
-
-
-class EfiError(KeyhandoffError, OSError):
-    """A UEFI variable operation failed; ``errno`` holds the error number when there is one."""
-
-
-class EfiUnavailable(EfiError):
-    """No UEFI runtime variables here (no backend: legacy BIOS, no efivarfs, a container)."""
-
-
-class EfiVariableNotFound(EfiError):
-    """ENOENT: the variable does not exist."""
-
-
-class EfiPermission(EfiError):
-    """EPERM/EACCES: not allowed (not root, or no CAP_LINUX_IMMUTABLE to clear ``chattr +i``)."""
-
-
-class EfiStoreFull(EfiError):
-    """ENOSPC: the variable store (or the kernel's reserve on x86) has no room."""
-
-
-class EfiWriteRefused(EfiError):
-    """EINVAL/EROFS: the firmware refused the write.
-
-    The usual case: creating a volatile (no NON_VOLATILE) variable after
-    ExitBootServices, which UEFI-compliant firmware refuses.
-    """
 
 
 _ERRNO_CLASSES: Final[dict[int, type[EfiError]]] = {

@@ -1,16 +1,42 @@
 """The exception tree.  Every error keyhandoff raises derives from :class:`KeyhandoffError`.
 
-Exception texts never contain secrets: they name keys by description or serial only.
+Every exception class of the package is defined here (so that naming one loads no library);
+the modules that raise them re-export them under their old names (``update.ArmRefused``,
+``efi.EfiStoreFull``, ``cache.MalformedKey``, ...).
+
+Texts are sentences for people: ``str(exc)`` never shows ``[Errno N]``; an error that came
+from a system call keeps its number in ``exc.errno``.  Texts never contain secrets: they
+name keys by description or serial only.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, ClassVar
+
+if TYPE_CHECKING:
+    from keyhandoff.update import ArmReport
+
 __all__ = [
+    "ArmRefused",
+    "AskPasswordError",
+    "Busy",
+    "ChannelUnavailable",
     "ConfigError",
+    "EfiError",
+    "EfiPermission",
+    "EfiStoreFull",
+    "EfiUnavailable",
+    "EfiVariableNotFound",
+    "EfiWriteRefused",
+    "HostileAskFile",
+    "InvalidArgument",
+    "InvalidEscape",
+    "InvalidVolume",
     "KeyExpired",
     "KeyNotFound",
     "KeyRejected",
     "KeyRevoked",
+    "KeyUnavailable",
     "KeyhandoffError",
     "KeyringError",
     "KeyringUnavailable",
@@ -18,37 +44,86 @@ __all__ = [
     "LuksBusy",
     "LuksError",
     "LuksPermissionDenied",
+    "MalformedKey",
     "NoSuchDevice",
+    "NotArmed",
     "NotLuks",
     "PermissionDenied",
     "QuotaExceeded",
+    "RecordExhausted",
+    "RecordExpired",
+    "RecordForeign",
+    "RecordMalformed",
+    "RecordNotYetValid",
+    "RecordRefused",
+    "RecordSameBoot",
+    "RecordTampered",
+    "RecordUnknownFormat",
+    "Refused",
+    "ReplyFailed",
+    "SealedPayloadRefused",
+    "SecretError",
+    "StashError",
+    "UdevUnavailable",
+    "UnsafeLock",
+    "UpdateError",
     "WrongPassphrase",
     "WrongVolumeKey",
 ]
 
 
 class KeyhandoffError(Exception):
-    """Root of every keyhandoff error."""
+    """Root of every keyhandoff error.
+
+    For the ones that are also :class:`OSError` (raised as ``cls(errno, text)``), ``str()``
+    is the text alone: the number stays in ``errno``, out of what people read.
+    """
+
+    def __str__(self) -> str:
+        if isinstance(self, OSError) and self.strerror:
+            return str(self.strerror)
+        return super().__str__()
+
+
+class InvalidArgument(KeyhandoffError, ValueError):
+    """A caller passed a value outside what the call accepts (a timeout, a count, a name).
+
+    The command line prints it as one line and exits 2 (a usage error).
+    """
 
 
 class ConfigError(KeyhandoffError):
     """The configuration file or a parameter is invalid."""
 
 
+# --- the kernel keyring ---------------------------------------------------------------
+
+
 class KeyringError(KeyhandoffError, OSError):
     """A kernel keyring call failed; ``errno`` holds the kernel's error number."""
 
 
-class KeyNotFound(KeyringError):
+class KeyUnavailable(KeyringError):
+    """There is no usable key: not found, expired, revoked, or not in our format.
+
+    Catch this one where "no key" is the only thing that matters.
+    """
+
+
+class KeyNotFound(KeyUnavailable):
     """ENOKEY: no such key, or it is not reachable from the caller's keyrings."""
 
 
-class KeyExpired(KeyringError):
+class KeyExpired(KeyUnavailable):
     """EKEYEXPIRED: the key's kernel timeout passed."""
 
 
-class KeyRevoked(KeyringError):
+class KeyRevoked(KeyUnavailable):
     """EKEYREVOKED: the key was revoked."""
+
+
+class MalformedKey(KeyNotFound):
+    """A stored payload is not in the padded format: to every caller, no usable key."""
 
 
 class KeyRejected(KeyringError):
@@ -67,7 +142,18 @@ class KeyringUnavailable(KeyringError):
     """ENOSYS/EOPNOTSUPP: the kernel has no keyring support for this call."""
 
 
-# --- LUKS (libcryptsetup); defined here so that naming them loads no library ----------
+# --- secrets and the passphrase cache ---------------------------------------------------
+
+
+class SecretError(KeyhandoffError, ValueError):
+    """A passphrase was refused (empty, too long, contains NUL).  Never carries the value."""
+
+
+class InvalidVolume(KeyhandoffError, ValueError):
+    """A volume identifier is not a LUKS UUID."""
+
+
+# --- LUKS (libcryptsetup) ---------------------------------------------------------------
 
 
 class LuksError(KeyhandoffError, OSError):
@@ -103,3 +189,172 @@ class WrongVolumeKey(LuksError):
 
 class KeyslotNotFound(LuksError):
     """ENOENT: the keyslot or token named is not active."""
+
+
+# --- UEFI variables -----------------------------------------------------------------------
+
+
+class EfiError(KeyhandoffError, OSError):
+    """A UEFI variable operation failed; ``errno`` holds the error number when there is one."""
+
+
+class EfiUnavailable(EfiError):
+    """No UEFI runtime variables here (no backend: legacy BIOS, no efivarfs, a container)."""
+
+
+class EfiVariableNotFound(EfiError):
+    """ENOENT: the variable does not exist."""
+
+
+class EfiPermission(EfiError):
+    """EPERM/EACCES: not allowed (not root, or no CAP_LINUX_IMMUTABLE to clear ``chattr +i``)."""
+
+
+class EfiStoreFull(EfiError):
+    """ENOSPC: the variable store (or the kernel's reserve on x86) has no room."""
+
+
+class EfiWriteRefused(EfiError):
+    """EINVAL/EROFS: the firmware refused the write.
+
+    The usual case: creating a volatile (no NON_VOLATILE) variable after
+    ExitBootServices, which UEFI-compliant firmware refuses.
+    """
+
+
+# --- systemd's password agent protocol ------------------------------------------------------
+
+
+class AskPasswordError(KeyhandoffError):
+    """Root of the ask-password errors.  ``reason`` is a fixed text; it never quotes content."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class HostileAskFile(AskPasswordError, ValueError):
+    """An ask file systemd would not write: refuse the whole query, answer nothing."""
+
+
+class InvalidEscape(HostileAskFile):
+    """A C escape systemd's ``cunescape`` would refuse (also raised for a bad ``Id=``)."""
+
+
+class Refused(AskPasswordError):
+    """:func:`keyhandoff.askpass.send_reply` found a check failing and sent nothing."""
+
+
+class ReplyFailed(AskPasswordError):
+    """Every check passed but the kernel refused the datagram (``errno`` says why)."""
+
+    def __init__(self, reason: str, errno_: int) -> None:
+        super().__init__(reason)
+        self.errno = errno_
+
+
+# --- the handoff record ---------------------------------------------------------------------
+
+
+class StashError(KeyhandoffError):
+    """Root of handoff-record errors."""
+
+
+class RecordRefused(StashError):
+    """The record must not be used.  ``reason`` is a short stable code for logs and tests.
+
+    The channel wipes a refused record; messages never contain key material.
+    """
+
+    reason: ClassVar[str] = "refused"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(f"handoff record refused ({self.reason}): {detail}")
+        self.detail = detail
+
+
+class RecordMalformed(RecordRefused):
+    """Truncated, oversized, or a field or entry outside what version 1 allows."""
+
+    reason = "malformed"
+
+
+class RecordUnknownFormat(RecordRefused):
+    """Not a keyhandoff record (magic) or a version this code does not read."""
+
+    reason = "unknown-format"
+
+
+class RecordForeign(RecordRefused):
+    """Sealed under another record key, or for another channel than the one read."""
+
+    reason = "foreign"
+
+
+class RecordTampered(RecordRefused):
+    """Authentication failed.  Deliberately says nothing about where (no oracle)."""
+
+    reason = "tampered"
+
+
+class RecordExpired(RecordRefused):
+    """The deadline (``not_after``) has passed."""
+
+    reason = "expired"
+
+
+class RecordNotYetValid(RecordRefused):
+    """The clock reads earlier than the arming time: the clock cannot be trusted."""
+
+    reason = "clock-before-arming"
+
+
+class RecordSameBoot(RecordRefused):
+    """Opened in the boot that armed it: no reboot happened, so this is not a handoff."""
+
+    reason = "no-reboot"
+
+
+class RecordExhausted(RecordRefused):
+    """``boots_left`` is zero: the record was already used for every boot it was armed for."""
+
+    reason = "no-boots-left"
+
+
+class SealedPayloadRefused(StashError):
+    """A volume-key-sealed payload did not open.  No detail, on purpose (no oracle)."""
+
+
+# --- the runner API, the state lock, udev -------------------------------------------------
+
+
+class UpdateError(KeyhandoffError):
+    """Root of the runner API's refusals."""
+
+
+class ArmRefused(UpdateError):
+    """Arming was refused; ``report`` says per volume why (nothing was left armed)."""
+
+    def __init__(self, message: str, report: ArmReport | None = None) -> None:
+        super().__init__(message)
+        self.report = report
+
+
+class ChannelUnavailable(UpdateError):
+    """The machine cannot carry a record for this kind of reboot."""
+
+
+class NotArmed(UpdateError):
+    """``rearm`` without an armed chain (disarmed, expired, or exhausted)."""
+
+
+class Busy(KeyhandoffError):
+    """Another keyhandoff state change held the lock for longer than the wait allowed."""
+
+
+class UnsafeLock(KeyhandoffError):
+    """The lock directory is not root's own private directory: it is not used."""
+
+
+class UdevUnavailable(KeyhandoffError):
+    """libudev cannot be used, or udevd is not running (no device events will come)."""

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Final
 
 from keyhandoff._bindings._keyutils import ffi, lib
 from keyhandoff.errors import (
+    InvalidArgument,
     KeyExpired,
     KeyNotFound,
     KeyRejected,
@@ -100,7 +101,7 @@ def _check(rc: int, what: str) -> int:
 def _cstr(text: str) -> bytes:
     raw = text.encode("utf-8")
     if b"\0" in raw:
-        raise ValueError("key type and description must not contain NUL")
+        raise InvalidArgument("key type and description must not contain NUL")
     return raw
 
 
@@ -213,7 +214,7 @@ def set_timeout(serial: int, seconds: int) -> None:
     Callers in this package never pass 0 (see :mod:`keyhandoff.cache`).
     """
     if seconds < 0:
-        raise ValueError("timeout must not be negative")
+        raise InvalidArgument("timeout must not be negative")
     _check(lib.keyctl_set_timeout(serial, seconds), f"set timeout of key {serial}")
 
 

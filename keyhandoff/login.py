@@ -21,17 +21,16 @@ import contextlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
-from keyhandoff import journal, keyring
+from keyhandoff import journal, keyring, names
 from keyhandoff.cache import KEY_PERM, SystemdCache, pad
-from keyhandoff.errors import KeyExpired, KeyNotFound, KeyRevoked, KeyringError
+from keyhandoff.errors import KeyNotFound, KeyringError, KeyUnavailable
 
 if TYPE_CHECKING:
     from keyhandoff.secret import Secret
 
 __all__ = ["LOGIN_KEY", "LoginHandoff", "clear", "handoff"]
 
-#: The one-shot key pam_keyhandoff.so reads (and invalidates) by default.
-LOGIN_KEY: Final = "keyhandoff:login"
+LOGIN_KEY: Final = names.LOGIN_KEY
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,7 +43,7 @@ class LoginHandoff:
 
 
 def handoff(
-    passphrase: Secret, *, timeout: int, systemd_keyname: str = "cryptsetup",
+    passphrase: Secret, *, timeout: int, systemd_keyname: str = names.SYSTEMD_KEYNAME,
 ) -> LoginHandoff:
     """Put ``passphrase`` where pam_gdm and pam_keyhandoff.so find it, for ``timeout`` s."""
     passphrase.check_passphrase()
@@ -80,6 +79,6 @@ def clear() -> bool:
         keyring.invalidate(
             keyring.find_trusted("user", LOGIN_KEY, perm=KEY_PERM, within=keyring.USER),
         )
-    except (KeyNotFound, KeyExpired, KeyRevoked):
+    except KeyUnavailable:
         return False
     return True

@@ -24,6 +24,9 @@ import os
 import stat
 from typing import TYPE_CHECKING, Final
 
+from keyhandoff.errors import KeyhandoffError
+from keyhandoff.volumes import enumerate_luks
+
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
@@ -106,9 +109,6 @@ UDEV_DATA: Final = "/run/udev/data"
 
 
 def _udev_devices() -> list[str]:
-    from keyhandoff.errors import KeyhandoffError  # noqa: PLC0415
-    from keyhandoff.volumes import enumerate_luks  # noqa: PLC0415
-
     if not os.path.isdir(UDEV_DATA):
         return []
     try:

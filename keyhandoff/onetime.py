@@ -46,7 +46,7 @@ import uuid as _uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
-from keyhandoff import journal
+from keyhandoff import journal, names
 from keyhandoff.journal import Event
 from keyhandoff.luks import KeyslotNotFound, LuksError
 from keyhandoff.secret import Secret
@@ -70,7 +70,7 @@ __all__ = [
     "untrusted_tokens",
 ]
 
-TOKEN_TYPE: Final = "keyhandoff-onetime"  # noqa: S105  # a LUKS2 token type name
+TOKEN_TYPE: Final = names.TOKEN_TYPE
 KEY_LEN: Final = 32
 _HEX: Final = b"0123456789abcdef"
 #: The PBKDF of one-time keyslots (a random 256-bit key needs no costly one).

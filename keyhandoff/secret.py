@@ -14,7 +14,9 @@ import contextlib
 from _operator import _compare_digest
 from typing import TYPE_CHECKING, NoReturn, Self
 
-from keyhandoff.errors import KeyhandoffError
+from keyhandoff.errors import (
+    SecretError,
+)
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -23,10 +25,6 @@ __all__ = ["MAX_PASSPHRASE", "Secret", "SecretError"]
 
 #: systemd's querier reads one datagram into a 2049-byte buffer ('+' and up to 2048 bytes).
 MAX_PASSPHRASE = 2048
-
-
-class SecretError(KeyhandoffError, ValueError):
-    """A passphrase was refused (empty, too long, contains NUL).  Never carries the value."""
 
 
 class Secret:

@@ -72,14 +72,26 @@ import struct
 import uuid
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import TYPE_CHECKING, ClassVar, Final, Self
+from typing import TYPE_CHECKING, Final, Self
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from keyhandoff.errors import KeyhandoffError
+from keyhandoff.errors import (
+    RecordExhausted,
+    RecordExpired,
+    RecordForeign,
+    RecordMalformed,
+    RecordNotYetValid,
+    RecordRefused,
+    RecordSameBoot,
+    RecordTampered,
+    RecordUnknownFormat,
+    SealedPayloadRefused,
+    StashError,
+)
 from keyhandoff.secret import MAX_PASSPHRASE, Secret
 
 if TYPE_CHECKING:
@@ -159,75 +171,6 @@ _INFO_SEALED: Final = b"keyhandoff sealed-to-volume-key v1\x00"
 
 
 # --------------------------------------------------------------------------- errors
-
-
-class StashError(KeyhandoffError):
-    """Root of handoff-record errors."""
-
-
-class RecordRefused(StashError):
-    """The record must not be used.  ``reason`` is a short stable code for logs and tests.
-
-    The channel wipes a refused record; messages never contain key material.
-    """
-
-    reason: ClassVar[str] = "refused"
-
-    def __init__(self, detail: str) -> None:
-        super().__init__(f"handoff record refused ({self.reason}): {detail}")
-        self.detail = detail
-
-
-class RecordMalformed(RecordRefused):
-    """Truncated, oversized, or a field or entry outside what version 1 allows."""
-
-    reason = "malformed"
-
-
-class RecordUnknownFormat(RecordRefused):
-    """Not a keyhandoff record (magic) or a version this code does not read."""
-
-    reason = "unknown-format"
-
-
-class RecordForeign(RecordRefused):
-    """Sealed under another record key, or for another channel than the one read."""
-
-    reason = "foreign"
-
-
-class RecordTampered(RecordRefused):
-    """Authentication failed.  Deliberately says nothing about where (no oracle)."""
-
-    reason = "tampered"
-
-
-class RecordExpired(RecordRefused):
-    """The deadline (``not_after``) has passed."""
-
-    reason = "expired"
-
-
-class RecordNotYetValid(RecordRefused):
-    """The clock reads earlier than the arming time: the clock cannot be trusted."""
-
-    reason = "clock-before-arming"
-
-
-class RecordSameBoot(RecordRefused):
-    """Opened in the boot that armed it: no reboot happened, so this is not a handoff."""
-
-    reason = "no-reboot"
-
-
-class RecordExhausted(RecordRefused):
-    """``boots_left`` is zero: the record was already used for every boot it was armed for."""
-
-    reason = "no-boots-left"
-
-
-class SealedPayloadRefused(StashError):
-    """A volume-key-sealed payload did not open.  No detail, on purpose (no oracle)."""
 
 
 # --------------------------------------------------------------------------- values
@@ -700,7 +643,7 @@ class EfiChannel:
     __slots__ = ("_variable", "channel")
 
     def __init__(self, *, volatile: bool = False, variable: _efi.EfiVariable | None = None) -> None:
-        from keyhandoff import efi  # noqa: PLC0415  (keeps libefivar out of pure users)
+        from keyhandoff import efi  # keeps libefivar out of pure users
 
         self.channel: Final = Channel.EFI_VOLATILE if volatile else Channel.EFI
         self._variable = variable if variable is not None else efi.STASH
@@ -708,7 +651,7 @@ class EfiChannel:
     @property
     def attributes(self) -> int:
         """The variable attributes this channel writes (BS|RT, +NV unless volatile)."""
-        from keyhandoff import efi  # noqa: PLC0415
+        from keyhandoff import efi
 
         if self.channel is Channel.EFI_VOLATILE:
             return efi.STASH_ATTRIBUTES_VOLATILE
@@ -716,7 +659,7 @@ class EfiChannel:
 
     def store(self, blob: bytes) -> None:
         """Write a sealed record (replacing any previous one), mode 0600."""
-        from keyhandoff import efi  # noqa: PLC0415
+        from keyhandoff import efi
 
         self._variable.write(blob, self.attributes, mode=efi.STASH_MODE)
 
@@ -726,7 +669,7 @@ class EfiChannel:
         Delete first: if the variable cannot be deleted the record is not returned (the
         exception propagates), so a record can never be used twice.
         """
-        from keyhandoff import efi  # noqa: PLC0415
+        from keyhandoff import efi
 
         try:
             value = self._variable.read()

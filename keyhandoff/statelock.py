@@ -28,7 +28,11 @@ import threading
 import time
 from typing import TYPE_CHECKING, Final
 
-from keyhandoff.errors import KeyhandoffError
+from keyhandoff import names
+from keyhandoff.errors import (
+    Busy,
+    UnsafeLock,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -36,19 +40,11 @@ if TYPE_CHECKING:
 __all__ = ["DEFAULT_WAIT", "LOCK_DIR", "Busy", "UnsafeLock", "held"]
 
 #: Where the lock lives (tests may point it at a directory of their own).
-LOCK_DIR = "/run/keyhandoff"
+LOCK_DIR = names.RUN_DIR
 LOCK_NAME: Final = "lock"
 #: Seconds a state change waits for another one to finish before it gives up.
 DEFAULT_WAIT: Final = 60.0
 _POLL: Final = 0.05
-
-
-class Busy(KeyhandoffError):
-    """Another keyhandoff state change held the lock for longer than the wait allowed."""
-
-
-class UnsafeLock(KeyhandoffError):
-    """The lock directory is not root's own private directory: it is not used."""
 
 
 _guard = threading.RLock()

@@ -14,6 +14,8 @@ import subprocess
 from dataclasses import dataclass, field
 from typing import Any
 
+from keyhandoff import names
+
 __all__ = ["StatusReport", "collect"]
 
 
@@ -50,8 +52,8 @@ def _text(value: object) -> str:
 
 
 def _keyring_section() -> dict[str, Any]:
-    from keyhandoff import keyring  # noqa: PLC0415  # lazy: status must work without it
-    from keyhandoff.cache import PassphraseCache, SystemdCache  # noqa: PLC0415
+    from keyhandoff import keyring  # lazy: status must work without it
+    from keyhandoff.cache import PassphraseCache, SystemdCache
 
     out: dict[str, Any] = {}
     try:
@@ -91,19 +93,19 @@ def _systemd_section() -> dict[str, Any]:
             version = int(m.group(1)) if m else None
     out["version"] = version
     out["soft_reboot"] = version is not None and version >= 254
-    out["ask_password_dir"] = os.path.isdir("/run/systemd/ask-password")
+    out["ask_password_dir"] = os.path.isdir(names.ASK_DIR)
     return out
 
 
 def _handoff_section() -> dict[str, Any]:
-    from keyhandoff import update  # noqa: PLC0415
+    from keyhandoff import update
 
     return update.status()
 
 
 def _efi_section() -> dict[str, Any]:
     # Reads only: efi.probe() would write NVRAM (flash wear) and is for arming, not status.
-    from keyhandoff import efi  # noqa: PLC0415
+    from keyhandoff import efi
 
     if not efi.supported():
         return {"runtime_variables": False}
@@ -111,8 +113,8 @@ def _efi_section() -> dict[str, Any]:
 
 
 def _volumes_section() -> dict[str, Any]:
-    from keyhandoff import crypttab, onetime  # noqa: PLC0415
-    from keyhandoff.luks import LuksHeader  # noqa: PLC0415
+    from keyhandoff import crypttab, onetime
+    from keyhandoff.luks import LuksHeader
 
     out: dict[str, Any] = {}
     for entry in crypttab.read():

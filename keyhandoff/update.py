@@ -45,11 +45,23 @@ from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from typing import Any, Final, Literal
 
-from keyhandoff import journal, statelock
+from keyhandoff import crypttab, journal, names, process, statelock
+from keyhandoff import login as login_mod
+from keyhandoff.askpass import cescape
 from keyhandoff.cache import PassphraseCache, SystemdCache, normalize_uuid
-from keyhandoff.errors import KeyExpired, KeyhandoffError, KeyNotFound, KeyRevoked
+from keyhandoff.errors import (
+    ArmRefused,
+    ChannelUnavailable,
+    InvalidArgument,
+    KeyhandoffError,
+    KeyUnavailable,
+    NotArmed,
+    UpdateError,
+)
 from keyhandoff.journal import Event
+from keyhandoff.luks_scan import luks_paths
 from keyhandoff.secret import Secret
+from keyhandoff.volumes import resolve_source
 
 __all__ = [
     "ArmRefused",
@@ -72,33 +84,13 @@ Reboot = Literal["soft", "full"]
 Progress = Callable[[str], None]
 Ask = Callable[["Target"], Secret]
 
-CHAIN_KEY: Final = "keyhandoff:chain"
-VK_PREFIX: Final = "keyhandoff:vk:"
-SEALED_PREFIX: Final = "keyhandoff:sealed:"
+CHAIN_KEY: Final = names.CHAIN_KEY
+VK_PREFIX: Final = names.VK_PREFIX
+SEALED_PREFIX: Final = names.SEALED_PREFIX
 MAX_TTL: Final = timedelta(days=1)
 MAX_BOOTS: Final = 16
 #: How long a restored one-time key may wait for its prompt.
 RESTORE_TIMEOUT: Final = 600
-
-
-class UpdateError(KeyhandoffError):
-    """Root of the runner API's refusals."""
-
-
-class ArmRefused(UpdateError):
-    """Arming was refused; ``report`` says per volume why (nothing was left armed)."""
-
-    def __init__(self, message: str, report: ArmReport | None = None) -> None:
-        super().__init__(message)
-        self.report = report
-
-
-class ChannelUnavailable(UpdateError):
-    """The machine cannot carry a record for this kind of reboot."""
-
-
-class NotArmed(UpdateError):
-    """``rearm`` without an armed chain (disarmed, expired, or exhausted)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,9 +226,6 @@ def _soft_reboots() -> int | None:
 
 def targets(sources: Sequence[str] | None = None) -> list[Target]:
     """The volumes to hand over: ``sources`` (paths), else the prompting crypttab entries."""
-    from keyhandoff import crypttab  # noqa: PLC0415
-    from keyhandoff.volumes import resolve_source  # noqa: PLC0415
-
     if sources is not None:
         named = [(os.path.basename(s), s) for s in sources]
     else:
@@ -258,8 +247,6 @@ def ask_id(target: Target) -> str:
     ``cryptsetup:`` and the C-escaped source path: an agent unescapes the Id, so a raw
     backslash in a path would not survive that.
     """
-    from keyhandoff.askpass import cescape  # noqa: PLC0415
-
     return "cryptsetup:" + cescape(os.fsencode(target.path))
 
 
@@ -274,7 +261,7 @@ class SystemdAsk:
 
     def __init__(self, timeout: int = ASK_TIMEOUT) -> None:
         if not isinstance(timeout, int) or isinstance(timeout, bool) or timeout < 1:
-            raise ValueError("the ask timeout is a whole number of seconds, at least 1")
+            raise InvalidArgument("the ask timeout is a whole number of seconds, at least 1")
         self.timeout = timeout
 
     def __call__(self, target: Target) -> Secret:
@@ -324,8 +311,6 @@ def _harden() -> None:
     its present and future memory and can make its later allocations fail under
     RLIMIT_MEMLOCK; the keyhandoff command line locks its own memory instead.
     """
-    from keyhandoff import process  # noqa: PLC0415
-
     process.harden(lock_memory=False)
 
 
@@ -333,7 +318,7 @@ def _passphrase(target: Target, cache: PassphraseCache, ask: Ask | None) -> tupl
     """A passphrase for ``target`` (unverified) and where it came from: cached, else asked."""
     try:
         return cache.get(target.uuid), "cache"
-    except (KeyNotFound, KeyExpired, KeyRevoked):
+    except KeyUnavailable:
         if ask is None:
             raise ArmRefused(f"no cached passphrase for {target.name}") from None
         return ask(target), "asked"
@@ -373,7 +358,7 @@ def _refuse_wrong(target: Target, cache: PassphraseCache, source: str) -> ArmRef
 def _verify(target: Target, secret: Secret, source: str, cache: PassphraseCache,
             say: Progress) -> None:
     """Check that ``secret`` opens ``target`` (one PBKDF)."""
-    from keyhandoff.luks import LuksHeader, WrongPassphrase  # noqa: PLC0415
+    from keyhandoff.luks import LuksHeader, WrongPassphrase
 
     say(f"checking the passphrase for {target.name} ({source})")
     try:
@@ -388,12 +373,12 @@ def _verify(target: Target, secret: Secret, source: str, cache: PassphraseCache,
 
 def _check_args(reboot: str, boots: int, ttl: timedelta) -> int:
     if reboot not in ("soft", "full"):
-        raise ValueError('reboot must be "soft" or "full"')
+        raise InvalidArgument('reboot must be "soft" or "full"')
     if not 1 <= boots <= MAX_BOOTS:
-        raise ValueError(f"boots must be 1..{MAX_BOOTS}")
+        raise InvalidArgument(f"boots must be 1..{MAX_BOOTS}")
     seconds = int(ttl.total_seconds())
     if not 60 <= seconds <= MAX_TTL.total_seconds():
-        raise ValueError("ttl must be between 1 minute and 1 day")
+        raise InvalidArgument("ttl must be between 1 minute and 1 day")
     return seconds
 
 
@@ -460,7 +445,7 @@ def _supersede(
     cache: PassphraseCache, previous: _Chain | None, chain: _Chain, ours: set[str],
 ) -> None:
     """After a successful arm: remove what the previous arming left (never this one's)."""
-    from keyhandoff import efi  # noqa: PLC0415
+    from keyhandoff import efi
 
     if chain.channel == "keyring" and efi.supported():
         try:
@@ -515,8 +500,8 @@ def _arm_keyring(
 
 def _check_efi(chosen: list[Target]) -> None:
     """Refuse before asking: no writable EFI variables, or a LUKS1 volume."""
-    from keyhandoff import efi  # noqa: PLC0415
-    from keyhandoff.luks import LuksHeader  # noqa: PLC0415
+    from keyhandoff import efi
+    from keyhandoff.luks import LuksHeader
 
     caps = efi.probe()
     if not caps.nv_writable:
@@ -539,7 +524,7 @@ def _arm_efi(
     passphrases: dict[str, tuple[Secret, str]], say: Progress,
 ) -> tuple[ArmReport, set[str]]:
     """Read every volume key first (the passphrase check: one PBKDF each), then write."""
-    from keyhandoff.luks import LuksHeader, WrongPassphrase  # noqa: PLC0415
+    from keyhandoff.luks import LuksHeader, WrongPassphrase
 
     volume_keys: dict[str, Secret] = {}
     try:
@@ -571,8 +556,8 @@ def _write_efi_record(
     (or be this call's, useless without its keyslots), so the chain that needed it goes
     too and nothing claims to be armed that is not.
     """
-    from keyhandoff import efi, onetime, stash  # noqa: PLC0415
-    from keyhandoff.luks import LuksError, LuksHeader  # noqa: PLC0415
+    from keyhandoff import efi, onetime, stash
+    from keyhandoff.luks import LuksError, LuksHeader
 
     now = _now()
     boot_id = _boot_id()
@@ -724,8 +709,8 @@ def disarm(*, quiet: bool = False, volumes: Sequence[str] | None = None,
 
 def _wipe_armed(cache: PassphraseCache, chain: _Chain | None, paths: list[str]) -> dict[str, int]:
     """Remove the record, one-time keyslots and chain state (not the cached passphrases)."""
-    from keyhandoff import efi, onetime  # noqa: PLC0415
-    from keyhandoff.luks import LuksError, LuksHeader  # noqa: PLC0415
+    from keyhandoff import efi, onetime
+    from keyhandoff.luks import LuksError, LuksHeader
 
     counts = {"records": 0, "keys": 0, "keyslots": 0}
     if efi.supported():
@@ -750,8 +735,6 @@ def _wipe_armed(cache: PassphraseCache, chain: _Chain | None, paths: list[str]) 
 
 
 def _known_paths(chain: _Chain | None) -> list[str]:
-    from keyhandoff import crypttab  # noqa: PLC0415
-
     paths = [e.source_path for e in crypttab.read()]
     if chain is not None:
         paths += [v["path"] for v in chain.volumes if v["path"] not in paths]
@@ -766,9 +749,6 @@ def _sweep_paths(given: Sequence[str]) -> list[str]:
     LUKS block device (keyhandoff.luks_scan), each device once.  Nothing here depends on
     the chain state, which may have expired or been removed.
     """
-    from keyhandoff import crypttab  # noqa: PLC0415
-    from keyhandoff.luks_scan import luks_paths  # noqa: PLC0415
-
     try:
         with open(crypttab.DEFAULT_PATH, encoding="utf-8", errors="replace") as f:
             listed = [e.source_path for e in crypttab.parse(f.read())]
@@ -802,7 +782,7 @@ def first_in_boot(step: str, *, lock_wait: float = statelock.DEFAULT_WAIT) -> bo
     failed half-way is not retried in the same boot, the person types instead.
     """
     if not step.replace("-", "").isalnum():
-        raise ValueError("a step name is letters, digits and dashes")
+        raise InvalidArgument("a step name is letters, digits and dashes")
     boot = _boot_id()
     with statelock.held(step, wait=lock_wait):
         path = os.path.join(statelock.LOCK_DIR, f"done-{step}")
@@ -903,7 +883,7 @@ def _wait_for(paths: list[str], seconds: float) -> None:
 def _restore_efi(
     cache: PassphraseCache, volumes: Sequence[str] | None, wait: float,
 ) -> RestoreReport:
-    from keyhandoff import stash  # noqa: PLC0415
+    from keyhandoff import stash
 
     given = list(volumes) if volumes is not None else _known_paths(None)
     blob, refused = _take_record()
@@ -932,7 +912,7 @@ def _restore_efi(
 
 def _take_record() -> tuple[Secret | None, str | None]:
     """Read and delete the EFI record (not used when it cannot be deleted)."""
-    from keyhandoff import efi, stash  # noqa: PLC0415
+    from keyhandoff import efi, stash
 
     if not efi.supported():
         return None, None
@@ -946,8 +926,8 @@ def _take_record() -> tuple[Secret | None, str | None]:
 
 def _onetime_slots(paths: list[str]) -> list[tuple[str, str, Any]]:
     """(header path, volume UUID, slot) for every one-time keyslot on these volumes."""
-    from keyhandoff import onetime  # noqa: PLC0415
-    from keyhandoff.luks import LuksError, LuksHeader  # noqa: PLC0415
+    from keyhandoff import onetime
+    from keyhandoff.luks import LuksError, LuksHeader
 
     found: list[tuple[str, str, Any]] = []
     for path in paths:
@@ -967,8 +947,8 @@ def _destroy_unclaimed(paths: list[str], claimed: set[str]) -> int:
     or are not bound to the keyslot they name, are removed (never their keyslot): nothing
     can trust what they say.  Each header is opened once.
     """
-    from keyhandoff import onetime  # noqa: PLC0415
-    from keyhandoff.luks import LuksError, LuksHeader  # noqa: PLC0415
+    from keyhandoff import onetime
+    from keyhandoff.luks import LuksError, LuksHeader
 
     destroyed = 0
     for path in paths:
@@ -989,7 +969,7 @@ def _destroy_unclaimed(paths: list[str], claimed: set[str]) -> int:
 def _open_efi_record(
     blob: Secret, found: list[tuple[str, str, Any]], now: int,
 ) -> tuple[Any, set[str]]:
-    from keyhandoff import stash  # noqa: PLC0415
+    from keyhandoff import stash
 
     header = stash.parse_header(blob.view())
     for _path, _vol, slot in found:
@@ -1007,7 +987,7 @@ def _load_efi_record(
     record: Any, found: list[tuple[str, str, Any]], claimed: set[str],  # noqa: ANN401
     cache: PassphraseCache, now: int,
 ) -> list[str]:
-    from keyhandoff import onetime, stash  # noqa: PLC0415
+    from keyhandoff import onetime, stash
 
     timeout = max(1, min(record.not_after - now, RESTORE_TIMEOUT))
     restored = []
@@ -1077,7 +1057,7 @@ def _finish(login_timeout: int) -> FinishReport:
         for item in chain.pending:
             if chain.channel == "keyring":
                 if last_boot and chain.login:
-                    with contextlib.suppress(KeyNotFound, KeyExpired, KeyRevoked):
+                    with contextlib.suppress(KeyUnavailable):
                         passphrases.append(cache.get(item["uuid"]))
             else:
                 destroyed += _finish_efi_volume(chain, item, cache, passphrases)
@@ -1089,8 +1069,6 @@ def _finish(login_timeout: int) -> FinishReport:
         else:
             login = "not requested"
             if chain.login and passphrases:
-                from keyhandoff import login as login_mod  # noqa: PLC0415
-
                 login_mod.handoff(passphrases[-1], timeout=login_timeout)
                 login = "handed to the login path"
             elif chain.login:
@@ -1112,8 +1090,8 @@ def _destroy_stale(given: list[str]) -> int:
     such a keyslot only stays as a way into the volume.  One armed in this boot waits for
     the next boot; an expired one goes whatever its boot.
     """
-    from keyhandoff import onetime  # noqa: PLC0415
-    from keyhandoff.luks import LuksError, LuksHeader  # noqa: PLC0415
+    from keyhandoff import onetime
+    from keyhandoff.luks import LuksError, LuksHeader
 
     boot_id, now, destroyed = _boot_id(), _now(), 0
     for path in _sweep_paths(given):
@@ -1132,13 +1110,13 @@ def _finish_efi_volume(
     chain: _Chain, item: dict[str, Any], cache: PassphraseCache, passphrases: list[Secret],
 ) -> int:
     """One volume of an efi chain; return how many keyslots were destroyed."""
-    from keyhandoff import onetime  # noqa: PLC0415
-    from keyhandoff.luks import LuksError, LuksHeader  # noqa: PLC0415
+    from keyhandoff import onetime
+    from keyhandoff.luks import LuksError, LuksHeader
 
     volume = item["uuid"]
     try:
         key: Secret | None = cache.get(volume)
-    except (KeyNotFound, KeyExpired, KeyRevoked):
+    except KeyUnavailable:
         key = None
     # The one-time key answered its prompt; it must neither stay in our cache nor in
     # systemd's, where pam_gdm would take it for "the last entry".
@@ -1176,7 +1154,7 @@ def _carry_on(
     passphrases: list[Secret],
 ) -> None:
     """With the volume key: open the sealed login passphrase; keep what later boots need."""
-    from keyhandoff import stash  # noqa: PLC0415
+    from keyhandoff import stash
 
     deadline_left = max(1, chain.not_after - _now())
     if sealed is not None:

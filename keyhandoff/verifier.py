@@ -28,10 +28,11 @@ import os
 import signal
 import sys
 import time
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
-if TYPE_CHECKING:
-    from keyhandoff.secret import Secret
+from keyhandoff import process
+from keyhandoff.errors import KeyhandoffError
+from keyhandoff.secret import MAX_PASSPHRASE, Secret
 
 __all__ = ["TIMEOUT", "Verdict", "Verification", "main", "start"]
 
@@ -152,8 +153,6 @@ def start(path: str, volume: str, candidate: Secret) -> Verification:
 
 
 def _read_candidate() -> Secret:
-    from keyhandoff.secret import MAX_PASSPHRASE, Secret  # noqa: PLC0415
-
     buf = Secret(bytearray(MAX_PASSPHRASE + 1), allow_empty=True)
     with buf:
         view = memoryview(buf.buffer())
@@ -172,18 +171,15 @@ def _read_candidate() -> Secret:
 
 def main(argv: list[str]) -> int:
     """The child: harden, read the candidate from stdin, check it, exit with a Verdict."""
-    from keyhandoff import process  # noqa: PLC0415
-
     process.harden()  # before the passphrase arrives; what could not be done is no secret
     if len(argv) != 2 or not argv[0].startswith("/"):  # PATH UUID
         return Verdict.FAILED
     path, volume = argv
-    from keyhandoff.errors import KeyhandoffError  # noqa: PLC0415
-
     try:
         candidate = _read_candidate()
     except (KeyhandoffError, OSError):
         return Verdict.FAILED
+    # lazy on purpose: the agent imports this module, libcryptsetup loads only in the child
     from keyhandoff.luks import LuksHeader, WrongPassphrase  # noqa: PLC0415
 
     with candidate:

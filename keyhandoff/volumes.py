@@ -27,7 +27,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
-from keyhandoff.errors import KeyhandoffError, NoSuchDevice, NotLuks
+from keyhandoff.errors import (
+    NoSuchDevice,
+    NotLuks,
+    UdevUnavailable,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -64,10 +68,6 @@ _UUID_TEXT: Final = re.compile(
 )
 
 
-class UdevUnavailable(KeyhandoffError):
-    """libudev cannot be used, or udevd is not running (no device events will come)."""
-
-
 @dataclass(frozen=True, slots=True)
 class Volume:
     """A block device udev identified as LUKS (``ID_FS_TYPE=crypto_LUKS``)."""
@@ -84,7 +84,7 @@ def _context(context: pyudev.Context | None) -> pyudev.Context:
     if context is not None:
         return context
     try:
-        import pyudev  # noqa: PLC0415  # see the module's imports
+        import pyudev  # see the module's imports
 
         return pyudev.Context()
     except ImportError as exc:  # pyudev raises ImportError when libudev cannot be loaded
@@ -122,7 +122,7 @@ def monitor(context: pyudev.Context | None = None) -> pyudev.Monitor:
         )
     ctx = _context(context)
     try:
-        import pyudev  # noqa: PLC0415  # see the module's imports
+        import pyudev  # see the module's imports
 
         mon = pyudev.Monitor.from_netlink(ctx)
         mon.filter_by("block")
@@ -140,7 +140,7 @@ def _parse_uuid(text: str) -> str:
 
 
 def _header_uuid(path: str) -> str:
-    from keyhandoff.luks import LuksError, LuksHeader  # noqa: PLC0415  # see the module's imports
+    from keyhandoff.luks import LuksError, LuksHeader  # see the module's imports
 
     with LuksHeader.open(path) as header:
         try:

@@ -1,0 +1,86 @@
+"""Well-known names, each defined once.
+
+The paths, key descriptions, identifiers and fixed timeouts keyhandoff shares with systemd,
+the kernel, the firmware, LUKS2 headers and the PAM module.
+
+Modules import them from here (several keep a module-level alias under their old name,
+e.g. ``cache.VOLUME_PREFIX``, ``efi.VENDOR_GUID``, ``statelock.LOCK_DIR``, so existing
+callers keep working).  This module imports nothing: naming a key loads no library.
+
+SECURITY.md's "Secret lifecycle" table cites these names.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+__all__ = [
+    "ASK_DIR",
+    "CHAIN_KEY",
+    "CONFIG_PATH",
+    "EFI_PROBE_NAME",
+    "EFI_RECORD_NAME",
+    "EFI_VENDOR_GUID",
+    "KEYRING_NAME",
+    "KEY_PERM",
+    "KEY_PREFIX",
+    "LOGIN_KEY",
+    "RUN_DIR",
+    "SEALED_PREFIX",
+    "SYSTEMD_KEYNAME",
+    "SYSTEMD_PERM",
+    "SYSTEMD_TIMEOUT",
+    "TOKEN_TYPE",
+    "VK_PREFIX",
+    "VOLUME_PREFIX",
+]
+
+# --- systemd ------------------------------------------------------------------------------
+
+#: systemd's password-agent directory: ``ask.*`` files and their reply sockets.
+ASK_DIR: Final = "/run/systemd/ask-password"
+#: The user key in root's ``@u`` where systemd-cryptsetup caches what it was given
+#: (``keyctl``'s "cryptsetup" in ask-password-api.c); pam_gdm reads it too.
+SYSTEMD_KEYNAME: Final = "cryptsetup"
+#: Seconds systemd gives its ``cryptsetup`` key (``KEYRING_TIMEOUT_USEC``, 150 s).
+SYSTEMD_TIMEOUT: Final = 150
+#: The permissions systemd 252 leaves on that key: the kernel default for a root user key.
+SYSTEMD_PERM: Final = 0x3F010000
+
+# --- our kernel keys ------------------------------------------------------------------------
+
+#: Our named keyring, linked into root's ``@u``: it holds every key below.
+KEYRING_NAME: Final = "keyhandoff"
+#: Every key description of ours starts with this.
+KEY_PREFIX: Final = "keyhandoff:"
+#: ``keyhandoff:luks:<UUID>``: a volume's passphrase (padded), from the cache or a restore.
+VOLUME_PREFIX: Final = KEY_PREFIX + "luks:"
+#: The armed chain's state (not secret, not padded); its timeout is the chain's deadline.
+CHAIN_KEY: Final = KEY_PREFIX + "chain"
+#: ``keyhandoff:vk:<UUID>``: a volume key kept while a chain needs another re-arm.
+VK_PREFIX: Final = KEY_PREFIX + "vk:"
+#: ``keyhandoff:sealed:<UUID>``: the login passphrase sealed under that volume's key.
+SEALED_PREFIX: Final = KEY_PREFIX + "sealed:"
+#: The one-shot key pam_keyhandoff.so reads (and invalidates) by default.
+LOGIN_KEY: Final = KEY_PREFIX + "login"
+#: Possessor: view, read, write, search, link, setattr; owning uid: view; nobody else
+#: (``keyring.PERM_POSSESSOR_ALL | keyring.PERM_USER_VIEW``).
+KEY_PERM: Final = 0x3F000000 | 0x00010000
+
+# --- the firmware and the LUKS2 header -----------------------------------------------------
+
+#: keyhandoff's vendor GUID: every EFI variable we write lives under it.
+EFI_VENDOR_GUID: Final = "7ec2927b-59f1-4933-8945-01041e7137eb"
+#: The EFI variable that carries the handoff record across a full reboot.
+EFI_RECORD_NAME: Final = "KeyHandoffStash"
+#: Scratch EFI variable of the writability probe; never holds anything but a marker.
+EFI_PROBE_NAME: Final = "KeyHandoffProbe"
+#: The LUKS2 token type that marks our one-time keyslots.
+TOKEN_TYPE: Final = "keyhandoff-onetime"  # noqa: S105  # a LUKS2 token type name
+
+# --- files --------------------------------------------------------------------------------
+
+#: Root's private runtime directory (the state lock, the per-boot step markers).
+RUN_DIR: Final = "/run/keyhandoff"
+#: The configuration file.
+CONFIG_PATH: Final = "/etc/keyhandoff/keyhandoff.conf"
