@@ -9,28 +9,19 @@ import uuid
 from datetime import timedelta
 
 import pytest
-from agent_process import AgentProcess, ask, finish
-from luks_images import format_image, metadata, opens, uuid_of
-from pam_stack import pamtester
-from passphrases import make
-from scratch_efi import run_with_efivars
+from support.agent_process import AgentProcess, ask, finish
+from support.luks_images import format_image, metadata, opens, uuid_of
+from support.pam_stack import pamtester
+from support.passphrases import make
+from support.scratch_efi import run_with_efivars
 
 from keyhandoff import update
-from keyhandoff.cache import PassphraseCache, SystemdCache
+from keyhandoff.cache import SystemdCache
 from keyhandoff.login import LOGIN_KEY
 from keyhandoff.secret import Secret
 
-
-@pytest.fixture
-def cache():
-    c = PassphraseCache()
-    yield c
-    update.disarm(quiet=True, volumes=[])
-    c.forget_all()
-    SystemdCache().clear()
-    from keyhandoff import login  # noqa: PLC0415
-
-    login.clear()
+#: the ``cache`` fixture (tests/conftest.py) disarms after each test here
+pytestmark = pytest.mark.arms
 
 
 def _login_key() -> bytes | None:

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import require, require_binary
-from passphrases import MARKER
+
+from support.parts import require, require_binary
+from support.passphrases import MARKER
 
 REPO = Path(__file__).resolve().parents[1]
 #: The one build of the module (also `make pam` and the VM guest).
