@@ -5,7 +5,6 @@ tests/vm.
 
 from __future__ import annotations
 
-import uuid
 from datetime import timedelta
 
 import pytest
@@ -287,13 +286,17 @@ def test_efi_unavailable_is_refused(tmp_path, cache):
 def test_disarm_leaves_nothing(tmp_path, cache):
     pw = make("dis")
     img = format_image(tmp_path / "v.img", pw)
-    cache.put(uuid_of(img), Secret.passphrase(pw), timeout=60)
+    vid, before = uuid_of(img), metadata(img)
+    cache.put(vid, Secret.passphrase(pw), timeout=60)
     update.arm(reboot="soft", ttl=timedelta(minutes=5), volumes=[str(img)], ask=None)
     counts = update.disarm(volumes=[str(img)])
     assert counts["keys"] >= 2
     assert not update.status()["armed"]
     assert cache.entries() == []
-    assert str(uuid.UUID(uuid_of(img)))  # volume untouched
+    # volume untouched: the same identity, keyslots and tokens as before the arm
+    after = metadata(img)
+    assert uuid_of(img) == vid
+    assert (after["keyslots"], after["tokens"]) == (before["keyslots"], before["tokens"])
     assert opens(img, pw)
 
 

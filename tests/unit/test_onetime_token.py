@@ -143,4 +143,7 @@ def test_fuzzer_checker_catches_a_lenient_parser(monkeypatch):
 
 
 def test_uuid_helper_is_the_canonical_form():
-    assert str(uuid.UUID(BOOT)) == BOOT
+    assert onetime._canonical_uuid(BOOT)
+    for other in (BOOT.upper(), BOOT.replace("-", ""), "{" + BOOT + "}", f"urn:uuid:{BOOT}",
+                  uuid.UUID(BOOT), BOOT.encode(), None):
+        assert not onetime._canonical_uuid(other), other
