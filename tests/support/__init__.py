@@ -14,4 +14,5 @@ on: tests/support/stack_guard.py).  Test modules import helpers from here, never
 * :mod:`support.pam_stack`: real Linux-PAM stacks (a pytest plugin: fixtures).
 * :mod:`support.record_keys`, :mod:`support.cryptography38`: independent record crypto.
 * :mod:`support.stack_guard`: the Debian-stack pass's guard (a pytest plugin).
+* :mod:`support.fuzzers`: the fuzz/ scripts, loaded by path for bounded runs.
 """
