@@ -3,48 +3,22 @@
 * Each test runs in a fresh anonymous session keyring with root's ``@u`` linked into it
   (what ``KeyringMode=shared`` gives a unit), and fails if it leaves a key in ``@u`` or in
   our ``keyhandoff`` keyring that was not there before.
-* Whatever a test printed or logged is scanned for test passphrases (tests/passphrases.py);
+* Whatever a test printed or logged is scanned for test passphrases (tests/support/passphrases.py);
   a hit fails the test.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
-import sys
-from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
-
-from passphrases import MARKER
+from support.passphrases import MARKER
 
 from keyhandoff import keyring
-from keyhandoff.cache import PassphraseCache
-
-IN_CI = bool(os.environ.get("CI"))
+from keyhandoff.cache import PassphraseCache, SystemdCache
 
 #: pam_module, pam_gdm, checker: real PAM stacks for any test that asks for them
-pytest_plugins = ["pam_stack", "stack_guard"]  # stack_guard: the Debian-stack pass
-
-
-def require(condition: bool, what: str, install: str) -> None:
-    """Skip loudly with the install command when a real part is missing (fail in CI)."""
-    if condition:
-        return
-    message = f"{what} is missing; install with: {install}"
-    if IN_CI:
-        pytest.fail(f"CI must have every real part: {message}")
-    pytest.skip(message)
-
-
-def require_binary(name: str, install: str) -> str:
-    path = shutil.which(name)
-    require(path is not None, name, install)
-    assert path is not None
-    return path
+pytest_plugins = ["support.pam_stack", "support.stack_guard"]  # stack_guard: Debian-stack pass
 
 
 def _user_keyring_contents() -> set[tuple[int, int]]:
@@ -85,15 +59,22 @@ def fresh_session_keyring():
 
 
 @pytest.fixture
-def cache():
-    """keyhandoff's own cache in root's @u; every entry a test put there is forgotten.
+def cache(request):
+    """keyhandoff's own cache in root's @u; every passphrase a test put there is forgotten.
 
+    In a module marked ``pytest.mark.arms`` (tests that arm a handoff), everything armed
+    goes too: ``update.disarm``, systemd's ``cryptsetup`` key and the one-shot login key.
     (Deliberately shadows pytest's built-in ``cache`` fixture, which no test here uses.)
     """
     c = PassphraseCache()
     yield c
-    for e in c.entries():
-        c.forget(e.volume)
+    if request.node.get_closest_marker("arms"):
+        from keyhandoff import login, update  # noqa: PLC0415  # only the arming modules
+
+        update.disarm(quiet=True, volumes=[])
+        SystemdCache().clear()
+        login.clear()
+    c.forget_all()
 
 
 @pytest.hookimpl(hookwrapper=True)

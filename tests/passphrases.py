@@ -1,16 +1,7 @@
-"""Distinctive test passphrases.
+"""Where tests/vm (demo.py, test_cryptsetup_retry.py, the guest's cryptsetup_retry.py) finds
+the test passphrases: they put tests/ on ``sys.path`` and import ``passphrases``.  The
+module itself is tests/support/passphrases.py."""
 
-Every passphrase a test uses comes from :func:`make`, so one marker finds any of them in
-output, logs, files and process environments (the leak scans in conftest and .ci).
-"""
+from support.passphrases import MARKER, make
 
-from __future__ import annotations
-
-import secrets
-
-MARKER = b"khTESTpw-"
-
-
-def make(label: str = "") -> bytes:
-    """A fresh passphrase: the marker, a label and 8 random hex digits."""
-    return MARKER + label.encode() + b"-" + secrets.token_hex(4).encode()
+__all__ = ["MARKER", "make"]

@@ -23,9 +23,10 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import require, require_binary
-from luks_images import format_image
-from passphrases import make
+from support.agent_process import ask
+from support.luks_images import format_image
+from support.parts import require, require_binary
+from support.passphrases import make
 
 from keyhandoff import askpass
 from keyhandoff.askpass import (
@@ -54,7 +55,7 @@ NOBODY = 65534
 
 @pytest.fixture
 def querier():
-    binary = require_binary("systemd-ask-password", INSTALL)
+    require_binary("systemd-ask-password", INSTALL)
     # systemd-ask-password hardcodes this directory; without systemd as PID 1 nobody
     # made it.  Created if missing, never removed: other tests may be using it.
     os.makedirs(ASK_DIR, mode=0o755, exist_ok=True)
@@ -66,15 +67,8 @@ def querier():
         timeout: int = 5,
         extra: tuple[str, ...] = (),
     ) -> subprocess.Popen[bytes]:
-        argv = [binary, "--no-tty", f"--timeout={timeout}", *extra]
-        if id_ is not None:
-            argv.append(f"--id={id_}")
-        proc = subprocess.Popen(
-            [*argv, message],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
+        ids = (f"--id={id_}",) if id_ is not None else ()
+        proc = ask(*extra, *ids, timeout=timeout, message=message)
         started.append(proc)
         return proc
 

@@ -2,22 +2,20 @@
 
 import os
 import re
-import select
 import subprocess
 import time
 import uuid
 from pathlib import Path
 
 import pytest
-from conftest import require_binary
-from passphrases import make
+from support.agent_process import ASK_DIR, ask, ask_file_of, finish, type_answer
+from support.parts import require, require_binary
+from support.passphrases import make
 
 from keyhandoff import keyring
 from keyhandoff.cache import KEY_PERM, InvalidVolume, SystemdCache
 from keyhandoff.errors import KeyExpired, KeyNotFound
 from keyhandoff.secret import Secret, SecretError
-
-ASK_DIR = Path("/run/systemd/ask-password")
 
 
 def vol() -> str:
@@ -171,12 +169,9 @@ def _raw(sc: SystemdCache) -> bytes:
 
 
 def _ask_cached(name: str) -> subprocess.CompletedProcess[bytes]:
-    exe = require_binary("systemd-ask-password", "apt-get install systemd")
-    return subprocess.run(
-        [exe, "--no-tty", f"--keyname={name}", "--accept-cached", "--multiple",
-         "--timeout=2", "kh test"],
-        capture_output=True, timeout=20, check=False,
-    )
+    q = ask("--accept-cached", "--multiple", timeout=2, keyname=name, message="kh test")
+    out, err = q.communicate(timeout=20)
+    return subprocess.CompletedProcess(q.args, q.returncode, out, err)
 
 
 def test_writer_format_matches_systemd(systemd_key):
@@ -225,44 +220,21 @@ def test_missing_key_reads_empty(systemd_key):
     assert systemd_key.last() is None
 
 
-def _wait_ask_file(known: set[str], timeout: float = 10) -> Path:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for p in ASK_DIR.glob("ask.*"):
-            if p.name not in known:
-                return p
-        select.select([], [], [], 0.05)
-    pytest.fail("no ask file appeared")
-
-
 def test_we_read_what_systemd_ask_password_stored(systemd_key):
     """systemd-ask-password asks, the real systemd-reply-password answers, systemd caches it."""
-    exe = require_binary("systemd-ask-password", "apt-get install systemd")
-    reply = Path("/lib/systemd/systemd-reply-password")
-    if not reply.exists():
-        require_binary("systemd-reply-password", "apt-get install systemd")
+    reply = Path("/lib/systemd/systemd-reply-password")  # what type_answer runs
+    require(reply.exists(), str(reply), "apt-get install systemd")
     created_dir = not ASK_DIR.exists()
     ASK_DIR.mkdir(parents=True, exist_ok=True)
-    known = {p.name for p in ASK_DIR.glob("ask.*")}
     first, second = make("typed1"), make("typed2")
     try:
         for pw in (first, second, first):
-            q = subprocess.Popen(
-                [exe, "--no-tty", f"--keyname={systemd_key.keyname}", "--timeout=10", "kh test"],
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            )
+            q = ask(timeout=10, keyname=systemd_key.keyname, message="kh test")
             try:
-                ask = _wait_ask_file(known)
-                socket_line = next(line for line in ask.read_text().splitlines()
-                                   if line.startswith("Socket="))
-                subprocess.run([str(reply), "1", socket_line[len("Socket="):]],
-                               input=pw + b"\n", timeout=10, check=True)
-                out, _err = q.communicate(timeout=10)
-                assert out == pw + b"\n"
+                type_answer(ask_file_of(q), pw)
             finally:
-                if q.poll() is None:
-                    q.kill()
-                    q.wait()
+                _rc, out = finish(q, timeout=10)
+            assert out == pw + b"\n"
         assert [bytes(s.view()) for s in systemd_key.read()] == [first, second]
         assert _raw(systemd_key) == first + b"\0" + second
     finally:

@@ -14,9 +14,9 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import require_binary
-from luks_images import format_image, uuid_of
-from passphrases import make
+from support.luks_images import format_image, uuid_of
+from support.parts import require_binary
+from support.passphrases import make
 
 from keyhandoff import keyring
 from keyhandoff.cache import PassphraseCache, SystemdCache

@@ -14,17 +14,16 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
-import os
 import shutil
 import stat
 import subprocess
-import sys
 import textwrap
 import uuid
 from typing import TYPE_CHECKING
 
 import pytest
-from conftest import require, require_binary
+from support.parts import require, require_binary
+from support.scratch_efi import last_json, run_in_child, tiny_tmpfs
 
 from keyhandoff import efi
 
@@ -43,18 +42,14 @@ def out(**kw):
 
 
 def run_py(code: str, efivars: Path | None, *, prefix: list[str] | None = None):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LIBEFIVAR", "EFIVARFS"))}
-    if efivars is not None:
-        env["LIBEFIVAR_OPS"] = "efivarfs"
-        env["EFIVARFS_PATH"] = f"{efivars}/"  # libefivar appends the file name: trailing slash
-    argv = [*(prefix or []), sys.executable, "-c", PREAMBLE + textwrap.dedent(code)]
-    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60, check=False)
+    return run_in_child(PREAMBLE + textwrap.dedent(code), efivars, prefix=prefix or (),
+                        timeout=60)
 
 
 def run_json(code: str, efivars: Path | None, **kwargs):
     proc = run_py(code, efivars, **kwargs)
     assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return last_json(proc)
 
 
 @pytest.fixture
@@ -303,21 +298,6 @@ def test_channel_will_not_hand_out_a_record_it_cannot_delete(efivars):
 
 
 # --------------------------------------------------------------------------- store full
-
-
-@contextlib.contextmanager
-def tiny_tmpfs(path: Path, size: str = "16k"):
-    path.mkdir()
-    proc = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "keyhandoff-test", str(path)],
-        capture_output=True, text=True, check=False,
-    )
-    require(proc.returncode == 0, f"mounting a tmpfs ({proc.stderr.strip()})",
-            "run as root with CAP_SYS_ADMIN (mount -t tmpfs)")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", str(path)], check=True)
 
 
 def test_full_store_is_efi_store_full(tmp_path):

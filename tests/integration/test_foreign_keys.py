@@ -16,10 +16,10 @@ import uuid
 from typing import TYPE_CHECKING
 
 import pytest
-from agent_process import AgentProcess, ask, ask_file_of, finish, type_answer
-from conftest import require_binary
-from luks_images import format_image, uuid_of
-from passphrases import make
+from support.agent_process import AgentProcess, ask, ask_file_of, finish, type_answer
+from support.luks_images import format_image, uuid_of
+from support.parts import require_binary
+from support.passphrases import make
 
 from keyhandoff import keyring, login
 from keyhandoff.cache import KEY_PERM, VOLUME_PREFIX, SystemdCache

@@ -5,7 +5,7 @@ import subprocess
 import time
 
 import pytest
-from passphrases import make
+from support.passphrases import make
 
 from keyhandoff import keyring
 from keyhandoff.cache import KEY_PERM

@@ -6,7 +6,7 @@ import errno
 import secrets
 
 import pytest
-from luks_images import (
+from support.luks_images import (
     add_key,
     cryptsetup,
     dump_volume_key,
@@ -15,7 +15,7 @@ from luks_images import (
     opens,
     uuid_of,
 )
-from passphrases import make
+from support.passphrases import make
 
 from keyhandoff.luks import (
     LuksError,
@@ -256,12 +256,8 @@ def test_a_malformed_header_uuid_is_a_luks_error(tmp_path, person, uuid_field):
 
 
 def test_upper_case_uuid_reads_in_lower_case(tmp_path, person):
-    image = tmp_path / "upper.img"
-    with image.open("wb") as f:
-        f.truncate(20 * 1024 * 1024)
     upper = "8595BA97-12B3-46AF-86E0-B04DF85DB25A"
-    cryptsetup("luksFormat", "--type", "luks2", "--pbkdf", "pbkdf2", "--pbkdf-force-iterations",
-               "1000", "--uuid", upper, "--batch-mode", "--key-file=-", str(image), stdin=person)
+    image = format_image(tmp_path / "upper.img", person, options=("--uuid", upper))
     with LuksHeader.open(image) as header:
         assert header.uuid == upper.lower()
 

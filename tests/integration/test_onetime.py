@@ -11,7 +11,7 @@ volumes found without crypttab or chain state.
   in no crypttab, after the chain state that named it expired or was removed.
 
 The boot steps run in a fresh interpreter on a scratch efivarfs directory
-(tests/integration/scratch_efi.py), as in production.  Keyslots are made by
+(tests/support/scratch_efi.py), as in production.  Keyslots are made by
 keyhandoff.onetime.add (what ``arm`` does) or by the cryptsetup binary.
 """
 
@@ -24,7 +24,7 @@ import time
 import uuid
 
 import pytest
-from luks_images import (
+from support.luks_images import (
     add_key,
     cryptsetup,
     export_token,
@@ -35,8 +35,8 @@ from luks_images import (
     metadata,
     opens,
 )
-from passphrases import make
-from scratch_efi import run_with_efivars
+from support.passphrases import make
+from support.scratch_efi import run_with_efivars
 
 from keyhandoff import luks_scan, onetime
 from keyhandoff.luks import LuksHeader

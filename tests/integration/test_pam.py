@@ -36,15 +36,15 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 import pytest
-from conftest import require_binary
-from pam_stack import (
+from support.pam_stack import (
     AUTHINFO_UNAVAIL,
     SERVICE_ERR,
     clean_env,
     pam_service,
     pamtester,
 )
-from passphrases import MARKER, make
+from support.parts import require_binary
+from support.passphrases import MARKER, make
 
 from keyhandoff import keyring
 from keyhandoff.cache import KEY_PERM, SystemdCache

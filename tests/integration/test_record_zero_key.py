@@ -8,7 +8,7 @@ NVRAM alone.  Here the real command (the interpreter and packages this suite run
 venv in one CI pass, Debian's own stack in the other) arms a real LUKS2 image; then
 
 * the zero key opens neither the record nor the sealed passphrase, and
-* an independent derivation (tests/record_keys.py) opens the record with the record key
+* an independent derivation (tests/support/record_keys.py) opens the record with the record key
   from the LUKS2 token and the sealed passphrase with the volume key from
   ``cryptsetup luksDump --dump-volume-key``: the format is what the documentation says.
 """
@@ -20,11 +20,11 @@ import subprocess
 import sys
 
 import pytest
-import record_keys
 from cryptography.exceptions import InvalidTag
-from luks_images import dump_volume_key, format_image, metadata, opens, uuid_of
-from passphrases import make
-from scratch_efi import scratch_env
+from support import record_keys
+from support.luks_images import dump_volume_key, format_image, metadata, opens, uuid_of
+from support.passphrases import make
+from support.scratch_efi import scratch_env
 
 from keyhandoff import efi
 

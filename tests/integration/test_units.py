@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import require_binary
+from support.parts import require_binary
 
 UNITS = sorted((Path(__file__).resolve().parents[2] / "units").glob("*.service"))
 

@@ -5,32 +5,22 @@ tests/vm.
 
 from __future__ import annotations
 
-import uuid
 from datetime import timedelta
 
 import pytest
-from agent_process import AgentProcess, ask, finish
-from luks_images import format_image, metadata, opens, uuid_of
-from pam_stack import pamtester
-from passphrases import make
-from scratch_efi import run_with_efivars
+from support.agent_process import AgentProcess, ask, finish
+from support.luks_images import format_image, metadata, opens, uuid_of
+from support.pam_stack import pamtester
+from support.passphrases import make
+from support.scratch_efi import run_with_efivars
 
 from keyhandoff import update
-from keyhandoff.cache import PassphraseCache, SystemdCache
+from keyhandoff.cache import SystemdCache
 from keyhandoff.login import LOGIN_KEY
 from keyhandoff.secret import Secret
 
-
-@pytest.fixture
-def cache():
-    c = PassphraseCache()
-    yield c
-    update.disarm(quiet=True, volumes=[])
-    c.forget_all()
-    SystemdCache().clear()
-    from keyhandoff import login  # noqa: PLC0415
-
-    login.clear()
+#: the ``cache`` fixture (tests/conftest.py) disarms after each test here
+pytestmark = pytest.mark.arms
 
 
 def _login_key() -> bytes | None:
@@ -296,13 +286,17 @@ def test_efi_unavailable_is_refused(tmp_path, cache):
 def test_disarm_leaves_nothing(tmp_path, cache):
     pw = make("dis")
     img = format_image(tmp_path / "v.img", pw)
-    cache.put(uuid_of(img), Secret.passphrase(pw), timeout=60)
+    vid, before = uuid_of(img), metadata(img)
+    cache.put(vid, Secret.passphrase(pw), timeout=60)
     update.arm(reboot="soft", ttl=timedelta(minutes=5), volumes=[str(img)], ask=None)
     counts = update.disarm(volumes=[str(img)])
     assert counts["keys"] >= 2
     assert not update.status()["armed"]
     assert cache.entries() == []
-    assert str(uuid.UUID(uuid_of(img)))  # volume untouched
+    # volume untouched: the same identity, keyslots and tokens as before the arm
+    after = metadata(img)
+    assert uuid_of(img) == vid
+    assert (after["keyslots"], after["tokens"]) == (before["keyslots"], before["tokens"])
     assert opens(img, pw)
 
 

@@ -15,10 +15,9 @@ import subprocess
 import sys
 
 import pytest
-from luks_images import cryptsetup, format_image, metadata, opens
-from passphrases import make
-from scratch_efi import run_with_efivars
-from test_efi_scratch import tiny_tmpfs
+from support.luks_images import cryptsetup, format_image, metadata, opens
+from support.passphrases import make
+from support.scratch_efi import run_with_efivars, tiny_tmpfs
 
 SCRIPT = """
 import json, os, sys, time, uuid

@@ -19,30 +19,25 @@ import time
 import uuid
 from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
-from conftest import require_binary
-from luks_images import add_key, format_image, metadata, uuid_of
-from passphrases import make
-from scratch_efi import run_with_efivars
+from support.luks_images import add_key, format_image, metadata, uuid_of
+from support.parts import require_binary
+from support.passphrases import make
+from support.scratch_efi import run_with_efivars
 
 from keyhandoff import askpass, statelock, update
-from keyhandoff.cache import PassphraseCache, SystemdCache
 from keyhandoff.secret import Secret
+
+if TYPE_CHECKING:
+    from keyhandoff.cache import PassphraseCache
 
 ASK_DIR = Path("/run/systemd/ask-password")
 
 
-@pytest.fixture
-def cache():
-    c = PassphraseCache()
-    yield c
-    update.disarm(quiet=True, volumes=[])
-    c.forget_all()
-    SystemdCache().clear()
-    from keyhandoff import login  # noqa: PLC0415
-
-    login.clear()
+#: the ``cache`` fixture (tests/conftest.py) disarms after each test here
+pytestmark = pytest.mark.arms
 
 
 def _left(cache: PassphraseCache, volume: str) -> int:

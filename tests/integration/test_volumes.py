@@ -15,10 +15,10 @@ import uuid as _uuid
 from pathlib import Path
 
 import pytest
-from conftest import require, require_binary
-from luks_headers import set_header_uuid
-from luks_images import cryptsetup, format_image, uuid_of
-from passphrases import make
+from support.luks_headers import set_header_uuid
+from support.luks_images import MIB, format_image, uuid_of
+from support.parts import require, require_binary
+from support.passphrases import make
 
 from keyhandoff.luks import LuksError, LuksHeader, NoSuchDevice, NotLuks
 from keyhandoff.volumes import (
@@ -134,34 +134,26 @@ def test_monitor_needs_udevd():
 
 # --- the hand-written identity reader against libcryptsetup ---------------------------------
 
+#: name -> (LUKS version, further luksFormat options)
 FORMATS = {
-    "luks1": ("--type", "luks1"),
-    "luks2": ("--type", "luks2"),
-    "luks2-64k-metadata": ("--type", "luks2", "--luks2-metadata-size", "64k",
-                           "--luks2-keyslots-size", "4m"),
-    "luks2-1m-metadata": ("--type", "luks2", "--luks2-metadata-size", "1m",
-                          "--luks2-keyslots-size", "4m"),
-    "luks2-label-4k-sectors": ("--type", "luks2", "--label", "kh-data", "--subsystem", "kh",
-                               "--sector-size", "4096"),
-    "luks2-given-upper-uuid": ("--type", "luks2", "--uuid",
-                               "0F1E2D3C-4B5A-4978-8695-A4B3C2D1E0F0"),
-    "luks1-given-uuid": ("--type", "luks1", "--uuid", "00000000-0000-4000-8000-000000000001"),
+    "luks1": ("luks1", ()),
+    "luks2": ("luks2", ()),
+    "luks2-64k-metadata": ("luks2", ("--luks2-metadata-size", "64k",
+                                     "--luks2-keyslots-size", "4m")),
+    "luks2-1m-metadata": ("luks2", ("--luks2-metadata-size", "1m",
+                                    "--luks2-keyslots-size", "4m")),
+    "luks2-label-4k-sectors": ("luks2", ("--label", "kh-data", "--subsystem", "kh",
+                                         "--sector-size", "4096")),
+    "luks2-given-upper-uuid": ("luks2", ("--uuid", "0F1E2D3C-4B5A-4978-8695-A4B3C2D1E0F0")),
+    "luks1-given-uuid": ("luks1", ("--uuid", "00000000-0000-4000-8000-000000000001")),
 }
-
-
-def _format(path, options):
-    with path.open("wb") as f:
-        f.truncate(32 * 1024 * 1024)
-    fast = ("--pbkdf-force-iterations", "1000") if "luks1" in options else (
-        "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000")
-    cryptsetup("luksFormat", *options, *fast, "--batch-mode", "--key-file=-", str(path),
-               stdin=make("fmt"))
-    return path
 
 
 @pytest.mark.parametrize("name", list(FORMATS))
 def test_identity_reader_agrees_with_libcryptsetup(tmp_path, name):
-    image = _format(tmp_path / f"{name}.img", FORMATS[name])
+    luks, options = FORMATS[name]
+    image = format_image(tmp_path / f"{name}.img", make("fmt"), luks=luks, options=options,
+                         size=32 * MIB)
     with LuksHeader.open(image) as header:
         expected = LuksIdentity(header.luks_version, header.uuid)
     assert luks_identity(str(image)) == expected
@@ -171,7 +163,8 @@ def test_identity_reader_agrees_with_libcryptsetup(tmp_path, name):
 
 def test_identity_reader_on_a_detached_header_and_a_loop_device(tmp_path, loop_device, image):
     header_file = tmp_path / "detached.hdr"
-    data = _format(tmp_path / "data.img", ("--type", "luks2", "--header", str(header_file)))
+    data = format_image(tmp_path / "data.img", make("fmt"), options=("--header", str(header_file)),
+                        size=32 * MIB)
     with LuksHeader.open(header_file) as header:
         assert luks_identity(str(header_file)) == LuksIdentity(2, header.uuid)
     with pytest.raises(NotLuks):

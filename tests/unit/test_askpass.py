@@ -12,7 +12,7 @@ import stat
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from passphrases import make
+from support.passphrases import make
 
 from keyhandoff import askpass
 from keyhandoff.askpass import (

@@ -8,18 +8,16 @@ from __future__ import annotations
 
 import base64
 import json
-import sys
 import uuid
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support import fuzzers
 
 from keyhandoff import onetime
 
-sys.path.insert(0, str(Path(__file__).parents[2] / "fuzz"))
-import fuzz_token  # the fuzzer's generator and checker, run bounded here
+fuzz_token = fuzzers.load("fuzz_token")  # the fuzzer's generator and checker, run bounded here
 
 BOOT = "0f0e0d0c-0b0a-0908-0706-050403020100"
 RECORD_KEY = base64.b64encode(bytes(range(32))).decode()
@@ -143,4 +141,7 @@ def test_fuzzer_checker_catches_a_lenient_parser(monkeypatch):
 
 
 def test_uuid_helper_is_the_canonical_form():
-    assert str(uuid.UUID(BOOT)) == BOOT
+    assert onetime._canonical_uuid(BOOT)
+    for other in (BOOT.upper(), BOOT.replace("-", ""), "{" + BOOT + "}", f"urn:uuid:{BOOT}",
+                  uuid.UUID(BOOT), BOOT.encode(), None):
+        assert not onetime._canonical_uuid(other), other

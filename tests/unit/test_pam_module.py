@@ -14,7 +14,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from conftest import require_binary
+from support.parts import require_binary
 
 REPO = Path(__file__).resolve().parents[2]
 INPUTS = 50_000

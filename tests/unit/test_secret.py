@@ -2,7 +2,7 @@ import copy
 import pickle
 
 import pytest
-from passphrases import make
+from support.passphrases import make
 
 from keyhandoff.errors import KeyhandoffError
 from keyhandoff.secret import MAX_PASSPHRASE, Secret, SecretError

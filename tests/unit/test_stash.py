@@ -7,11 +7,11 @@ import struct
 import uuid
 
 import pytest
-import record_keys
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from passphrases import MARKER, make
+from support import record_keys
+from support.passphrases import MARKER, make
 
 from keyhandoff import stash
 from keyhandoff.secret import Secret
@@ -108,7 +108,7 @@ def raw_seal(
     """A record sealed by a writer holding the key but not following the rules.
 
     Builds the bytes with the documented layout and the documented key derivation
-    (tests/record_keys.py, independent of keyhandoff), so the authenticated-but-malformed
+    (tests/support/record_keys.py, independent of keyhandoff), so the authenticated-but-malformed
     refusals can be reached (a buggy or hostile arming).
     """
     header = struct.pack(

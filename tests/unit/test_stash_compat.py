@@ -1,9 +1,9 @@
 """The record still seals and opens with cryptography releases that lack ``*_into``
 (Debian 12 ships 38, Debian 13 ships 43), and with cryptography 38's key handling.
 
-:class:`CryptographyModel38` wraps the real primitives so that they behave as 38's do:
-only the old methods exist, and ``ChaCha20Poly1305(key)`` keeps a *reference* to the
-caller's key buffer and reads it at every encrypt/decrypt (38's
+:class:`CryptographyModel38` (tests/support/cryptography38.py) wraps the real primitives so
+that they behave as 38's do: only the old methods exist, and ``ChaCha20Poly1305(key)`` keeps
+a *reference* to the caller's key buffer and reads it at every encrypt/decrypt (38's
 ``ChaCha20Poly1305.__init__`` stores ``self._key = key``; ``_aead_setup`` takes
 ``ffi.from_buffer(key)`` per call).  A caller that wipes the buffer after constructing the
 cipher then encrypts under zero bytes, as keyhandoff did (issue 10, finding 1).  The
@@ -14,45 +14,11 @@ import uuid
 
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from passphrases import make
+from support.cryptography38 import CryptographyModel38, OldAead
+from support.passphrases import make
 
 from keyhandoff import stash
 from keyhandoff.secret import Secret
-
-
-class OldAead:
-    """cryptography 38's ChaCha20Poly1305: the key buffer is referenced, not copied."""
-
-    def __init__(self, key):
-        if not isinstance(key, bytes | bytearray | memoryview) or len(key) != 32:
-            raise ValueError("ChaCha20Poly1305 key must be 32 bytes.")
-        self._key = key  # 38 keeps the caller's object
-
-    def _cipher(self):
-        return ChaCha20Poly1305(bytes(self._key))  # what the buffer holds *now*
-
-    def encrypt(self, nonce, data, aad):
-        return self._cipher().encrypt(nonce, data, aad)
-
-    def decrypt(self, nonce, data, aad):
-        return self._cipher().decrypt(nonce, data, aad)
-
-
-class OldHkdf:
-    def __init__(self, **kw):
-        self._real = HKDF(**kw)
-
-    def derive(self, ikm):
-        return self._real.derive(ikm)
-
-
-class CryptographyModel38:
-    @staticmethod
-    def install(monkeypatch):
-        monkeypatch.setattr(stash, "ChaCha20Poly1305", OldAead)
-        monkeypatch.setattr(stash, "HKDF", OldHkdf)
-        assert not hasattr(stash.ChaCha20Poly1305(b"k" * 32), "encrypt_into")
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ cryptography 38 (Debian 12) keeps a reference to the key buffer given to
 ``ChaCha20Poly1305(key)``; keyhandoff used to wipe that buffer right after constructing the
 cipher, so every record and sealed passphrase was encrypted under zero bytes.  Each test
 here seals with keyhandoff and then (a) fails to open under the zero key and (b) opens
-with the independent derivation in tests/record_keys.py.  They run on the installed
+with the independent derivation in tests/support/record_keys.py.  They run on the installed
 cryptography and on a model of cryptography 38's key handling (``cryptography_38``, the
 same fixture as test_stash_compat.py); the Debian-stack CI pass runs them on the real 38.
 """
@@ -15,10 +15,10 @@ from __future__ import annotations
 import uuid
 
 import pytest
-import record_keys
 from cryptography.exceptions import InvalidTag
-from passphrases import make
-from test_stash_compat import CryptographyModel38
+from support import record_keys
+from support.cryptography38 import CryptographyModel38
+from support.passphrases import make
 
 from keyhandoff import stash
 from keyhandoff.secret import Secret

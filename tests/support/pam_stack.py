@@ -14,10 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import require, require_binary
-from passphrases import MARKER
 
-REPO = Path(__file__).resolve().parents[1]
+from support.parts import require, require_binary
+from support.passphrases import MARKER
+
+REPO = Path(__file__).resolve().parents[2]  # tests/support/ -> the checkout
 #: The one build of the module (also `make pam` and the VM guest).
 BUILD_SCRIPT = REPO / "csrc" / "build-pam"
 GDM_CACHE = Path("/var/cache/keyhandoff-test")

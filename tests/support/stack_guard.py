@@ -67,7 +67,7 @@ def _check_debian_stack() -> list[str]:
     if sys.prefix != sys.base_prefix:
         problems.append(f"running inside a venv ({sys.prefix})")
     problems += _problems(_origins(), build, "pytest")
-    child = subprocess.run([sys.executable, "-c", PROBE], cwd=Path(__file__).parent.parent,
+    child = subprocess.run([sys.executable, "-c", PROBE], cwd=Path(__file__).resolve().parents[2],
                            capture_output=True, text=True, timeout=60, check=False)
     if child.returncode != 0:
         problems.append(f"child interpreter failed: {child.stderr.strip()[-500:]}")

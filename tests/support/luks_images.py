@@ -12,13 +12,14 @@ import re
 import subprocess
 from typing import TYPE_CHECKING
 
-from conftest import require_binary
+from support.parts import require_binary
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Iterator, Sequence
     from pathlib import Path
 
 INSTALL = "apt-get install cryptsetup-bin"
+MIB = 1024 * 1024
 FAST = ("--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000")
 
 
@@ -30,15 +31,21 @@ def cryptsetup(
 
 
 def format_image(
-    path: Path, passphrase: bytes, *, luks: str = "luks2", pbkdf: tuple[str, ...] = FAST
+    path: Path, passphrase: bytes, *, luks: str = "luks2", pbkdf: tuple[str, ...] = FAST,
+    options: Sequence[str] = (), size: int = 20 * MIB,
 ) -> Path:
+    """A ``size``-byte file made a LUKS volume by ``cryptsetup luksFormat``, then returned.
+
+    ``options``: further luksFormat options (``--uuid``, ``--header``, metadata sizes...).
+    LUKS1 takes the iteration count but has no ``--pbkdf`` choice: that part is dropped.
+    """
     with path.open("wb") as f:
-        f.truncate(20 * 1024 * 1024)
+        f.truncate(size)
     if luks == "luks1":
         pbkdf = tuple(a for a in pbkdf if a not in {"--pbkdf", "pbkdf2"})
     cryptsetup(
-        "luksFormat", "--type", luks, *pbkdf, "--batch-mode", "--key-file=-", str(path),
-        stdin=passphrase,
+        "luksFormat", "--type", luks, *pbkdf, *options, "--batch-mode", "--key-file=-",
+        str(path), stdin=passphrase,
     )
     return path
 

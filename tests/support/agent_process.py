@@ -11,7 +11,8 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import require_binary
+
+from support.parts import require_binary
 
 ASK_DIR = Path("/run/systemd/ask-password")
 INSTALL_SYSTEMD = "apt-get install systemd"
@@ -91,13 +92,18 @@ class AgentProcess:
 
 def ask(
     *args: str, timeout: int = 5, keyname: str | None = None,
+    message: str = "keyhandoff test prompt",
 ) -> subprocess.Popen[bytes]:
-    """Start the real systemd-ask-password as a querier (message last)."""
+    """Start the real systemd-ask-password as a querier (``args`` are its options).
+
+    The one way tests start a querier; end it with :func:`finish` or, where its files in
+    the shared ask directory must go too, SIGTERM (it then removes them itself).
+    """
     exe = require_binary("systemd-ask-password", INSTALL_SYSTEMD)
     key = [f"--keyname={keyname}"] if keyname else []
     return subprocess.Popen(
-        [exe, "--no-tty", f"--timeout={timeout}", *key, *args, "keyhandoff test prompt"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        [exe, "--no-tty", f"--timeout={timeout}", *key, *args, message],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
 
 

@@ -1,0 +1,76 @@
+"""Run Python code against libefivar on a scratch directory instead of real firmware.
+
+libefivar picks its backend when the library is loaded, from ``LIBEFIVAR_OPS`` and
+``EFIVARFS_PATH``: the pytest process may already have it loaded without them, so the code
+runs in a fresh interpreter.  It prints one JSON line last, which is returned.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from typing import TYPE_CHECKING, Any
+
+from support.parts import require
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator, Sequence
+    from pathlib import Path
+
+
+def scratch_env(efivars: Path | None) -> dict[str, str]:
+    """The environment that points libefivar at ``efivars`` (and our logs at stderr).
+
+    ``None``: no libefivar variables at all (libefivar's own default backend).
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LIBEFIVAR", "EFIVARFS"))}
+    if efivars is not None:
+        # libefivar appends the file name: trailing slash
+        env.update(LIBEFIVAR_OPS="efivarfs", EFIVARFS_PATH=f"{efivars}/")
+    env["KEYHANDOFF_LOG"] = "stderr"
+    return env
+
+
+def run_in_child(
+    code: str, efivars: Path | None, *args: object, prefix: Sequence[str] = (),
+    timeout: float = 180,
+) -> subprocess.CompletedProcess[bytes]:
+    """``code`` (dedented) in a fresh interpreter with ``args`` as argv, whatever its exit."""
+    return subprocess.run(
+        [*prefix, sys.executable, "-c", textwrap.dedent(code), *map(str, args)],
+        env=scratch_env(efivars), capture_output=True, timeout=timeout, check=False,
+    )
+
+
+def last_json(proc: subprocess.CompletedProcess[bytes]) -> Any:  # any JSON
+    """The child's last stdout line, parsed as JSON."""
+    return json.loads(proc.stdout.decode().strip().splitlines()[-1])
+
+
+def run_with_efivars(
+    code: str, efivars: Path, *args: object,
+) -> tuple[dict[str, Any], subprocess.CompletedProcess[bytes]]:
+    """Run ``code`` (dedented) with ``args`` as argv; its last stdout line parsed as JSON."""
+    proc = run_in_child(code, efivars, *args)
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-3000:]
+    return last_json(proc), proc
+
+
+@contextlib.contextmanager
+def tiny_tmpfs(path: Path, size: str = "16k") -> Iterator[Path]:
+    """A small tmpfs mounted at ``path`` (created) for the block: a store that fills up."""
+    path.mkdir()
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "keyhandoff-test", str(path)],
+        capture_output=True, text=True, check=False,
+    )
+    require(proc.returncode == 0, f"mounting a tmpfs ({proc.stderr.strip()})",
+            "run as root with CAP_SYS_ADMIN (mount -t tmpfs)")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
