@@ -21,8 +21,6 @@ import time
 import uuid
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
 from keyhandoff import keyring, process
 from keyhandoff.cache import PassphraseCache, SystemdCache
 from keyhandoff.secret import Secret
