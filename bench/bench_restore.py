@@ -31,30 +31,31 @@ def _percentile(samples: list[float], fraction: float) -> float:
 
 
 def _measure(runs: int, entries: int) -> int:
-    from keyhandoff import efi, stash  # noqa: PLC0415  (loaded after the env is set)
+    from keyhandoff import efi  # noqa: PLC0415  (loaded after the env is set)
+    from keyhandoff import record as record_format  # noqa: PLC0415
     from keyhandoff.secret import Secret  # noqa: PLC0415
 
     assert efi.supported(), "libefivar has no backend: EFIVARFS_PATH not set?"  # noqa: S101
-    channel = stash.EfiChannel()
-    key = stash.new_record_key()
+    channel = efi.RecordVariable()
+    key = record_format.new_record_key()
     arming_boot, this_boot = uuid.uuid4(), uuid.uuid4()
     phases: dict[str, list[float]] = {"take": [], "open": [], "total": []}
     for _ in range(runs):
         now = int(time.time())
-        record = stash.HandoffRecord(
-            stash.Channel.EFI,
+        record = record_format.HandoffRecord(
+            record_format.RecordChannel.EFI,
             now,
             now + 900,
             1,
             arming_boot,
             tuple(
-                stash.StashEntry(
-                    uuid.uuid4(), stash.EntryKind.ONETIME_KEY, Secret(os.urandom(32))
+                record_format.Entry(
+                    uuid.uuid4(), record_format.EntryKind.ONETIME_KEY, Secret(os.urandom(32))
                 )
                 for _ in range(entries)
             ),
         )
-        sealed = stash.seal(record, key)
+        sealed = record_format.seal(record, key)
         channel.store(sealed)
         record.wipe()
 
@@ -62,10 +63,14 @@ def _measure(runs: int, entries: int) -> int:
         blob = channel.take()  # read + delete (delete before use)
         t1 = time.perf_counter()
         assert blob is not None  # noqa: S101
-        header = stash.parse_header(blob.view())  # pick the key by header.key_id
-        assert header.key_id == stash.record_key_id(key)  # noqa: S101
-        opened = stash.open_record(
-            blob.view(), key, now=int(time.time()), boot_id=this_boot, channel=channel.channel
+        header = record_format.parse_header(blob.view())  # pick the key by header.key_id
+        assert header.key_id == record_format.record_key_id(key)  # noqa: S101
+        opened = record_format.open_record(
+            blob.view(),
+            key,
+            now=int(time.time()),
+            boot_id=this_boot,
+            channel=record_format.RecordChannel.EFI,
         )
         opened.wipe()
         blob.wipe()

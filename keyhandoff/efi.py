@@ -1,4 +1,4 @@
-"""UEFI variables through libefivar.
+"""UEFI variables through libefivar, and the variable that carries the handoff record.
 
 This is the only module that calls ``keyhandoff._bindings._efivar``.  Every call that can
 fail goes through :func:`_raise_for_errno`, which turns ``errno`` into a precise exception
@@ -68,6 +68,7 @@ __all__ = [
     "EfiVariable",
     "EfiVariableNotFound",
     "EfiWriteRefused",
+    "RecordVariable",
     "list_variables",
     "probe",
     "supported",
@@ -362,3 +363,46 @@ def probe() -> EfiCapabilities:
         volatile_accepted=volatile_error is None,
         detail="; ".join(parts),
     )
+
+
+class RecordVariable:
+    """The ``efi`` / ``efi-volatile`` channel's store: the sealed record in :data:`STASH`.
+
+    Holds the record's bytes only; sealing and opening them is :mod:`keyhandoff.record`'s
+    (this module never loads the AEAD backend).  Restore order is the design's: read,
+    delete, and only then open.
+    """
+
+    __slots__ = ("_variable", "volatile")
+
+    def __init__(self, *, volatile: bool = False, variable: EfiVariable | None = None) -> None:
+        self.volatile: Final = volatile
+        self._variable = variable if variable is not None else STASH
+
+    @property
+    def attributes(self) -> int:
+        """The variable attributes this channel writes (BS|RT, +NV unless volatile)."""
+        if self.volatile:
+            return STASH_ATTRIBUTES_VOLATILE
+        return STASH_ATTRIBUTES_NV
+
+    def store(self, blob: bytes) -> None:
+        """Write a sealed record (replacing any previous one), mode 0600."""
+        self._variable.write(blob, self.attributes, mode=STASH_MODE)
+
+    def take(self) -> Secret | None:
+        """Read the record and delete it; ``None`` when there is none.
+
+        Delete first: if the variable cannot be deleted the record is not returned (the
+        exception propagates), so a record can never be used twice.
+        """
+        try:
+            value = self._variable.read()
+        except EfiVariableNotFound:
+            return None
+        try:
+            self._variable.delete()
+        except BaseException:
+            value.data.wipe()
+            raise
+        return value.data

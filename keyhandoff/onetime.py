@@ -80,7 +80,7 @@ ONETIME_ITERATIONS: Final = 1000
 MAX_TOKEN_BYTES: Final = 1024
 #: LUKS2 has keyslots 0..31.
 _MAX_KEYSLOTS: Final = 32
-#: The record key's length (keyhandoff.stash.RECORD_KEY_LEN; not imported: stash loads
+#: The record key's length (keyhandoff.record.RECORD_KEY_LEN; not imported: record loads
 #: the AEAD backend, which the sweeps do not need).
 _RECORD_KEY_LEN: Final = 32
 _FIELDS: Final = frozenset({"type", "keyslots", "not_after", "boot_id", "record_key", "binding"})

@@ -556,15 +556,16 @@ def _write_efi_record(
     (or be this call's, useless without its keyslots), so the chain that needed it goes
     too and nothing claims to be armed that is not.
     """
-    from keyhandoff import efi, onetime, stash
+    from keyhandoff import efi, onetime, sealing
+    from keyhandoff import record as record_format
     from keyhandoff.luks import LuksError, LuksHeader
 
     now = _now()
     boot_id = _boot_id()
-    entries: list[stash.StashEntry] = []
+    entries: list[record_format.Entry] = []
     reports = []
     created: list[tuple[str, Any]] = []
-    record_key = stash.new_record_key()
+    record_key = record_format.new_record_key()
     stored = "no"
     try:
         for t in chosen:
@@ -576,23 +577,24 @@ def _write_efi_record(
                 )
                 created.append((t.path, slot_info))
                 volume = _uuid.UUID(t.uuid)
-                entries.append(stash.StashEntry(volume, stash.EntryKind.ONETIME_KEY, key))
+                entries.append(
+                    record_format.Entry(volume, record_format.EntryKind.ONETIME_KEY, key))
                 passphrase = login_passphrases.get(t.uuid)
                 if passphrase is not None:
-                    sealed = stash.seal_to_volume_key(vk, passphrase, _login_context(t.uuid))
-                    entries.append(stash.StashEntry(
-                        volume, stash.EntryKind.SEALED_PASSPHRASE, Secret(sealed)))
+                    sealed = sealing.seal_to_volume_key(vk, passphrase, _login_context(t.uuid))
+                    entries.append(record_format.Entry(
+                        volume, record_format.EntryKind.SEALED_PASSPHRASE, Secret(sealed)))
             reports.append(VolumeReport(
                 t.uuid, t.name, armed=True,
                 how=f"one-time keyslot {slot_info.keyslot}; the EFI record holds only its key"))
-        record = stash.HandoffRecord(
-            channel=stash.Channel.EFI, created=now, not_after=chain.not_after,
+        record = record_format.HandoffRecord(
+            channel=record_format.RecordChannel.EFI, created=now, not_after=chain.not_after,
             boots_left=chain.boots_left, boot_id=_uuid.UUID(boot_id), entries=tuple(entries),
         )
-        blob = stash.seal(record, record_key)
+        blob = record_format.seal(record, record_key)
         say("writing the handoff record to the EFI variable")
         stored = "tried"
-        stash.EfiChannel().store(blob)
+        efi.RecordVariable().store(blob)
         stored = "yes"
         chain.armed_boot = boot_id
         chain.save(cache, now)
@@ -883,7 +885,7 @@ def _wait_for(paths: list[str], seconds: float) -> None:
 def _restore_efi(
     cache: PassphraseCache, volumes: Sequence[str] | None, wait: float,
 ) -> RestoreReport:
-    from keyhandoff import stash
+    from keyhandoff import record as record_format
 
     given = list(volumes) if volumes is not None else _known_paths(None)
     blob, refused = _take_record()
@@ -898,7 +900,7 @@ def _restore_efi(
         with blob:
             try:
                 record, claimed = _open_efi_record(blob, found, now)
-            except stash.RecordRefused as exc:
+            except record_format.RecordRefused as exc:
                 refused = str(exc)
                 journal.log(Event.RECORD_REFUSED, f"handoff record refused: {exc}",
                             priority=journal.WARNING, reason=str(exc))
@@ -912,12 +914,12 @@ def _restore_efi(
 
 def _take_record() -> tuple[Secret | None, str | None]:
     """Read and delete the EFI record (not used when it cannot be deleted)."""
-    from keyhandoff import efi, stash
+    from keyhandoff import efi
 
     if not efi.supported():
         return None, None
     try:
-        return stash.EfiChannel().take(), None
+        return efi.RecordVariable().take(), None
     except efi.EfiError as exc:
         refused = f"the record could not be deleted, so it is not used: {exc}"
         journal.log(Event.RECORD_REFUSED, refused, priority=journal.WARNING)
@@ -969,25 +971,28 @@ def _destroy_unclaimed(paths: list[str], claimed: set[str]) -> int:
 def _open_efi_record(
     blob: Secret, found: list[tuple[str, str, Any]], now: int,
 ) -> tuple[Any, set[str]]:
-    from keyhandoff import stash
+    from keyhandoff import record as record_format
 
-    header = stash.parse_header(blob.view())
+    header = record_format.parse_header(blob.view())
     for _path, _vol, slot in found:
         with slot.record_key() as key:
-            if len(key) != stash.RECORD_KEY_LEN or stash.record_key_id(key) != header.key_id:
+            if (len(key) != record_format.RECORD_KEY_LEN
+                    or record_format.record_key_id(key) != header.key_id):
                 continue
-            record = stash.open_record(blob.view(), key, now=now,
-                                       boot_id=_uuid.UUID(_boot_id()), channel=stash.Channel.EFI)
+            record = record_format.open_record(
+                blob.view(), key, now=now, boot_id=_uuid.UUID(_boot_id()),
+                channel=record_format.RecordChannel.EFI)
         claimed = {s.binding for _p, _v, s in found if s.record_key_b64 == slot.record_key_b64}
         return record, claimed
-    raise stash.RecordForeign("no one-time keyslot on this machine's volumes matches it")
+    raise record_format.RecordForeign("no one-time keyslot on this machine's volumes matches it")
 
 
 def _load_efi_record(
     record: Any, found: list[tuple[str, str, Any]], claimed: set[str],  # noqa: ANN401
     cache: PassphraseCache, now: int,
 ) -> list[str]:
-    from keyhandoff import onetime, stash
+    from keyhandoff import onetime
+    from keyhandoff import record as record_format
 
     timeout = max(1, min(record.not_after - now, RESTORE_TIMEOUT))
     restored = []
@@ -999,19 +1004,20 @@ def _load_efi_record(
         if not slots:
             continue
         path, slot = slots[0]
-        if entry.kind is stash.EntryKind.ONETIME_KEY:
+        if entry.kind is record_format.EntryKind.ONETIME_KEY:
             with onetime.key_text(entry.payload) as text:
                 cache.put(volume, text, timeout=timeout)
             restored.append(volume)
             pending.append({"uuid": volume, "keyslot": slot.keyslot, "token": slot.token,
                             "path": path})
             volumes.append({"uuid": volume, "path": path, "name": os.path.basename(path)})
-        elif entry.kind is stash.EntryKind.SEALED_PASSPHRASE:
+        elif entry.kind is record_format.EntryKind.SEALED_PASSPHRASE:
             cache.put_key(SEALED_PREFIX + volume, entry.payload,
                           timeout=max(1, record.not_after - now))
     chain = _Chain(channel="efi", reboot="full", not_after=record.not_after,
                    boots_left=record.boots_left - 1,
-                   login=any(e.kind is stash.EntryKind.SEALED_PASSPHRASE for e in record.entries),
+                   login=any(e.kind is record_format.EntryKind.SEALED_PASSPHRASE
+                             for e in record.entries),
                    volumes=volumes, armed_boot="", pending=pending, restored_boot=_boot_id())
     chain.save(cache, now)
     journal.log(Event.RESTORED, f"restored one-time keys for {len(restored)} volume(s)",
@@ -1154,13 +1160,13 @@ def _carry_on(
     passphrases: list[Secret],
 ) -> None:
     """With the volume key: open the sealed login passphrase; keep what later boots need."""
-    from keyhandoff import stash
+    from keyhandoff import sealing
 
     deadline_left = max(1, chain.not_after - _now())
     if sealed is not None:
         try:
-            pw = stash.open_with_volume_key(vk, sealed.view(), _login_context(volume))
-        except stash.SealedPayloadRefused:
+            pw = sealing.open_with_volume_key(vk, sealed.view(), _login_context(volume))
+        except sealing.SealedPayloadRefused:
             journal.log(Event.ERROR, f"the sealed login passphrase for {volume} did not open",
                         priority=journal.WARNING, volume=volume)
         else:

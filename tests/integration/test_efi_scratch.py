@@ -284,9 +284,8 @@ def test_channel_will_not_hand_out_a_record_it_cannot_delete(efivars):
     chattr_immutable(efivars / STASH_FILE)
     result = run_json(
         """
-        from keyhandoff.stash import EfiChannel
         try:
-            got = EfiChannel().take()
+            got = efi.RecordVariable().take()
             out(result="returned", data=None if got is None else len(got))
         except efi.EfiPermission:
             out(result="EfiPermission")
@@ -397,26 +396,27 @@ def test_probe_reports_a_store_that_refuses(tmp_path):
     assert "EfiWriteRefused" in result["detail"]  # EROFS: a read-only efivarfs mount
 
 
-def test_stash_through_the_efi_channel(efivars):
+def test_record_through_the_record_variable(efivars):
     result = run_json(
         """
         import os, time, uuid
-        from keyhandoff import stash
+        from keyhandoff import record as record_format
         from keyhandoff.secret import Secret
-        key = stash.new_record_key()
-        entry = stash.StashEntry(uuid.uuid4(), stash.EntryKind.ONETIME_KEY,
-                                 Secret(bytearray(os.urandom(32))))
+        key = record_format.new_record_key()
+        entry = record_format.Entry(uuid.uuid4(), record_format.EntryKind.ONETIME_KEY,
+                                    Secret(bytearray(os.urandom(32))))
         expected = bytes(entry.payload.view())
         now = int(time.time())
-        record = stash.HandoffRecord(stash.Channel.EFI, now, now + 600, 1, uuid.uuid4(), (entry,))
-        channel = stash.EfiChannel()
-        channel.store(stash.seal(record, key))
+        record = record_format.HandoffRecord(record_format.RecordChannel.EFI, now, now + 600, 1,
+                                             uuid.uuid4(), (entry,))
+        channel = efi.RecordVariable()
+        channel.store(record_format.seal(record, key))
         path = os.environ["EFIVARFS_PATH"] + "KeyHandoffStash-" + efi.VENDOR_GUID
         mode = oct(os.stat(path).st_mode & 0o777)
         blob = channel.take()
         gone = not efi.STASH.exists()
-        opened = stash.open_record(blob.view(), key, now=now, boot_id=uuid.uuid4(),
-                                   channel=stash.Channel.EFI)
+        opened = record_format.open_record(blob.view(), key, now=now, boot_id=uuid.uuid4(),
+                                           channel=record_format.RecordChannel.EFI)
         same = bytes(opened.entries[0].payload.view()) == expected
         opened.wipe(); blob.wipe()
         out(mode=mode, gone=gone, same=same, again=channel.take() is None)

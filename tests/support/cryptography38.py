@@ -2,13 +2,13 @@
 
 Only the old methods exist, and ``ChaCha20Poly1305(key)`` keeps a *reference* to the
 caller's key buffer and reads it at every encrypt/decrypt, as 38 does.  Used by
-tests/unit/test_stash_compat.py (which checks the model itself) and test_stash_keys.py.
+tests/unit/test_record_compat.py (which checks the model itself) and test_record_keys.py.
 """
 
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from keyhandoff import stash
+from keyhandoff import aead
 
 
 class OldAead:
@@ -40,6 +40,6 @@ class OldHkdf:
 class CryptographyModel38:
     @staticmethod
     def install(monkeypatch):
-        monkeypatch.setattr(stash, "ChaCha20Poly1305", OldAead)
-        monkeypatch.setattr(stash, "HKDF", OldHkdf)
-        assert not hasattr(stash.ChaCha20Poly1305(b"k" * 32), "encrypt_into")
+        monkeypatch.setattr(aead, "ChaCha20Poly1305", OldAead)
+        monkeypatch.setattr(aead, "HKDF", OldHkdf)
+        assert not hasattr(aead.ChaCha20Poly1305(b"k" * 32), "encrypt_into")

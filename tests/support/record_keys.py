@@ -1,5 +1,6 @@
 """An independent reading of the handoff record's cryptography, written out from the format
-documentation (keyhandoff/stash.py's module docstring), not taken from keyhandoff.
+documentation (the module docstrings of keyhandoff/record.py and sealing.py), not taken from
+keyhandoff.
 
 HKDF-SHA256 is RFC 5869 over the standard library's hmac; only the ChaCha20-Poly1305
 primitive comes from cryptography, always given an immutable ``bytes`` key.  Tests open
@@ -16,7 +17,7 @@ import struct
 
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
-#: The documented HKDF info strings (stash.py: "_INFO_*"), spelled out here on purpose.
+#: The documented HKDF info strings (record.py, sealing.py: "_INFO_*"), spelled out on purpose.
 INFO_RECORD_AEAD = b"keyhandoff record v1 aead"
 INFO_RECORD_KEY_ID = b"keyhandoff record v1 key-id"
 INFO_SEALED = b"keyhandoff sealed-to-volume-key v1\x00"

@@ -7,7 +7,7 @@ cipher, so every record and sealed passphrase was encrypted under zero bytes.  E
 here seals with keyhandoff and then (a) fails to open under the zero key and (b) opens
 with the independent derivation in tests/support/record_keys.py.  They run on the installed
 cryptography and on a model of cryptography 38's key handling (``cryptography_38``, the
-same fixture as test_stash_compat.py); the Debian-stack CI pass runs them on the real 38.
+same fixture as test_record_compat.py); the Debian-stack CI pass runs them on the real 38.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from support import record_keys
 from support.cryptography38 import CryptographyModel38
 from support.passphrases import make
 
-from keyhandoff import stash
+from keyhandoff import record as record_format
+from keyhandoff import sealing
 from keyhandoff.secret import Secret
 
 NOW = 1_750_000_000
@@ -48,9 +49,13 @@ def test_hkdf_helper_matches_rfc5869_case_1():
 def test_record_is_sealed_under_the_documented_key_not_zero(cryptography_version):
     onetime = (make("kat") * 2)[:32]
     record_key = bytes(range(32))  # a known record key: the expected key follows from it
-    entry = stash.StashEntry(VOLUME, stash.EntryKind.ONETIME_KEY, Secret(bytearray(onetime)))
-    record = stash.HandoffRecord(stash.Channel.EFI, NOW, NOW + 600, 1, uuid.uuid4(), (entry,))
-    blob = stash.seal(record, Secret(bytearray(record_key)))
+    entry = record_format.Entry(
+        VOLUME, record_format.EntryKind.ONETIME_KEY, Secret(bytearray(onetime))
+    )
+    record = record_format.HandoffRecord(
+        record_format.RecordChannel.EFI, NOW, NOW + 600, 1, uuid.uuid4(), (entry,)
+    )
+    blob = record_format.seal(record, Secret(bytearray(record_key)))
     assert blob[39:47] == record_keys.record_key_id(record_key)
     with pytest.raises(InvalidTag):
         record_keys.open_record_with(record_keys.ZERO_KEY, blob)
@@ -61,7 +66,7 @@ def test_record_is_sealed_under_the_documented_key_not_zero(cryptography_version
 def test_sealed_passphrase_is_under_the_documented_key_not_zero(cryptography_version):
     volume_key = bytes(range(64))
     pw = make("kat-login")
-    sealed = stash.seal_to_volume_key(Secret(bytearray(volume_key)), Secret(pw), CONTEXT)
+    sealed = sealing.seal_to_volume_key(Secret(bytearray(volume_key)), Secret(pw), CONTEXT)
     with pytest.raises(InvalidTag):
         record_keys.open_sealed_with(record_keys.ZERO_KEY, sealed)
     key = record_keys.sealed_key(volume_key, sealed, CONTEXT)
@@ -82,17 +87,17 @@ def test_opens_what_the_documented_derivation_sealed(cryptography_version):
         return header + ChaCha20Poly1305(aead_key).encrypt(header[47:59], plaintext, header)
 
     good = sealed_under(record_keys.record_aead_key(record_key))
-    with stash.open_record(good, Secret(bytearray(record_key)), now=NOW + 1,
+    with record_format.open_record(good, Secret(bytearray(record_key)), now=NOW + 1,
                            boot_id=uuid.uuid4()) as opened:
         assert bytes(opened.entries[0].payload.view()) == onetime
-    with pytest.raises(stash.RecordTampered):
-        stash.open_record(sealed_under(record_keys.ZERO_KEY), Secret(bytearray(record_key)),
+    with pytest.raises(record_format.RecordTampered):
+        record_format.open_record(sealed_under(record_keys.ZERO_KEY), Secret(bytearray(record_key)),
                           now=NOW + 1, boot_id=uuid.uuid4())
 
 
 def test_the_derived_key_is_wiped_after_the_block_and_cannot_be_used_then():
-    with stash.new_record_key() as key:
-        aead = stash._record_aead(key)
+    with record_format.new_record_key() as key:
+        aead = record_format._record_aead(key)
         with aead:
             out = bytearray(1 + 16)
             aead.encrypt_into(bytes(12), b"x", b"", out)

@@ -1,8 +1,8 @@
 """The handoff record: what the next boot needs, sealed, with a deadline and a boot binding.
 
-Everything above :class:`EfiChannel` is pure: bytes in, values out, no I/O (randomness for
-keys, salts and nonces comes from ``os.urandom``).  The channel class at the bottom is the
-only place that touches storage.
+Pure: bytes in, values out, no I/O (randomness for keys and nonces comes from
+``os.urandom``).  Storing the sealed bytes is the channel's business: for ``efi`` and
+``efi-volatile``, :class:`keyhandoff.efi.RecordVariable`.
 
 Record layout, version 1 (integers big-endian)::
 
@@ -25,7 +25,7 @@ Record layout, version 1 (integers big-endian)::
               16 volume      LUKS UUID (binary)
                1 kind        1 one-time LUKS key, 2 passphrase sealed to the volume key
                2 length
-               n payload     kind 1: the 32-byte key; kind 2: seal_to_volume_key() output
+               n payload     kind 1: the 32-byte key; kind 2: keyhandoff.sealing's format
 
 Where the record key comes from (and what it can and cannot do)
 ----------------------------------------------------------------
@@ -39,8 +39,9 @@ confidentiality against that attacker.  The design therefore limits *what* trave
   agent destroys once its volume is open (and every boot destroys expired ones): a record
   read after the handoff unlocks nothing;
 * anything the login path needs (the person's passphrase) travels only
-  :func:`seal_to_volume_key`-encrypted, under a key derived with HKDF-SHA256 from the LUKS
-  **volume key**, so it opens only after the disk is open, never from NVRAM alone.
+  :func:`~keyhandoff.sealing.seal_to_volume_key`-encrypted, under a key derived with
+  HKDF-SHA256 from the LUKS **volume key**, so it opens only after the disk is open, never
+  from NVRAM alone.
 
 The record's own AEAD key (``key`` in :func:`seal` / :func:`open_record`) is a random 32-byte
 **record key** chosen at arming time and kept **outside the record**: for ``efi`` and
@@ -75,10 +76,8 @@ from enum import IntEnum
 from typing import TYPE_CHECKING, Final, Self
 
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from keyhandoff.aead import NONCE_LEN, TAG_LEN, DerivedAead, hkdf_into
 from keyhandoff.errors import (
     RecordExhausted,
     RecordExpired,
@@ -89,19 +88,18 @@ from keyhandoff.errors import (
     RecordSameBoot,
     RecordTampered,
     RecordUnknownFormat,
-    SealedPayloadRefused,
     StashError,
 )
+from keyhandoff.sealing import SEALED_OVERHEAD
 from keyhandoff.secret import MAX_PASSPHRASE, Secret
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
     from types import TracebackType
 
-    from keyhandoff import efi as _efi
-
 __all__ = [
+    "CLOCK_SKEW",
     "HEADER_LEN",
+    "KEY_ID_LEN",
     "MAGIC",
     "MAX_BOOTS",
     "MAX_ENTRIES",
@@ -110,10 +108,10 @@ __all__ = [
     "ONETIME_KEY_LEN",
     "RECORD_KEY_LEN",
     "VERSION",
-    "Channel",
-    "EfiChannel",
+    "Entry",
     "EntryKind",
     "HandoffRecord",
+    "RecordChannel",
     "RecordExhausted",
     "RecordExpired",
     "RecordForeign",
@@ -124,16 +122,12 @@ __all__ = [
     "RecordSameBoot",
     "RecordTampered",
     "RecordUnknownFormat",
-    "SealedPayloadRefused",
-    "StashEntry",
     "StashError",
     "new_record_key",
     "open_record",
-    "open_with_volume_key",
     "parse_header",
     "record_key_id",
     "seal",
-    "seal_to_volume_key",
 ]
 
 MAGIC: Final = b"KHST"
@@ -141,8 +135,6 @@ VERSION: Final = 1
 RECORD_KEY_LEN: Final = 32
 ONETIME_KEY_LEN: Final = 32
 KEY_ID_LEN: Final = 8
-NONCE_LEN: Final = 12
-TAG_LEN: Final = 16
 MAX_ENTRIES: Final = 16
 MAX_BOOTS: Final = 255
 #: A deadline further out is no deadline: arming is for the reboots of one update.
@@ -158,26 +150,15 @@ HEADER_LEN: Final = _HEADER.size  # 59
 _ENTRY_HEAD: Final = struct.Struct(">16sBH")
 _MIN_PLAINTEXT: Final = 1 + _ENTRY_HEAD.size + ONETIME_KEY_LEN
 
-_SEALED_VERSION: Final = 1
-_SALT_LEN: Final = 16
-_SEALED_PREFIX_LEN: Final = 1 + _SALT_LEN + NONCE_LEN
-#: Bytes seal_to_volume_key() adds to the plaintext.
-SEALED_OVERHEAD: Final = _SEALED_PREFIX_LEN + TAG_LEN
-_MIN_VOLUME_KEY: Final = 16
-
 _INFO_RECORD_AEAD: Final = b"keyhandoff record v1 aead"
 _INFO_RECORD_KEY_ID: Final = b"keyhandoff record v1 key-id"
-_INFO_SEALED: Final = b"keyhandoff sealed-to-volume-key v1\x00"
-
-
-# --------------------------------------------------------------------------- errors
 
 
 # --------------------------------------------------------------------------- values
 
 
-class Channel(IntEnum):
-    """Where a record travels (DESIGN.md, "Channels for the handoff record")."""
+class RecordChannel(IntEnum):
+    """Where a record travels (the channel byte; DESIGN.md, "Channels for the handoff record")."""
 
     KEYRING = 1
     EFI = 2
@@ -189,7 +170,8 @@ class EntryKind(IntEnum):
 
     #: A random 32-byte key for a one-time LUKS2 keyslot (the only kind useful before unlock).
     ONETIME_KEY = 1
-    #: The person's passphrase, :func:`seal_to_volume_key`-encrypted (opens after unlock).
+    #: The person's passphrase, :func:`~keyhandoff.sealing.seal_to_volume_key`-encrypted
+    #: (opens after unlock).
     SEALED_PASSPHRASE = 2
 
 
@@ -204,7 +186,7 @@ def _check_payload(kind: EntryKind, length: int) -> str | None:
 
 
 @dataclass(frozen=True, slots=True, repr=False, eq=False)
-class StashEntry:
+class Entry:
     """One volume's entry.  ``payload`` is owned by this entry: :meth:`wipe` when done."""
 
     volume: uuid.UUID
@@ -221,19 +203,19 @@ class StashEntry:
         self.payload.wipe()
 
     def __repr__(self) -> str:
-        return f"<StashEntry {self.volume} {self.kind.name} {len(self.payload)} bytes>"
+        return f"<Entry {self.volume} {self.kind.name} {len(self.payload)} bytes>"
 
 
 @dataclass(frozen=True, slots=True, repr=False, eq=False)
 class HandoffRecord:
     """A handoff record's content.  Validated on construction (seal side and open side)."""
 
-    channel: Channel
+    channel: RecordChannel
     created: int
     not_after: int
     boots_left: int
     boot_id: uuid.UUID
-    entries: tuple[StashEntry, ...]
+    entries: tuple[Entry, ...]
 
     def __post_init__(self) -> None:
         problem = _check_fields(self.created, self.not_after, self.boots_left) or _check_entries(
@@ -278,7 +260,7 @@ def _check_fields(created: int, not_after: int, boots_left: int) -> str | None:
     return None
 
 
-def _check_entries(entries: tuple[StashEntry, ...]) -> str | None:
+def _check_entries(entries: tuple[Entry, ...]) -> str | None:
     if not 1 <= len(entries) <= MAX_ENTRIES:
         return f"a record holds 1..{MAX_ENTRIES} entries, not {len(entries)}"
     seen = {(e.volume, e.kind) for e in entries}
@@ -293,7 +275,7 @@ class RecordHeader:
     """The record's cleartext header (authenticated, not secret)."""
 
     version: int
-    channel: Channel
+    channel: RecordChannel
     boots_left: int
     created: int
     not_after: int
@@ -310,85 +292,6 @@ def new_record_key() -> Secret:
     return Secret(bytearray(os.urandom(RECORD_KEY_LEN)))
 
 
-def _hkdf_into(ikm: memoryview, *, info: bytes, salt: bytes | None, out: bytearray) -> None:
-    hkdf = HKDF(algorithm=hashes.SHA256(), length=len(out), salt=salt, info=info)
-    if hasattr(hkdf, "derive_into"):
-        hkdf.derive_into(ikm, out)
-    else:  # cryptography < 47 (Debian 12: 38, Debian 13: 43): an unwipeable bytes copy
-        out[:] = hkdf.derive(bytes(ikm))
-
-
-Buffer = bytes | bytearray | memoryview
-
-
-class _DerivedAead:
-    """ChaCha20-Poly1305 under a derived key whose only buffer is wiped when this closes.
-
-    cryptography 38 (Debian 12) keeps a *reference* to the key buffer given to
-    ``ChaCha20Poly1305(key)`` and reads it at every ``encrypt``/``decrypt``; later releases
-    copy it.  So the derived key must stay intact for as long as the cipher object is used,
-    and be wiped only after the object is gone: use this as a context manager, encrypt or
-    decrypt inside the block.  On exit the cipher object is released first, then the key is
-    wiped, and a use after exit raises instead of silently running under 32 zero bytes.
-    (The cipher's own copy in newer releases is one Python cannot wipe: SECURITY.md,
-    "What Python cannot do".)
-    """
-
-    __slots__ = ("_aead", "_key")
-
-    def __init__(self, derive: Callable[[bytearray], None]) -> None:
-        self._key = bytearray(32)
-        self._aead: ChaCha20Poly1305 | None = None
-        try:
-            derive(self._key)
-            self._aead = ChaCha20Poly1305(self._key)
-        except BaseException:
-            self.close()
-            raise
-
-    def _cipher(self) -> ChaCha20Poly1305:
-        if self._aead is None:
-            raise RuntimeError("the derived key is wiped: encrypt and decrypt inside the block")
-        return self._aead
-
-    def encrypt_into(self, nonce: bytes, data: Buffer, aad: bytes, out: bytearray) -> None:
-        """``aead.encrypt_into`` where cryptography has it (no immutable copy of ``data``).
-
-        Older releases (Debian's 38 and 43) only return ``bytes``: the ciphertext then
-        passes through an immutable object (not secret), and the plaintext is copied once
-        into ``bytes`` we cannot wipe (SECURITY.md, "What Python cannot do").
-        """
-        aead = self._cipher()
-        if hasattr(aead, "encrypt_into"):
-            aead.encrypt_into(nonce, data, aad, out)
-        else:
-            out[:] = aead.encrypt(nonce, bytes(data), aad)
-
-    def decrypt_into(self, nonce: bytes, data: Buffer, aad: Buffer, out: bytearray) -> None:
-        """``aead.decrypt_into`` where cryptography has it; see :meth:`encrypt_into`."""
-        aead = self._cipher()
-        if hasattr(aead, "decrypt_into"):
-            aead.decrypt_into(nonce, data, aad, out)
-        else:
-            out[:] = aead.decrypt(nonce, bytes(data), bytes(aad))
-
-    def close(self) -> None:
-        """Release the cipher object, then wipe the key it may reference."""
-        self._aead = None
-        self._key[:] = bytes(len(self._key))
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-
 def _record_key_view(key: Secret) -> memoryview:
     view = key.view()
     if len(view) != RECORD_KEY_LEN:
@@ -399,15 +302,15 @@ def _record_key_view(key: Secret) -> memoryview:
 def record_key_id(key: Secret) -> bytes:
     """The 8-byte identifier of a record key (one-way; safe to store in the clear)."""
     out = bytearray(KEY_ID_LEN)
-    _hkdf_into(_record_key_view(key), info=_INFO_RECORD_KEY_ID, salt=None, out=out)
+    hkdf_into(_record_key_view(key), info=_INFO_RECORD_KEY_ID, salt=None, out=out)
     return bytes(out)
 
 
-def _record_aead(key: Secret) -> _DerivedAead:
+def _record_aead(key: Secret) -> DerivedAead:
     """The record's AEAD: key = HKDF-SHA256(record key, no salt, info "...record v1 aead")."""
     view = _record_key_view(key)
-    return _DerivedAead(
-        lambda out: _hkdf_into(view, info=_INFO_RECORD_AEAD, salt=None, out=out)
+    return DerivedAead(
+        lambda out: hkdf_into(view, info=_INFO_RECORD_AEAD, salt=None, out=out)
     )
 
 
@@ -462,7 +365,7 @@ def parse_header(blob: bytes | bytearray | memoryview) -> RecordHeader:
         _HEADER.unpack_from(blob)
     )
     try:
-        channel_value = Channel(channel)
+        channel_value = RecordChannel(channel)
     except ValueError:
         raise RecordMalformed(f"unknown channel {channel}") from None
     return RecordHeader(
@@ -483,7 +386,7 @@ def open_record(
     *,
     now: int,
     boot_id: uuid.UUID,
-    channel: Channel | None = None,
+    channel: RecordChannel | None = None,
 ) -> HandoffRecord:
     """Authenticate, decrypt and validate a sealed record; raise :class:`RecordRefused`.
 
@@ -538,7 +441,7 @@ def _check_authenticated_header(header: RecordHeader, *, now: int, boot_id: uuid
         raise RecordSameBoot("the current boot armed it")
 
 
-def _parse_entry(view: memoryview, offset: int) -> tuple[StashEntry, int]:
+def _parse_entry(view: memoryview, offset: int) -> tuple[Entry, int]:
     if offset + _ENTRY_HEAD.size > len(view):
         raise RecordMalformed("entry table truncated")
     volume, kind_value, length = _ENTRY_HEAD.unpack_from(view, offset)
@@ -553,15 +456,15 @@ def _parse_entry(view: memoryview, offset: int) -> tuple[StashEntry, int]:
     if offset + length > len(view):
         raise RecordMalformed("entry payload truncated")
     payload = Secret(bytearray(view[offset : offset + length]))
-    return StashEntry(uuid.UUID(bytes=volume), kind, payload), offset + length
+    return Entry(uuid.UUID(bytes=volume), kind, payload), offset + length
 
 
-def _parse_entries(plaintext: bytearray) -> tuple[StashEntry, ...]:
+def _parse_entries(plaintext: bytearray) -> tuple[Entry, ...]:
     view = memoryview(plaintext)
     count = view[0]
     if not 1 <= count <= MAX_ENTRIES:
         raise RecordMalformed(f"entry count {count} out of range 1..{MAX_ENTRIES}")
-    entries: list[StashEntry] = []
+    entries: list[Entry] = []
     offset = 1
     try:
         for _ in range(count):
@@ -578,106 +481,3 @@ def _parse_entries(plaintext: bytearray) -> tuple[StashEntry, ...]:
         raise
     return tuple(entries)
 
-
-# --------------------------------------------------------------------------- volume key
-
-
-def _sealed_aead(volume_key: Secret, salt: bytes, context: bytes) -> _DerivedAead:
-    """Key = HKDF-SHA256(volume key, salt, info = label, a NUL byte, ``context``)."""
-    ikm = volume_key.view()
-    if len(ikm) < _MIN_VOLUME_KEY:
-        raise ValueError(f"a volume key is at least {_MIN_VOLUME_KEY} bytes")
-    return _DerivedAead(
-        lambda out: _hkdf_into(ikm, info=_INFO_SEALED + context, salt=salt, out=out)
-    )
-
-
-def seal_to_volume_key(volume_key: Secret, plaintext: Secret, context: bytes) -> bytes:
-    """Encrypt ``plaintext`` under a key only the opened volume yields.
-
-    The key is HKDF-SHA256(volume key, salt = 16 random bytes, info = label || ``context``);
-    ``context`` names the use (e.g. ``b"login:" + uuid``) so a payload sealed for one use or
-    volume does not open for another.  Output: version (1) || salt || nonce || ciphertext+tag.
-    """
-    if not 1 <= len(plaintext) <= MAX_PASSPHRASE:
-        raise ValueError(f"sealed plaintext is 1..{MAX_PASSPHRASE} bytes")
-    salt = os.urandom(_SALT_LEN)
-    prefix = bytes([_SEALED_VERSION]) + salt + os.urandom(NONCE_LEN)
-    out = bytearray(len(plaintext) + TAG_LEN)
-    with _sealed_aead(volume_key, salt, context) as aead:
-        aead.encrypt_into(prefix[-NONCE_LEN:], plaintext.view(), prefix, out)
-    return prefix + bytes(out)
-
-
-def open_with_volume_key(
-    volume_key: Secret, sealed: bytes | bytearray | memoryview, context: bytes
-) -> Secret:
-    """Open a :func:`seal_to_volume_key` payload; :class:`SealedPayloadRefused` otherwise."""
-    view = memoryview(sealed)
-    if not SEALED_OVERHEAD < len(view) <= SEALED_OVERHEAD + MAX_PASSPHRASE:
-        raise SealedPayloadRefused("sealed payload refused")
-    if view[0] != _SEALED_VERSION:
-        raise SealedPayloadRefused("sealed payload refused")
-    salt = bytes(view[1 : 1 + _SALT_LEN])
-    nonce = bytes(view[1 + _SALT_LEN : _SEALED_PREFIX_LEN])
-    out = bytearray(len(view) - SEALED_OVERHEAD)
-    try:
-        with _sealed_aead(volume_key, salt, context) as aead:
-            aead.decrypt_into(nonce, view[_SEALED_PREFIX_LEN:], view[:_SEALED_PREFIX_LEN], out)
-    except InvalidTag:
-        out[:] = bytes(len(out))
-        raise SealedPayloadRefused("sealed payload refused") from None
-    return Secret(out)
-
-
-# --------------------------------------------------------------------------- channels
-
-
-class EfiChannel:
-    """The ``efi`` / ``efi-volatile`` channel: the record in the ``KeyHandoffStash`` variable.
-
-    Wraps :mod:`keyhandoff.efi` (imported lazily, so the pure code above never loads
-    libefivar).  Restore order is the design's: read, delete, and only then open.
-    """
-
-    __slots__ = ("_variable", "channel")
-
-    def __init__(self, *, volatile: bool = False, variable: _efi.EfiVariable | None = None) -> None:
-        from keyhandoff import efi  # keeps libefivar out of pure users
-
-        self.channel: Final = Channel.EFI_VOLATILE if volatile else Channel.EFI
-        self._variable = variable if variable is not None else efi.STASH
-
-    @property
-    def attributes(self) -> int:
-        """The variable attributes this channel writes (BS|RT, +NV unless volatile)."""
-        from keyhandoff import efi
-
-        if self.channel is Channel.EFI_VOLATILE:
-            return efi.STASH_ATTRIBUTES_VOLATILE
-        return efi.STASH_ATTRIBUTES_NV
-
-    def store(self, blob: bytes) -> None:
-        """Write a sealed record (replacing any previous one), mode 0600."""
-        from keyhandoff import efi
-
-        self._variable.write(blob, self.attributes, mode=efi.STASH_MODE)
-
-    def take(self) -> Secret | None:
-        """Read the record and delete it; ``None`` when there is none.
-
-        Delete first: if the variable cannot be deleted the record is not returned (the
-        exception propagates), so a record can never be used twice.
-        """
-        from keyhandoff import efi
-
-        try:
-            value = self._variable.read()
-        except efi.EfiVariableNotFound:
-            return None
-        try:
-            self._variable.delete()
-        except BaseException:
-            value.data.wipe()
-            raise
-        return value.data

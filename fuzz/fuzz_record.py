@@ -1,7 +1,7 @@
 
-"""Mutation fuzzer for the handoff-record parser (keyhandoff.stash.open_record).
+"""Mutation fuzzer for the handoff-record parser (keyhandoff.record.open_record).
 
-Run as a script: ``python fuzz/fuzz_stash.py --runs 1000000 [--seed N]``.
+Run as a script: ``python fuzz/fuzz_record.py --runs 1000000 [--seed N]``.
 
 Two kinds of input, alternating:
 
@@ -13,7 +13,7 @@ Two kinds of input, alternating:
   hostile writer holding it).  These may be accepted, but only if what comes back satisfies
   every documented invariant.
 
-Anything other than a :class:`~keyhandoff.stash.RecordRefused` is a crash.  Exits 1 on
+Anything other than a :class:`~keyhandoff.record.RecordRefused` is a crash.  Exits 1 on
 any finding and prints a reproducer (hex) for the first few.
 """
 
@@ -28,7 +28,8 @@ import time
 import traceback
 import uuid
 
-from keyhandoff import stash
+from keyhandoff import record as record_format
+from keyhandoff import sealing
 from keyhandoff.secret import Secret
 
 NOW = 1_750_000_000
@@ -38,33 +39,35 @@ THIS_BOOT = uuid.UUID(int=2)
 
 def _seeds(key: Secret) -> list[bytes]:
     vk = Secret(bytearray(os.urandom(64)))
-    sealed_pw = stash.seal_to_volume_key(vk, Secret(b"fuzz-passphrase"), b"ctx")
+    sealed_pw = sealing.seal_to_volume_key(vk, Secret(b"fuzz-passphrase"), b"ctx")
     seeds = []
-    for channel in stash.Channel:
+    for channel in record_format.RecordChannel:
         for count in (1, 2, 5):
             entries = []
             for i in range(count):
                 volume = uuid.UUID(int=i + 10)
                 entries.append(
-                    stash.StashEntry(volume, stash.EntryKind.ONETIME_KEY, Secret(os.urandom(32)))
+                    record_format.Entry(
+                        volume, record_format.EntryKind.ONETIME_KEY, Secret(os.urandom(32))
+                    )
                 )
                 if i % 2:
                     entries.append(
-                        stash.StashEntry(
-                            volume, stash.EntryKind.SEALED_PASSPHRASE, Secret(sealed_pw)
+                        record_format.Entry(
+                            volume, record_format.EntryKind.SEALED_PASSPHRASE, Secret(sealed_pw)
                         )
                     )
-            record = stash.HandoffRecord(
+            record = record_format.HandoffRecord(
                 channel, NOW, NOW + 3600, 1 + count, ARMING_BOOT, tuple(entries)
             )
-            seeds.append(stash.seal(record, key))
+            seeds.append(record_format.seal(record, key))
     return seeds
 
 
 def _entry(rng: random.Random) -> bytes:
     kind = rng.choice([1, 1, 2, 2, 0, 3, 255])
     if rng.random() < 0.7:
-        length = 32 if kind == 1 else rng.randint(stash.SEALED_OVERHEAD + 1, 120)
+        length = 32 if kind == 1 else rng.randint(sealing.SEALED_OVERHEAD + 1, 120)
     else:
         length = rng.choice([0, 1, 31, 33, 45, 46, 2093, 2094, 65535, rng.randint(0, 300)])
     payload = rng.randbytes(min(length, 300) if rng.random() < 0.9 else rng.randint(0, 300))
@@ -85,20 +88,21 @@ def _plaintext(rng: random.Random) -> bytes:
 
 def _raw_seal(key: Secret, plaintext: bytes, rng: random.Random) -> bytes:
     created = NOW - rng.choice([0, 100, 10**6])
-    not_after = created + rng.choice([-1, 0, 1, 3600, stash.MAX_LIFETIME, stash.MAX_LIFETIME + 1])
+    lifetime = record_format.MAX_LIFETIME
+    not_after = created + rng.choice([-1, 0, 1, 3600, lifetime, lifetime + 1])
     header = struct.pack(
         ">4sBBBQQ16s8s12s",
-        stash.MAGIC,
+        record_format.MAGIC,
         1,
         rng.choice([1, 2, 3, 3, 0, 4]),
         rng.choice([0, 1, 2, 255]),
         max(created, 0),
         max(not_after, 0),
         rng.choice([ARMING_BOOT, THIS_BOOT, uuid.UUID(int=9)]).bytes,
-        stash.record_key_id(key),
+        record_format.record_key_id(key),
         rng.randbytes(12),
     )
-    with stash._record_aead(key) as aead:  # noqa: SLF001
+    with record_format._record_aead(key) as aead:  # noqa: SLF001
         out = bytearray(len(plaintext) + 16)
         aead.encrypt_into(header[-12:], plaintext, header, out)
     return header + bytes(out)
@@ -121,7 +125,7 @@ def _mutate(data: bytes, seeds: list[bytes], rng: random.Random) -> bytes:  # no
             other = rng.choice(seeds)
             cut = rng.randint(0, min(len(blob), len(other)))
             blob = blob[:cut] + bytearray(other[cut:])
-        elif op == 5 and len(blob) >= stash.HEADER_LEN:  # rewrite a header field
+        elif op == 5 and len(blob) >= record_format.HEADER_LEN:  # rewrite a header field
             start, end = rng.choice(
                 [(4, 5), (5, 6), (6, 7), (7, 15), (15, 23), (23, 39), (39, 47), (47, 59)]
             )
@@ -134,27 +138,30 @@ def _mutate(data: bytes, seeds: list[bytes], rng: random.Random) -> bytes:  # no
             blob[a:a] = rng.randbytes(rng.randint(1, 20))
         elif op == 8:  # swap header of one seed onto the body of another
             other = rng.choice(seeds)
-            blob = bytearray(other[: stash.HEADER_LEN]) + blob[stash.HEADER_LEN :]
+            blob = bytearray(other[: record_format.HEADER_LEN]) + blob[record_format.HEADER_LEN :]
     if rng.random() < 0.01:
         return rng.randbytes(rng.randint(0, 400))
     return bytes(blob)
 
 
-def _check_invariants(record: stash.HandoffRecord) -> str | None:  # noqa: PLR0911  (one per invariant)
-    if not 1 <= len(record.entries) <= stash.MAX_ENTRIES:
+def _check_invariants(record: record_format.HandoffRecord) -> str | None:  # noqa: PLR0911  (one per invariant)
+    if not 1 <= len(record.entries) <= record_format.MAX_ENTRIES:
         return "entry count outside 1..16"
     if len({(e.volume, e.kind) for e in record.entries}) != len(record.entries):
         return "duplicate entries accepted"
     for e in record.entries:
-        if e.kind is stash.EntryKind.ONETIME_KEY and len(e.payload) != stash.ONETIME_KEY_LEN:
+        if (
+            e.kind is record_format.EntryKind.ONETIME_KEY
+            and len(e.payload) != record_format.ONETIME_KEY_LEN
+        ):
             return "one-time key of the wrong length accepted"
         if not isinstance(e.payload, Secret):
             return "payload is not a Secret"
     if record.boots_left == 0 or record.boot_id == THIS_BOOT:
         return "exhausted or same-boot record accepted"
-    if not record.created - stash.CLOCK_SKEW <= NOW <= record.not_after:
+    if not record.created - record_format.CLOCK_SKEW <= NOW <= record.not_after:
         return "record outside its validity window accepted"
-    if record.not_after - record.created > stash.MAX_LIFETIME:
+    if record.not_after - record.created > record_format.MAX_LIFETIME:
         return "lifetime over the maximum accepted"
     return None
 
@@ -167,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "big")
     rng = random.Random(seed)
-    key = stash.new_record_key()
+    key = record_format.new_record_key()
     seeds = _seeds(key)
     seed_set = set(seeds)
     reasons: dict[str, int] = {}
@@ -183,8 +190,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             blob = _mutate(rng.choice(seeds), seeds, rng)
         try:
-            record = stash.open_record(blob, key, now=NOW, boot_id=THIS_BOOT)
-        except stash.RecordRefused as exc:
+            record = record_format.open_record(blob, key, now=NOW, boot_id=THIS_BOOT)
+        except record_format.RecordRefused as exc:
             reasons[exc.reason] = reasons.get(exc.reason, 0) + 1
             continue
         except Exception:  # noqa: BLE001  (every other exception is a finding)

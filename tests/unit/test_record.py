@@ -13,13 +13,14 @@ from hypothesis import strategies as st
 from support import record_keys
 from support.passphrases import MARKER, make
 
-from keyhandoff import stash
-from keyhandoff.secret import Secret
-from keyhandoff.stash import (
+from keyhandoff import record as record_format
+from keyhandoff import sealing
+from keyhandoff.record import (
     HEADER_LEN,
-    Channel,
+    Entry,
     EntryKind,
     HandoffRecord,
+    RecordChannel,
     RecordExhausted,
     RecordExpired,
     RecordForeign,
@@ -29,9 +30,9 @@ from keyhandoff.stash import (
     RecordSameBoot,
     RecordTampered,
     RecordUnknownFormat,
-    SealedPayloadRefused,
-    StashEntry,
 )
+from keyhandoff.sealing import SealedPayloadRefused
+from keyhandoff.secret import Secret
 
 NOW = 1_750_000_000
 ARMING_BOOT = uuid.UUID("11111111-2222-3333-4444-555555555555")
@@ -39,7 +40,7 @@ NEXT_BOOT = uuid.UUID("66666666-7777-8888-9999-aaaaaaaaaaaa")
 VOLUME_A = uuid.UUID("0f0e0d0c-0b0a-0908-0706-050403020100")
 VOLUME_B = uuid.UUID("a0a1a2a3-a4a5-a6a7-a8a9-aaabacadaeaf")
 
-# Header field offsets (stash module docstring).
+# Header field offsets (record module docstring).
 FIELDS = {
     "magic": (0, 4),
     "version": (4, 5),
@@ -64,34 +65,34 @@ def volume_key(label: str = "vk") -> Secret:
 
 def make_record(
     *,
-    channel: Channel = Channel.EFI,
+    channel: RecordChannel = RecordChannel.EFI,
     created: int = NOW,
     not_after: int = NOW + 900,
     boots_left: int = 2,
     boot_id: uuid.UUID = ARMING_BOOT,
-    entries: tuple[StashEntry, ...] | None = None,
+    entries: tuple[Entry, ...] | None = None,
 ) -> HandoffRecord:
     if entries is None:
-        entries = (StashEntry(VOLUME_A, EntryKind.ONETIME_KEY, onetime_key()),)
+        entries = (Entry(VOLUME_A, EntryKind.ONETIME_KEY, onetime_key()),)
     return HandoffRecord(channel, created, not_after, boots_left, boot_id, entries)
 
 
 def open_now(blob, key, **kwargs):
     kwargs.setdefault("now", NOW + 60)
     kwargs.setdefault("boot_id", NEXT_BOOT)
-    return stash.open_record(blob, key, **kwargs)
+    return record_format.open_record(blob, key, **kwargs)
 
 
 @pytest.fixture
 def key():
-    with stash.new_record_key() as k:
+    with record_format.new_record_key() as k:
         yield k
 
 
 @pytest.fixture
 def sealed(key):
     with make_record() as record:
-        return stash.seal(record, key)
+        return record_format.seal(record, key)
 
 
 def raw_seal(
@@ -120,7 +121,7 @@ def raw_seal(
         created,
         not_after,
         boot_id.bytes,
-        stash.record_key_id(key),
+        record_format.record_key_id(key),
         os.urandom(12),
     )
     aead = ChaCha20Poly1305(record_keys.record_aead_key(bytes(key.view())))
@@ -134,19 +135,19 @@ def entry_bytes(volume: uuid.UUID, kind: int, payload: bytes) -> bytes:
 # --------------------------------------------------------------------------- round trips
 
 
-@pytest.mark.parametrize("channel", list(Channel))
+@pytest.mark.parametrize("channel", list(RecordChannel))
 def test_round_trip_every_channel(key, channel):
     vk = volume_key()
     passphrase = Secret(make("login"))
-    sealed_pw = stash.seal_to_volume_key(vk, passphrase, b"login:" + VOLUME_B.bytes)
+    sealed_pw = sealing.seal_to_volume_key(vk, passphrase, b"login:" + VOLUME_B.bytes)
     entries = (
-        StashEntry(VOLUME_A, EntryKind.ONETIME_KEY, onetime_key("a")),
-        StashEntry(VOLUME_B, EntryKind.ONETIME_KEY, onetime_key("b")),
-        StashEntry(VOLUME_B, EntryKind.SEALED_PASSPHRASE, Secret(sealed_pw)),
+        Entry(VOLUME_A, EntryKind.ONETIME_KEY, onetime_key("a")),
+        Entry(VOLUME_B, EntryKind.ONETIME_KEY, onetime_key("b")),
+        Entry(VOLUME_B, EntryKind.SEALED_PASSPHRASE, Secret(sealed_pw)),
     )
     expected = [bytes(e.payload.view()) for e in entries]
     record = make_record(channel=channel, entries=entries, boots_left=3)
-    blob = stash.seal(record, key)
+    blob = record_format.seal(record, key)
     with open_now(blob, key, channel=channel) as opened:
         assert opened.channel is channel
         assert (opened.created, opened.not_after, opened.boots_left) == (NOW, NOW + 900, 3)
@@ -156,7 +157,7 @@ def test_round_trip_every_channel(key, channel):
         ]
         assert [bytes(e.payload.view()) for e in opened.entries] == expected
         assert all(isinstance(e.payload, Secret) for e in opened.entries)
-        login = stash.open_with_volume_key(
+        login = sealing.open_with_volume_key(
             vk, opened.entries[2].payload.view(), b"login:" + VOLUME_B.bytes
         )
         assert login == passphrase
@@ -164,23 +165,23 @@ def test_round_trip_every_channel(key, channel):
 
 
 def test_header_is_readable_before_the_key_is_known(key, sealed):
-    header = stash.parse_header(sealed)
-    assert header.channel is Channel.EFI
-    assert header.key_id == stash.record_key_id(key)
+    header = record_format.parse_header(sealed)
+    assert header.channel is RecordChannel.EFI
+    assert header.key_id == record_format.record_key_id(key)
     assert header.boot_id == ARMING_BOOT
     assert len(sealed) == HEADER_LEN + 1 + 19 + 32 + 16
 
 
 def test_every_seal_uses_a_fresh_nonce(key):
     record = make_record()
-    first, second = stash.seal(record, key), stash.seal(record, key)
+    first, second = record_format.seal(record, key), record_format.seal(record, key)
     assert first[47:59] != second[47:59]
     assert first[59:] != second[59:]
 
 
 def test_no_secret_in_reprs_or_ciphertext(key):
     record = make_record()
-    blob = stash.seal(record, key)
+    blob = record_format.seal(record, key)
     opened = open_now(blob, key)
     texts = [repr(record), repr(record.entries[0]), repr(opened), repr(opened.entries)]
     assert not any(MARKER.decode() in t for t in texts)
@@ -202,7 +203,7 @@ def test_truncated_at_every_length_is_refused(key, sealed):
 
 def test_oversized_is_refused_unread(key, sealed):
     with pytest.raises(RecordMalformed, match="oversized"):
-        open_now(sealed + bytes(stash.MAX_RECORD_SIZE), key)
+        open_now(sealed + bytes(record_format.MAX_RECORD_SIZE), key)
 
 
 def test_trailing_byte_is_refused(key, sealed):
@@ -230,22 +231,22 @@ def test_unknown_channel(key):
 
 
 def test_wrong_key_is_foreign(sealed):
-    with stash.new_record_key() as other, pytest.raises(RecordForeign, match="another"):
+    with record_format.new_record_key() as other, pytest.raises(RecordForeign, match="another"):
         open_now(sealed, other)
 
 
 def test_key_id_forged_to_match_still_fails_authentication(key):
     # An attacker who copies our key id into a record sealed under their key gets nowhere.
-    with stash.new_record_key() as attacker:
-        blob = bytearray(stash.seal(make_record(), attacker))
-    blob[39:47] = stash.record_key_id(key)
+    with record_format.new_record_key() as attacker:
+        blob = bytearray(record_format.seal(make_record(), attacker))
+    blob[39:47] = record_format.record_key_id(key)
     with pytest.raises(RecordTampered):
         open_now(bytes(blob), key)
 
 
 def test_read_from_another_channel_is_foreign(key, sealed):
     with pytest.raises(RecordForeign, match="channel"):
-        open_now(sealed, key, channel=Channel.KEYRING)
+        open_now(sealed, key, channel=RecordChannel.KEYRING)
 
 
 def test_stale_record_is_refused(key, sealed):
@@ -255,9 +256,9 @@ def test_stale_record_is_refused(key, sealed):
 
 
 def test_clock_before_arming_is_refused(key, sealed):
-    open_now(sealed, key, now=NOW - stash.CLOCK_SKEW)
+    open_now(sealed, key, now=NOW - record_format.CLOCK_SKEW)
     with pytest.raises(RecordNotYetValid):
-        open_now(sealed, key, now=NOW - stash.CLOCK_SKEW - 1)
+        open_now(sealed, key, now=NOW - record_format.CLOCK_SKEW - 1)
     with pytest.raises(RecordNotYetValid):
         open_now(sealed, key, now=0)  # RTC reset to its epoch
 
@@ -270,7 +271,7 @@ def test_same_boot_is_refused(key, sealed):
 
 
 def test_no_boots_left_is_refused(key):
-    blob = stash.seal(make_record(boots_left=0), key)
+    blob = record_format.seal(make_record(boots_left=0), key)
     with pytest.raises(RecordExhausted):
         open_now(blob, key)
 
@@ -372,7 +373,7 @@ def test_authenticated_but_malformed_entries(key, plaintext, match):
     [
         (NOW, NOW, "not after"),
         (NOW, NOW - 1, "not after"),
-        (NOW, NOW + stash.MAX_LIFETIME + 1, "more than"),
+        (NOW, NOW + record_format.MAX_LIFETIME + 1, "more than"),
     ],
 )
 def test_authenticated_but_impossible_deadline(key, created, not_after, match):
@@ -385,14 +386,14 @@ def test_authenticated_but_impossible_deadline(key, created, not_after, match):
 
 def test_entries_already_parsed_are_wiped_on_refusal(key, monkeypatch):
     made: list[Secret] = []
-    real = stash.Secret
+    real = record_format.Secret
 
     def recording(data, **kwargs):
         secret = real(data, **kwargs)
         made.append(secret)
         return secret
 
-    monkeypatch.setattr(stash, "Secret", recording)
+    monkeypatch.setattr(record_format, "Secret", recording)
     plaintext = b"\x02" + entry_bytes(VOLUME_A, 1, bytes(range(32))) + entry_bytes(VOLUME_B, 9, b"")
     with pytest.raises(RecordMalformed):
         open_now(raw_seal(key, plaintext), key)
@@ -402,9 +403,11 @@ def test_entries_already_parsed_are_wiped_on_refusal(key, monkeypatch):
 
 def test_refusal_texts_carry_no_secret(key):
     record = make_record()
-    blob = stash.seal(record, key)
+    blob = record_format.seal(record, key)
     texts = []
-    for kwargs in ({"boot_id": ARMING_BOOT}, {"now": NOW + 10**6}, {"channel": Channel.KEYRING}):
+    for kwargs in (
+        {"boot_id": ARMING_BOOT}, {"now": NOW + 10**6}, {"channel": RecordChannel.KEYRING},
+    ):
         with pytest.raises(RecordRefused) as info:
             open_now(blob, key, **kwargs)
         texts.append(str(info.value))
@@ -415,11 +418,11 @@ def test_refusal_texts_carry_no_secret(key):
 
 
 def test_record_validation_on_the_seal_side():
-    entry = StashEntry(VOLUME_A, EntryKind.ONETIME_KEY, onetime_key())
+    entry = Entry(VOLUME_A, EntryKind.ONETIME_KEY, onetime_key())
     with pytest.raises(ValueError, match="not after"):
         make_record(not_after=NOW, entries=(entry,))
     with pytest.raises(ValueError, match="more than"):
-        make_record(not_after=NOW + stash.MAX_LIFETIME + 1, entries=(entry,))
+        make_record(not_after=NOW + record_format.MAX_LIFETIME + 1, entries=(entry,))
     with pytest.raises(ValueError, match="entries"):
         make_record(entries=())
     with pytest.raises(ValueError, match="entries"):
@@ -429,22 +432,22 @@ def test_record_validation_on_the_seal_side():
     with pytest.raises(ValueError, match="boots_left"):
         make_record(boots_left=256, entries=(entry,))
     with pytest.raises(ValueError, match="32 bytes"):
-        StashEntry(VOLUME_A, EntryKind.ONETIME_KEY, Secret(b"short"))
+        Entry(VOLUME_A, EntryKind.ONETIME_KEY, Secret(b"short"))
 
 
 def test_record_key_must_be_32_bytes():
     with Secret(b"k" * 16) as short, pytest.raises(ValueError, match="32 bytes"):
-        stash.seal(make_record(), short)
+        record_format.seal(make_record(), short)
 
 
 def test_oversized_record_cannot_be_sealed(key):
     vk = volume_key()
-    big = stash.seal_to_volume_key(vk, Secret(b"p" * 2048), b"ctx")
+    big = sealing.seal_to_volume_key(vk, Secret(b"p" * 2048), b"ctx")
     entries = tuple(
-        StashEntry(uuid.UUID(int=i), EntryKind.SEALED_PASSPHRASE, Secret(big)) for i in range(8)
+        Entry(uuid.UUID(int=i), EntryKind.SEALED_PASSPHRASE, Secret(big)) for i in range(8)
     )
     with pytest.raises(ValueError, match="limit"):
-        stash.seal(make_record(entries=entries), key)
+        record_format.seal(make_record(entries=entries), key)
 
 
 # --------------------------------------------------------------------------- volume key
@@ -453,16 +456,16 @@ def test_oversized_record_cannot_be_sealed(key):
 def test_sealed_to_volume_key_round_trip_and_refusals():
     vk = volume_key()
     secret = Secret(make("login"))
-    blob = stash.seal_to_volume_key(vk, secret, b"login:a")
+    blob = sealing.seal_to_volume_key(vk, secret, b"login:a")
     assert MARKER not in blob
-    assert len(blob) == len(secret) + stash.SEALED_OVERHEAD
-    with stash.open_with_volume_key(vk, blob, b"login:a") as opened:
+    assert len(blob) == len(secret) + sealing.SEALED_OVERHEAD
+    with sealing.open_with_volume_key(vk, blob, b"login:a") as opened:
         assert opened == secret
     refusals = [
         (volume_key("other"), blob, b"login:a"),  # another volume's key
         (vk, blob, b"login:b"),  # sealed for another use
         (vk, blob[:-1], b"login:a"),
-        (vk, blob[: stash.SEALED_OVERHEAD], b"login:a"),
+        (vk, blob[: sealing.SEALED_OVERHEAD], b"login:a"),
         (vk, b"\x02" + blob[1:], b"login:a"),
         (vk, blob + b"\0", b"login:a"),
     ]
@@ -472,26 +475,27 @@ def test_sealed_to_volume_key_round_trip_and_refusals():
         refusals.append((vk, bytes(flipped), b"login:a"))
     for k, candidate, context in refusals:
         with pytest.raises(SealedPayloadRefused) as info:
-            stash.open_with_volume_key(k, candidate, context)
+            sealing.open_with_volume_key(k, candidate, context)
         assert str(info.value) == "sealed payload refused"
 
 
 def test_sealing_uses_fresh_salt_and_nonce():
     vk = volume_key()
     secret = Secret(make("login"))
-    assert stash.seal_to_volume_key(vk, secret, b"c") != stash.seal_to_volume_key(vk, secret, b"c")
+    first = sealing.seal_to_volume_key(vk, secret, b"c")
+    assert first != sealing.seal_to_volume_key(vk, secret, b"c")
 
 
 def test_volume_key_too_short_is_a_caller_error():
     with pytest.raises(ValueError, match="at least"):
-        stash.seal_to_volume_key(Secret(b"k" * 8), Secret(b"x"), b"c")
+        sealing.seal_to_volume_key(Secret(b"k" * 8), Secret(b"x"), b"c")
 
 
 # --------------------------------------------------------------------------- hypothesis
 
 SETTINGS = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-_KEY = stash.new_record_key()
-_SEALED = stash.seal(make_record(boots_left=5), _KEY)
+_KEY = record_format.new_record_key()
+_SEALED = record_format.seal(make_record(boots_left=5), _KEY)
 
 
 @SETTINGS
@@ -545,7 +549,7 @@ def test_arbitrary_authenticated_plaintext_only_raises_refusals(plaintext):
 
 def test_aead_is_chacha20poly1305_over_the_header():
     # Pins the construction documented in the module docstring: the header is the AD.
-    blob = stash.seal(make_record(), _KEY)
+    blob = record_format.seal(make_record(), _KEY)
     aead = ChaCha20Poly1305(record_keys.record_aead_key(bytes(_KEY.view())))
     plaintext = aead.decrypt(blob[47:59], blob[HEADER_LEN:], blob[:HEADER_LEN])
     assert plaintext[0] == 1

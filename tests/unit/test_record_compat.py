@@ -17,7 +17,8 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from support.cryptography38 import CryptographyModel38, OldAead
 from support.passphrases import make
 
-from keyhandoff import stash
+from keyhandoff import record as record_format
+from keyhandoff import sealing
 from keyhandoff.secret import Secret
 
 
@@ -39,37 +40,39 @@ def test_the_model_keeps_the_reference_as_38_does():
 
 
 def _record():
-    entry = stash.StashEntry(uuid.uuid4(), stash.EntryKind.ONETIME_KEY, Secret(b"\x01" * 32))
-    return stash.HandoffRecord(
-        channel=stash.Channel.EFI, created=1_700_000_000, not_after=1_700_000_600,
+    entry = record_format.Entry(
+        uuid.uuid4(), record_format.EntryKind.ONETIME_KEY, Secret(b"\x01" * 32)
+    )
+    return record_format.HandoffRecord(
+        channel=record_format.RecordChannel.EFI, created=1_700_000_000, not_after=1_700_000_600,
         boots_left=1, boot_id=uuid.uuid4(), entries=(entry,),
     )
 
 
 def test_seal_and_open_without_into(old_cryptography):
-    key = stash.new_record_key()
-    blob = stash.seal(_record(), key)
-    record = stash.open_record(blob, key, now=1_700_000_100, boot_id=uuid.uuid4())
+    key = record_format.new_record_key()
+    blob = record_format.seal(_record(), key)
+    record = record_format.open_record(blob, key, now=1_700_000_100, boot_id=uuid.uuid4())
     assert bytes(record.entries[0].payload.view()) == b"\x01" * 32
     tampered = bytearray(blob)
     tampered[-1] ^= 1
-    with pytest.raises(stash.RecordTampered):
-        stash.open_record(bytes(tampered), key, now=1_700_000_100, boot_id=uuid.uuid4())
+    with pytest.raises(record_format.RecordTampered):
+        record_format.open_record(bytes(tampered), key, now=1_700_000_100, boot_id=uuid.uuid4())
 
 
 def test_records_are_compatible_across_versions(old_cryptography, monkeypatch):
-    key = stash.new_record_key()
-    blob = stash.seal(_record(), key)
+    key = record_format.new_record_key()
+    blob = record_format.seal(_record(), key)
     monkeypatch.undo()  # the current cryptography opens what the old one sealed
-    record = stash.open_record(blob, key, now=1_700_000_100, boot_id=uuid.uuid4())
+    record = record_format.open_record(blob, key, now=1_700_000_100, boot_id=uuid.uuid4())
     assert len(record.entries) == 1
 
 
 def test_sealed_passphrase_without_into(old_cryptography):
     vk = Secret(b"\x02" * 64)
     pw = make("compat")
-    sealed = stash.seal_to_volume_key(vk, Secret(pw), b"ctx")
-    with stash.open_with_volume_key(vk, sealed, b"ctx") as got:
+    sealed = sealing.seal_to_volume_key(vk, Secret(pw), b"ctx")
+    with sealing.open_with_volume_key(vk, sealed, b"ctx") as got:
         assert bytes(got.view()) == pw
-    with pytest.raises(stash.SealedPayloadRefused):
-        stash.open_with_volume_key(vk, sealed, b"other")
+    with pytest.raises(sealing.SealedPayloadRefused):
+        sealing.open_with_volume_key(vk, sealed, b"other")
