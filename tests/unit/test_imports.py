@@ -47,3 +47,19 @@ def test_entry_point_imports_no_heavy_module(module):
 def test_the_probe_sees_a_heavy_import():
     # The check above can fail: a module that loads libcryptsetup is seen.
     assert "keyhandoff._bindings._cryptsetup" in _heavy(_modules_after_import("keyhandoff.luks"))
+
+
+@pytest.mark.parametrize("module", ["keyhandoff.aead", "keyhandoff.sealing", "keyhandoff.record"])
+def test_the_record_format_is_pure(module):
+    # The formats load their AEAD backend and no C binding (no libefivar, no libcryptsetup).
+    heavy = _heavy(_modules_after_import(module))
+    assert "cryptography" in heavy
+    assert [m for m in heavy if not m.startswith("cryptography")] == []
+
+
+def test_the_record_variable_loads_no_aead():
+    # efi.RecordVariable stores sealed bytes: `status` and the sweeps reach efi without
+    # paying for cryptography.
+    heavy = _heavy(_modules_after_import("keyhandoff.efi"))
+    assert "keyhandoff._bindings._efivar" in heavy
+    assert [m for m in heavy if m.startswith("cryptography")] == []
