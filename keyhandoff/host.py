@@ -1,0 +1,73 @@
+"""The machine as the runner API sees it: the boot id, the clock, systemd's soft-reboot count.
+
+Everything of the outside world that decides what a state change does is read through one
+:class:`Host`.  Callers pass nothing and get :data:`THIS_HOST`.  A test of "the next boot"
+on a single kernel gives a ``Host`` of its own instead (a reboot cannot be produced on the
+test host): another boot id file, a clock moved forward or back, another crypttab::
+
+    host = Host(boot_id_path="/tmp/x/boot_id", clock=lambda: time.time() + 3600)
+    update.restore(host=host)
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final
+
+from keyhandoff import crypttab
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+__all__ = ["BOOT_ID_PATH", "THIS_HOST", "Host"]
+
+#: Where the running kernel's boot id is read.
+BOOT_ID_PATH: Final = "/proc/sys/kernel/random/boot_id"
+
+
+def _systemd_soft_reboots() -> int | None:
+    """The number of soft reboots systemd made since the kernel booted (254+), else None."""
+    try:
+        proc = subprocess.run(["systemctl", "show", "--property=SoftRebootsCount", "--value"],
+                              capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    text = proc.stdout.strip()
+    return int(text) if proc.returncode == 0 and text.isdigit() else None
+
+
+@dataclass(frozen=True, slots=True)
+class Host:
+    """Where the boot id, the time, the soft-reboot count and crypttab come from."""
+
+    boot_id_path: str = BOOT_ID_PATH
+    clock: Callable[[], float] = time.time
+    soft_reboot_count: Callable[[], int | None] = _systemd_soft_reboots
+    crypttab_path: str = crypttab.DEFAULT_PATH
+
+    def boot_id(self) -> str:
+        """The running boot's id (a soft reboot keeps it; kexec and a full reboot do not)."""
+        with open(self.boot_id_path, encoding="ascii") as f:
+            return f.read().strip()
+
+    def now(self) -> int:
+        """Unix seconds."""
+        return int(self.clock())
+
+    def soft_reboots(self) -> int | None:
+        """Systemd's ``SoftRebootsCount`` (None when systemd does not say)."""
+        return self.soft_reboot_count()
+
+    def crypttab(self) -> list[crypttab.CrypttabEntry]:
+        """Every entry of crypttab (an unreadable file is an empty one)."""
+        try:
+            with open(self.crypttab_path, encoding="utf-8", errors="replace") as f:
+                return crypttab.parse(f.read())
+        except OSError:
+            return []
+
+
+#: The running machine.
+THIS_HOST: Final = Host()
