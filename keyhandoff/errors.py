@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, ClassVar
 
 if TYPE_CHECKING:
-    from keyhandoff.update import ArmReport
+    from keyhandoff.reports import ArmReport
 
 __all__ = [
     "ArmRefused",

@@ -103,6 +103,12 @@ def _handoff_section() -> dict[str, Any]:
     return update.status()
 
 
+def _channels_section() -> dict[str, Any]:
+    from keyhandoff import update
+
+    return update.channel_availability()
+
+
 def _efi_section() -> dict[str, Any]:
     # Reads only: efi.probe() would write NVRAM (flash wear) and is for arming, not status.
     from keyhandoff import efi
@@ -133,6 +139,7 @@ SECTIONS: dict[str, Any] = {
     "keyring": _keyring_section,
     "systemd": _systemd_section,
     "handoff": _handoff_section,
+    "channels": _channels_section,
     "efi": _efi_section,
     "volumes": _volumes_section,
 }

@@ -1,0 +1,413 @@
+"""The ``efi`` channel: one-time keys across a full reboot, in a sealed EFI-variable record.
+
+``arm(reboot="full")`` reads each volume key (the passphrase check: one PBKDF), adds a
+one-time LUKS2 keyslot with its bound token, and writes a record (:mod:`keyhandoff.record`)
+holding only the one-time keys, sealed under a record key kept beside the keyslots
+(:mod:`keyhandoff.recordkey`).  For the login, the passphrase travels sealed to the volume
+key (:mod:`keyhandoff.sealing`): it opens only once the disk is open.  LUKS1 volumes and
+machines without writable EFI variables are refused, never downgraded.
+
+Between the boots of a chain our keyring holds ``keyhandoff:vk:<UUID>`` (a volume key, only
+while another re-arm is needed) and ``keyhandoff:sealed:<UUID>`` (the sealed login
+passphrase), each expiring in the kernel at the chain's deadline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+import uuid as _uuid
+from typing import TYPE_CHECKING, ClassVar, Final
+
+from keyhandoff import journal, names
+from keyhandoff.asking import refuse_wrong
+from keyhandoff.cache import SystemdCache
+from keyhandoff.chain import CHAIN_KEY, Chain, Pending, Reboot, Target
+from keyhandoff.channels import Availability, Work
+from keyhandoff.errors import ArmRefused, ChannelUnavailable, KeyUnavailable, NotArmed
+from keyhandoff.journal import Event
+from keyhandoff.recordkey import STORE
+from keyhandoff.reports import ArmReport, RestoreReport, VolumeReport
+from keyhandoff.secret import Secret
+from keyhandoff.sweep import FoundSlot, destroy_unclaimed, find, known_paths, sweep_paths
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from keyhandoff.asking import Passphrases
+    from keyhandoff.cache import PassphraseCache
+    from keyhandoff.host import Host
+    from keyhandoff.record import HandoffRecord
+
+__all__ = ["EfiChannel"]
+
+VK_PREFIX: Final = names.VK_PREFIX
+SEALED_PREFIX: Final = names.SEALED_PREFIX
+#: How long a restored one-time key may wait for its prompt.
+RESTORE_TIMEOUT: Final = 600
+
+
+def login_context(volume: str) -> bytes:
+    """The context a login passphrase is sealed to, besides the volume key."""
+    return b"keyhandoff login:" + volume.encode()
+
+
+class EfiChannel:
+    """One-time keys in a sealed EFI-variable record across a full reboot."""
+
+    name: ClassVar[str] = "efi"
+    reboot: ClassVar[Reboot] = "full"
+    keeps_keyring: ClassVar[bool] = False
+
+    # --- choosing -------------------------------------------------------------------------
+
+    def availability(self) -> Availability:
+        """Whether runtime variables are there (reads only: a probe write wears flash)."""
+        from keyhandoff import efi
+
+        if not efi.supported():
+            return Availability(available=False, detail="no UEFI runtime variables")
+        return Availability(available=True, detail="UEFI runtime variables present "
+                            "(writability is tested when arming)")
+
+    def refuse(self, targets: Sequence[Target]) -> None:
+        """Refuse before asking: no writable EFI variables, or a LUKS1 volume."""
+        from keyhandoff import efi
+        from keyhandoff.luks import LuksHeader
+
+        caps = efi.probe()
+        if not caps.nv_writable:
+            raise ChannelUnavailable(f"cannot carry a record across a full reboot: {caps.detail}")
+        refused = []
+        for t in targets:
+            with LuksHeader.open(t.path) as header:
+                if header.luks_version != 2:
+                    refused.append(VolumeReport(
+                        t.uuid, t.name, armed=False,
+                        how="LUKS1 has no tokens for a one-time keyslot; the passphrase would "
+                            "have to be stored, which keyhandoff refuses"))
+        if refused:
+            report = ArmReport(self.name, self.reboot, 0, 0, "not armed", tuple(refused))
+            raise ArmRefused("; ".join(f"{r.name}: {r.how}" for r in refused), report)
+
+    # --- arming ---------------------------------------------------------------------------
+
+    def arm(self, work: Work, chain: Chain, targets: Sequence[Target],
+            passphrases: Passphrases) -> tuple[ArmReport, set[str]]:
+        """Read every volume key first (the passphrase check: one PBKDF each), then write."""
+        from keyhandoff.luks import LuksHeader, WrongPassphrase
+
+        volume_keys: dict[str, Secret] = {}
+        try:
+            for t in targets:
+                if t.uuid in volume_keys:
+                    continue
+                secret, source = passphrases[t.uuid]
+                work.say(f"reading the volume key of {t.name} ({source}; one PBKDF)")
+                with LuksHeader.open(t.path) as header:
+                    try:
+                        _slot, volume_keys[t.uuid] = header.volume_key(secret)
+                    except WrongPassphrase:
+                        raise refuse_wrong(t, work.cache, source) from None
+            login = {u: s for u, (s, _src) in passphrases.items()} if chain.login else {}
+            return self._write(work, chain, volume_keys, login)
+        finally:
+            for vk in volume_keys.values():
+                vk.wipe()
+
+    def rearm(self, work: Work, chain: Chain) -> ArmReport:
+        """A new record and new one-time keyslots from the volume keys kept since finish."""
+        cache = work.cache
+        volume_keys: dict[str, Secret] = {}
+        login: dict[str, Secret] = {}
+        try:
+            for t in chain.volumes:
+                vk = cache.get_key(VK_PREFIX + t.uuid)
+                if vk is None:
+                    raise NotArmed(f"the volume key of {t.name} is gone (expired?)")
+                volume_keys[t.uuid] = vk
+                if chain.login:
+                    login[t.uuid] = cache.get(t.uuid)
+            report, _ours = self._write(work, chain, volume_keys, login)
+        finally:
+            for secret in (*volume_keys.values(), *login.values()):
+                secret.wipe()
+        for t in chain.volumes:
+            cache.forget_key(VK_PREFIX + t.uuid)
+        return report
+
+    def _write(self, work: Work, chain: Chain, volume_keys: dict[str, Secret],
+               login_passphrases: dict[str, Secret]) -> tuple[ArmReport, set[str]]:
+        """Add one-time keyslots, seal the record, store it, save the chain.
+
+        On a failure the keyslots this call added are destroyed again.  The EFI variable is
+        replaced by delete-then-write: once the store was tried, a previous record may be
+        gone (or be this call's, useless without its keyslots), so the chain that needed it
+        goes too and nothing claims to be armed that is not.
+        """
+        from keyhandoff import efi, onetime, record, sealing
+        from keyhandoff.luks import LuksError, LuksHeader
+
+        now, boot_id = work.host.now(), work.host.boot_id()
+        entries: list[record.Entry] = []
+        reports = []
+        created: list[tuple[str, onetime.OnetimeSlot]] = []
+        record_key = STORE.new_key()
+        stored = "no"
+        try:
+            for t in chain.volumes:
+                with LuksHeader.open(t.path) as header, volume_keys[t.uuid].copy() as vk, \
+                        STORE.beside_keyslot(record_key) as kept:
+                    work.say(f"adding a one-time keyslot to {t.name}")
+                    slot_info, key = onetime.add(header, vk, not_after=chain.not_after,
+                                                 boot_id=boot_id, record_key=kept)
+                    created.append((t.path, slot_info))
+                    volume = _uuid.UUID(t.uuid)
+                    entries.append(record.Entry(volume, record.EntryKind.ONETIME_KEY, key))
+                    passphrase = login_passphrases.get(t.uuid)
+                    if passphrase is not None:
+                        sealed = sealing.seal_to_volume_key(vk, passphrase, login_context(t.uuid))
+                        entries.append(record.Entry(
+                            volume, record.EntryKind.SEALED_PASSPHRASE, Secret(sealed)))
+                reports.append(VolumeReport(
+                    t.uuid, t.name, armed=True,
+                    how=f"one-time keyslot {slot_info.keyslot}; the EFI record holds only its "
+                        "key"))
+            sealed_record = record.HandoffRecord(
+                channel=record.RecordChannel.EFI, created=now, not_after=chain.not_after,
+                boots_left=chain.boots_left, boot_id=_uuid.UUID(boot_id), entries=tuple(entries),
+            )
+            blob = record.seal(sealed_record, record_key)
+            work.say("writing the handoff record to the EFI variable")
+            stored = "tried"
+            efi.RecordVariable().store(blob)
+            stored = "yes"
+            chain.armed_boot = boot_id
+            chain.save(work.cache, now)
+        except BaseException:
+            for path, slot in created:
+                with contextlib.suppress(LuksError, OSError), LuksHeader.open(path) as header:
+                    onetime.destroy(header, slot)
+            if stored != "no":
+                with contextlib.suppress(efi.EfiError, OSError):
+                    if stored == "yes" or not efi.STASH.exists():
+                        with contextlib.suppress(efi.EfiVariableNotFound):
+                            efi.STASH.delete()
+                        work.cache.forget_key(CHAIN_KEY)
+                        journal.log(Event.WIPED, "the EFI record could not be replaced: "
+                                    "nothing is armed now", priority=journal.WARNING)
+            raise
+        finally:
+            record_key.wipe()
+            for e in entries:
+                e.wipe()
+        login = ("the passphrase travels sealed to the volume key and goes to the login "
+                 "keyring on the last boot") if chain.login else "not requested"
+        report = ArmReport(self.name, chain.reboot, chain.not_after, chain.boots_left, login,
+                           tuple(reports))
+        return report, {slot.binding for _path, slot in created}
+
+    def armed_this_boot(self, chain: Chain, host: Host) -> bool:
+        """A full reboot changes the boot id."""
+        return chain.armed_boot == host.boot_id()
+
+    # --- boot time ------------------------------------------------------------------------
+
+    def restore(self, work: Work, chain: Chain | None, volumes: Sequence[str] | None,
+                wait: float) -> RestoreReport:
+        """Take the record (read and delete), check it, cache its one-time keys; sweep."""
+        from keyhandoff import record
+
+        if chain is not None and self.armed_this_boot(chain, work.host):
+            journal.log(Event.RESTORED, "armed in this boot: the record is for the next boot",
+                        channel=self.name, volumes=0)
+            return RestoreReport(None, (), None, 0)
+        if chain is not None and chain.restored_boot == work.host.boot_id():
+            return RestoreReport(None, (), None, 0)  # restored already in this boot
+        given = list(volumes) if volumes is not None else known_paths(None, work.host)
+        blob, refused = _take_record()
+        if blob is not None and wait > 0:
+            _wait_for(given, wait)  # only when a record needs the headers: not on every boot
+        paths = sweep_paths(given, work.host)
+        now = work.host.now()
+        found = find(paths)
+        claimed: set[str] = set()
+        opened = None
+        if blob is not None:
+            with blob:
+                try:
+                    opened, claimed = _open_record(blob, found, now, work.host)
+                except record.RecordRefused as exc:
+                    refused = str(exc)
+                    journal.log(Event.RECORD_REFUSED, f"handoff record refused: {exc}",
+                                priority=journal.WARNING, reason=str(exc))
+        destroyed = destroy_unclaimed(paths, claimed)
+        restored: list[str] = []
+        if opened is not None:
+            with opened:
+                restored = self._load(work, opened, found, claimed, now)
+        return RestoreReport(self.name if blob is not None else None, tuple(restored), refused,
+                             destroyed)
+
+    def _load(self, work: Work, opened: HandoffRecord, found: list[FoundSlot],
+              claimed: set[str], now: int) -> list[str]:
+        from keyhandoff import onetime, record
+
+        cache = work.cache
+        timeout = max(1, min(opened.not_after - now, RESTORE_TIMEOUT))
+        restored: list[str] = []
+        pending: list[Pending] = []
+        volumes: list[Target] = []
+        for entry in opened.entries:
+            volume = str(entry.volume)
+            slots = [f for f in found if f.volume == volume and f.slot.binding in claimed]
+            if not slots:
+                continue
+            path, slot = slots[0].path, slots[0].slot
+            if entry.kind is record.EntryKind.ONETIME_KEY:
+                with onetime.key_text(entry.payload) as text:
+                    cache.put(volume, text, timeout=timeout)
+                restored.append(volume)
+                pending.append(Pending(volume, slot.keyslot, slot.token, path))
+                volumes.append(Target(volume, path, os.path.basename(path)))
+            elif entry.kind is record.EntryKind.SEALED_PASSPHRASE:
+                cache.put_key(SEALED_PREFIX + volume, entry.payload,
+                              timeout=max(1, opened.not_after - now))
+        login = any(e.kind is record.EntryKind.SEALED_PASSPHRASE for e in opened.entries)
+        chain = Chain(channel=self.name, reboot=self.reboot, not_after=opened.not_after,
+                      boots_left=opened.boots_left - 1, login=login, volumes=tuple(volumes),
+                      pending=tuple(pending), restored_boot=work.host.boot_id())
+        chain.save(cache, now)
+        journal.log(Event.RESTORED, f"restored one-time keys for {len(restored)} volume(s)",
+                    channel=self.name, volumes=len(restored), boots_left=chain.boots_left)
+        return restored
+
+    def finish(self, work: Work, chain: Chain, passphrases: list[Secret]) -> int:
+        """Destroy each used one-time keyslot; keep the volume key while boots remain."""
+        return sum(self._finish_volume(work, chain, item, passphrases) for item in chain.pending)
+
+    def _finish_volume(self, work: Work, chain: Chain, item: Pending,
+                       passphrases: list[Secret]) -> int:
+        from keyhandoff.luks import LuksError
+
+        cache, volume = work.cache, item.uuid
+        try:
+            key: Secret | None = cache.get(volume)
+        except KeyUnavailable:
+            key = None
+        # The one-time key answered its prompt; it must neither stay in our cache nor in
+        # systemd's, where pam_gdm would take it for "the last entry".
+        cache.forget(volume)
+        sealed = cache.get_key(SEALED_PREFIX + volume)
+        cache.forget_key(SEALED_PREFIX + volume)
+        try:
+            return self._use_and_destroy(work, chain, item, key, sealed, passphrases)
+        except (LuksError, OSError) as exc:
+            journal.log(Event.ERROR, f"could not finish the handoff for {volume}: {exc}",
+                        priority=journal.WARNING, volume=volume)
+            return 0
+        finally:
+            if sealed is not None:
+                sealed.wipe()
+            if key is not None:
+                SystemdCache().remove([key])
+                key.wipe()
+
+    def _use_and_destroy(self, work: Work, chain: Chain, item: Pending, key: Secret | None,
+                         sealed: Secret | None, passphrases: list[Secret]) -> int:
+        """Open the volume key with the one-time key, carry on, destroy the keyslot."""
+        from keyhandoff import onetime
+        from keyhandoff.luks import LuksError, LuksHeader
+
+        if item.path is None or item.keyslot is None:
+            return 0  # not a one-time keyslot of ours (a chain of another channel)
+        destroyed = 0
+        with LuksHeader.open(item.path) as header:
+            if key is not None:
+                try:
+                    _slot, vk = header.volume_key(key, keyslot=item.keyslot)
+                except LuksError:
+                    vk = None
+                if vk is not None:
+                    with vk:
+                        self._carry_on(work, chain, item.uuid, vk, sealed, passphrases)
+            for slot in onetime.slots(header):
+                if slot.token == item.token:
+                    destroyed += onetime.destroy(header, slot)
+        return destroyed
+
+    def _carry_on(self, work: Work, chain: Chain, volume: str, vk: Secret,
+                  sealed: Secret | None, passphrases: list[Secret]) -> None:
+        """With the volume key: open the sealed login passphrase; keep what later boots need."""
+        from keyhandoff import sealing
+
+        cache = work.cache
+        deadline_left = max(1, chain.not_after - work.host.now())
+        if sealed is not None:
+            try:
+                pw = sealing.open_with_volume_key(vk, sealed.view(), login_context(volume))
+            except sealing.SealedPayloadRefused:
+                journal.log(Event.ERROR, f"the sealed login passphrase for {volume} did not open",
+                            priority=journal.WARNING, volume=volume)
+            else:
+                if chain.boots_left > 0:
+                    cache.put(volume, pw, timeout=deadline_left)  # re-sealed by rearm()
+                passphrases.append(pw)
+        if chain.boots_left > 0:
+            cache.put_key(VK_PREFIX + volume, vk, timeout=deadline_left)
+
+    # --- wiping ---------------------------------------------------------------------------
+
+    def discard(self) -> int:
+        """Delete the record variable (1 when there was one)."""
+        from keyhandoff import efi
+
+        if not efi.supported():
+            return 0
+        try:
+            efi.STASH.delete()
+        except efi.EfiVariableNotFound:
+            return 0
+        return 1
+
+    def forget_keys(self, cache: PassphraseCache, uuids: set[str]) -> int:
+        """The kept volume keys and sealed login payloads of these volumes."""
+        return sum(cache.forget_key(prefix + u) for u in uuids
+                   for prefix in (VK_PREFIX, SEALED_PREFIX))
+
+
+def _wait_for(paths: list[str], seconds: float) -> None:
+    """Early in boot the volumes' device links may not exist yet: wait for them, bounded."""
+    deadline = time.monotonic() + seconds
+    while any(not os.path.exists(p) for p in paths) and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+def _take_record() -> tuple[Secret | None, str | None]:
+    """Read and delete the EFI record (not used when it cannot be deleted)."""
+    from keyhandoff import efi
+
+    if not efi.supported():
+        return None, None
+    try:
+        return efi.RecordVariable().take(), None
+    except efi.EfiError as exc:
+        refused = f"the record could not be deleted, so it is not used: {exc}"
+        journal.log(Event.RECORD_REFUSED, refused, priority=journal.WARNING)
+        return None, refused
+
+
+def _open_record(blob: Secret, found: list[FoundSlot], now: int,
+                 host: Host) -> tuple[HandoffRecord, set[str]]:
+    from keyhandoff import record
+
+    header = record.parse_header(blob.view())
+    located = STORE.find(header.key_id, found)
+    if located is None:
+        raise record.RecordForeign("no one-time keyslot on this machine's volumes matches it")
+    key, claimed = located
+    with key:
+        opened = record.open_record(blob.view(), key, now=now, boot_id=_uuid.UUID(host.boot_id()),
+                                    channel=record.RecordChannel.EFI)
+    return opened, claimed
