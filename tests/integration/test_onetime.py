@@ -231,6 +231,7 @@ ARMED = """
 import json, os, sys, time, uuid
 from datetime import timedelta
 from keyhandoff import efi, keyring, onetime, update
+from keyhandoff.host import Host
 from keyhandoff.cache import PassphraseCache
 from keyhandoff.errors import KeyExpired
 from keyhandoff.luks import LuksHeader
@@ -238,7 +239,9 @@ from keyhandoff.secret import Secret
 
 dev, pw_file, state, loss, step = sys.argv[1:6]
 boot_file = os.path.join(state, "boot_id")
-update.BOOT_ID_PATH = boot_file   # a "reboot" on one kernel: a new boot id
+shift = [0]  # seconds the clock is moved (a fault's RTC)
+host = Host(boot_id_path=boot_file,
+            clock=lambda: time.time() + shift[0])   # a "reboot" on one kernel: a new boot id
 cache = PassphraseCache()
 record_file = os.environ["EFIVARFS_PATH"] + efi.STASH_NAME + "-" + efi.VENDOR_GUID
 
@@ -256,7 +259,7 @@ def lose_chain():
         serial = cache._find(update.CHAIN_KEY)
         keyring.set_timeout(serial, 1)
         time.sleep(2.5)
-        assert update.status()["armed"] is False
+        assert update.status(host=host)["armed"] is False
         try:
             keyring.read(serial)
             raise AssertionError("the chain key did not expire")
@@ -266,37 +269,36 @@ def lose_chain():
         keyring.unlink(serial, cache.keyring_serial)
     else:                         # removed (a cache command, a person, a crash)
         cache.forget_key(update.CHAIN_KEY)
-    assert update.status()["armed"] is False
+    assert update.status(host=host)["armed"] is False
 
 new_boot()
-vol = update.targets([dev])[0].uuid
+vol = update.targets([dev], host=host)[0].uuid
 cache.put(vol, Secret.passphrase(open(pw_file, "rb").read()), timeout=120)
-update.arm(reboot="full", ttl=timedelta(minutes=10), volumes=[dev], ask=None)
+update.arm(host=host, reboot="full", ttl=timedelta(minutes=10), volumes=[dev], ask=None)
 out = {"armed": slots()}
 cache.forget(vol)
 if step == "disarm":              # chain state lost in the arming boot; `keyhandoff disarm`
     lose_chain()
-    out["result"] = update.disarm(quiet=True)["keyslots"]
+    out["result"] = update.disarm(host=host, quiet=True)["keyslots"]
 elif step == "restore-late":      # chain state lost, powered off past the deadline, booted
     lose_chain()
     new_boot()
-    real_now = update._now
-    update._now = lambda: real_now() + 3600
-    out["result"] = update.restore().keyslots_destroyed
+    shift[0] = 3600
+    out["result"] = update.restore(host=host).keyslots_destroyed
 elif step == "restore-finish":    # the record is good: restore finds the volume by itself
     new_boot()
-    r = update.restore()
+    r = update.restore(host=host)
     out["restored"] = list(r.restored)
     lose_chain()                  # between restore and finish
     cache.forget(vol)
-    out["result"] = update.finish().keyslots_destroyed
+    out["result"] = update.finish(host=host).keyslots_destroyed
 elif step == "alias":             # the header reached as the image file and as /dev/loopN
     new_boot()
     backing = open(f"/sys/block/{os.path.basename(dev)}/loop/backing_file").read().strip()
-    r = update.restore(volumes=[backing])
+    r = update.restore(host=host, volumes=[backing])
     out["restored"] = list(r.restored)
     out["kept"] = slots()         # claimed through one path, not destroyed through the other
-    out["result"] = update.finish().keyslots_destroyed
+    out["result"] = update.finish(host=host).keyslots_destroyed
 out["after"] = slots()
 out["record_left"] = os.path.exists(record_file)
 cache.forget_all()

@@ -137,12 +137,13 @@ SCRIPT = """
 import json, os, sys, uuid
 from datetime import timedelta
 from keyhandoff import keyring, update, efi
+from keyhandoff.host import Host
 from keyhandoff.cache import PassphraseCache
 from keyhandoff.secret import Secret
 
 img, pw_file, state = sys.argv[1], sys.argv[2], sys.argv[3]
 boot_file = os.path.join(state, "boot_id")
-update.BOOT_ID_PATH = boot_file   # a "reboot" on one kernel: a new boot id (see module doc)
+host = Host(boot_id_path=boot_file)   # a "reboot" on one kernel: a new boot id (see module doc)
 cache = PassphraseCache()
 
 def reboot():
@@ -161,36 +162,36 @@ out = {}
 reboot()
 with open(pw_file, "rb") as f:
     pw = Secret.passphrase(f.read())
-vol = update.targets([img])[0].uuid
+vol = update.targets([img], host=host)[0].uuid
 cache.put(vol, pw, timeout=120)
-r = update.arm(reboot="full", boots=2, ttl=timedelta(minutes=10), login=True, volumes=[img],
-               ask=None)
+r = update.arm(host=host, reboot="full", boots=2, ttl=timedelta(minutes=10), login=True,
+               volumes=[img], ask=None)
 out["armed"] = [r.channel, [v.armed for v in r.volumes], onetime_slots()]
 record_file = os.environ["EFIVARFS_PATH"] + efi.STASH_NAME + "-" + efi.VENDOR_GUID
 out["record_mode"] = oct(os.stat(record_file).st_mode & 0o777)
 reboot()
-rr = update.restore(volumes=[img])
+rr = update.restore(host=host, volumes=[img])
 out["restore1"] = [rr.channel, len(rr.restored), rr.refused]
 out["record_after_restore1"] = efi.STASH.exists()
 with cache.get(vol) as key:
     open(os.path.join(state, "onetime1"), "wb").write(bytes(key.view()))
-f1 = update.finish()
+f1 = update.finish(host=host)
 out["finish1"] = [f1.keyslots_destroyed, f1.login, onetime_slots()]
-r2 = update.rearm()
+r2 = update.rearm(host=host)
 out["rearm"] = [r2.channel, onetime_slots()]
 reboot()
-rr = update.restore(volumes=[img])
+rr = update.restore(host=host, volumes=[img])
 out["restore2"] = [rr.channel, len(rr.restored), rr.refused]
 with cache.get(vol) as key:
     open(os.path.join(state, "onetime2"), "wb").write(bytes(key.view()))
-f2 = update.finish(login_timeout=30)
+f2 = update.finish(host=host, login_timeout=30)
 out["finish2"] = [f2.keyslots_destroyed, f2.login, onetime_slots()]
 from keyhandoff.cache import SystemdCache
 last = SystemdCache().last()
 out["login_is_passphrase"] = last is not None and last == pw
-out["armed_after"] = update.status()["armed"]
+out["armed_after"] = update.status(host=host)["armed"]
 reboot()
-rr = update.restore(volumes=[img])
+rr = update.restore(host=host, volumes=[img])
 out["restore3"] = [rr.channel, len(rr.restored)]
 print(json.dumps(out))
 """

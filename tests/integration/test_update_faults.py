@@ -2,7 +2,7 @@
 prompt for the person (nothing cached), a clear refusal, and nothing stale left behind.
 
 A full reboot cannot happen on the test host; the script gives the "next boot" a new boot
-id (update.BOOT_ID_PATH) and moves the clock (update._now) where a fault needs it: the
+id and moves the clock (a keyhandoff.host.Host of its own) where a fault needs it: the
 only stand-ins here, and they replace what the kernel and the RTC would report.
 """
 
@@ -23,13 +23,16 @@ SCRIPT = """
 import json, os, sys, time, uuid
 from datetime import timedelta
 from keyhandoff import update, efi, keyring, onetime
+from keyhandoff.host import Host
 from keyhandoff.cache import PassphraseCache
 from keyhandoff.luks import LuksHeader
 from keyhandoff.secret import Secret
 
 img, pw_file, state, fault = sys.argv[1:5]
 boot_file = os.path.join(state, "boot_id")
-update.BOOT_ID_PATH = boot_file
+shift = [0]  # seconds the clock is moved (a fault's RTC)
+host = Host(boot_id_path=boot_file,
+            clock=lambda: time.time() + shift[0])
 cache = PassphraseCache()
 record_file = os.environ["EFIVARFS_PATH"] + efi.STASH_NAME + "-" + efi.VENDOR_GUID
 
@@ -43,9 +46,9 @@ def slots():
         return [s.keyslot for s in onetime.slots(h)]
 
 new_boot()
-vol = update.targets([img])[0].uuid
+vol = update.targets([img], host=host)[0].uuid
 cache.put(vol, Secret.passphrase(open(pw_file, "rb").read()), timeout=120)
-update.arm(reboot="full", ttl=timedelta(minutes=10), volumes=[img], ask=None)
+update.arm(host=host, reboot="full", ttl=timedelta(minutes=10), volumes=[img], ask=None)
 armed_slots = slots()
 if fault != "same-boot":
     new_boot()
@@ -54,11 +57,10 @@ else:
     # (test_update_runner.py).  Without it (expired, or forgotten), a record made in this
     # boot is refused: what arm cached is not the question here, what restore adds is.
     keyring.clear(cache.keyring_serial)
-real_now = update._now
 if fault == "late":            # powered off past the deadline, then booted
-    update._now = lambda: real_now() + 3600
+    shift[0] = 3600
 elif fault == "clock-back":    # the RTC was reset to before the arming time
-    update._now = lambda: real_now() - 86400
+    shift[0] = -86400
 elif fault == "tampered":      # one byte of the record flipped in NVRAM
     data = bytearray(open(record_file, "rb").read())
     data[4 + 20] ^= 0x01       # a byte of the header (after the 4 attribute bytes)
@@ -68,10 +70,10 @@ elif fault == "foreign":       # a record whose keyslots are not on this machine
     with LuksHeader.open(img) as h:
         for s in onetime.slots(h):
             h.remove_token(s.token)
-r1 = update.restore(volumes=[img])
+r1 = update.restore(host=host, volumes=[img])
 cached = [e.volume for e in cache.entries()]
-r2 = update.restore(volumes=[img]) if fault == "twice" else None
-update.disarm(quiet=True, volumes=[img])
+r2 = update.restore(host=host, volumes=[img]) if fault == "twice" else None
+update.disarm(host=host, quiet=True, volumes=[img])
 cache.forget_all()
 print(json.dumps({
     "armed_slots": armed_slots, "refused": r1.refused, "restored": list(r1.restored),

@@ -4,7 +4,8 @@ within a boot, bounded when they ask, hardened before they hold a secret.
 Real processes race for real (two ``arm`` calls in two interpreters, the state lock a real
 ``flock``), the real ``systemd-ask-password`` asks, real LUKS2 images are armed.  As in
 test_update.py, a "next boot" on one kernel is a new boot id in a file of the test's own
-(update.BOOT_ID_PATH) with the kernel keyring emptied: a reboot cannot happen on the host.
+(a ``keyhandoff.host.Host`` of the test's) with the kernel keyring emptied: a reboot cannot
+happen on the host.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from support.passphrases import make
 from support.scratch_efi import run_with_efivars
 
 from keyhandoff import askpass, statelock, update
+from keyhandoff.host import Host
 from keyhandoff.secret import Secret
 
 if TYPE_CHECKING:
@@ -165,13 +167,14 @@ EFI_TWO_ARMS = """
 import json, os, sys, uuid
 from datetime import timedelta
 from keyhandoff import efi, onetime, update
+from keyhandoff.host import Host
 from keyhandoff.cache import PassphraseCache
 from keyhandoff.luks import LuksHeader
 from keyhandoff.secret import Secret
 
 x, y, pw_x_file, pw_y_file, state = sys.argv[1:6]
-update.BOOT_ID_PATH = os.path.join(state, "boot_id")
-open(update.BOOT_ID_PATH, "w").write(str(uuid.uuid4()))
+host = Host(boot_id_path=os.path.join(state, "boot_id"))
+open(host.boot_id_path, "w").write(str(uuid.uuid4()))
 record_file = os.environ["EFIVARFS_PATH"] + efi.STASH_NAME + "-" + efi.VENDOR_GUID
 cache = PassphraseCache()
 
@@ -180,24 +183,24 @@ def slots(img):
         return sorted([s.token, s.keyslot] for s in onetime.slots(h))
 
 def snapshot():
-    st = update.status()
+    st = update.status(host=host)
     return {"record": open(record_file, "rb").read().hex() if os.path.exists(record_file)
             else None, "x": slots(x), "y": slots(y),
             "status": [st["armed"], st.get("deadline"), st.get("volumes")]}
 
-vx = update.targets([x])[0].uuid
-vy = update.targets([y])[0].uuid
+vx = update.targets([x], host=host)[0].uuid
+vy = update.targets([y], host=host)[0].uuid
 cache.put(vx, Secret.passphrase(open(pw_x_file, "rb").read()), timeout=120)
 cache.put(vy, Secret.passphrase(open(pw_y_file, "rb").read()), timeout=120)
-update.arm(reboot="full", ttl=timedelta(minutes=10), volumes=[x], ask=None)
+update.arm(host=host, reboot="full", ttl=timedelta(minutes=10), volumes=[x], ask=None)
 before = snapshot()
 try:
-    update.arm(reboot="full", ttl=timedelta(minutes=20), volumes=[x, y], ask=None)
+    update.arm(host=host, reboot="full", ttl=timedelta(minutes=20), volumes=[x, y], ask=None)
     refused = None
 except Exception as exc:  # noqa: BLE001
     refused = f"{type(exc).__name__}: {exc}"
 after = snapshot()
-update.disarm(quiet=True, volumes=[x, y])
+update.disarm(host=host, quiet=True, volumes=[x, y])
 cache.forget_all()
 print(json.dumps({"before": before, "after": after, "refused": refused}))
 """
@@ -277,17 +280,18 @@ EFI_IDEMPOTENT = """
 import json, os, sys, uuid
 from datetime import timedelta
 from keyhandoff import efi, onetime, update
+from keyhandoff.host import Host
 from keyhandoff.cache import PassphraseCache
 from keyhandoff.luks import LuksHeader
 from keyhandoff.secret import Secret
 
 img, pw_file, state = sys.argv[1:4]
-update.BOOT_ID_PATH = os.path.join(state, "boot_id")
+host = Host(boot_id_path=os.path.join(state, "boot_id"))
 cache = PassphraseCache()
 
 def new_boot():
     cache.forget_all()
-    open(update.BOOT_ID_PATH, "w").write(str(uuid.uuid4()))
+    open(host.boot_id_path, "w").write(str(uuid.uuid4()))
 
 def slots():
     with LuksHeader.open(img) as h:
@@ -298,28 +302,28 @@ def cached():
 
 out = {}
 new_boot()
-vol = update.targets([img])[0].uuid
+vol = update.targets([img], host=host)[0].uuid
 cache.put(vol, Secret.passphrase(open(pw_file, "rb").read()), timeout=120)
-update.arm(reboot="full", boots=2, ttl=timedelta(minutes=10), volumes=[img], ask=None)
+update.arm(host=host, reboot="full", boots=2, ttl=timedelta(minutes=10), volumes=[img], ask=None)
 # a package upgrade restarts keyhandoff-restore.service in the boot that armed
-r = update.restore(volumes=[img])
+r = update.restore(host=host, volumes=[img])
 out["arming_boot"] = [r.channel, list(r.restored), r.keyslots_destroyed, efi.STASH.exists(),
-                      len(slots()), update.status()["armed"]]
+                      len(slots()), update.status(host=host)["armed"]]
 new_boot()
-r = update.restore(volumes=[img])
+r = update.restore(host=host, volumes=[img])
 out["restore1"] = [r.channel, len(r.restored)]
-r = update.restore(volumes=[img])            # systemctl restart in the update boot
+r = update.restore(host=host, volumes=[img])            # systemctl restart in the update boot
 out["restore2"] = [r.channel, list(r.restored), r.keyslots_destroyed, len(slots()),
                    vol in cached()]
-f = update.finish()
+f = update.finish(host=host)
 out["finish1"] = f.keyslots_destroyed
-f = update.finish()
+f = update.finish(host=host)
 out["finish2"] = [f.keyslots_destroyed, f.login]
-update.rearm()
-r = update.restore(volumes=[img])            # restarted after the re-arm
+update.rearm(host=host)
+r = update.restore(host=host, volumes=[img])            # restarted after the re-arm
 out["after_rearm"] = [r.channel, r.keyslots_destroyed, efi.STASH.exists(), len(slots()),
-                      update.status()["armed"]]
-update.disarm(quiet=True, volumes=[img])
+                      update.status(host=host)["armed"]]
+update.disarm(host=host, quiet=True, volumes=[img])
 cache.forget_all()
 print(json.dumps(out))
 """
@@ -534,7 +538,7 @@ def test_arm_and_restore_make_the_process_non_dumpable_first(tmp_path, cache):
         assert out.decode().strip() == "False", step
 
 
-def test_a_restarted_restore_does_not_count_a_soft_boot(tmp_path, cache, monkeypatch):
+def test_a_restarted_restore_does_not_count_a_soft_boot(tmp_path, cache):
     """systemd 256+ counts soft reboots (SoftRebootsCount); the host has no systemd as
     PID 1, so the count it would report is the one stand-in here."""
     pw = make("soft-count")
@@ -542,31 +546,33 @@ def test_a_restarted_restore_does_not_count_a_soft_boot(tmp_path, cache, monkeyp
     vid = uuid_of(img)
     cache.put(vid, Secret.passphrase(pw), timeout=60)
     soft_reboots = [3]
-    monkeypatch.setattr(update, "_soft_reboots", lambda: soft_reboots[0])
-    update.arm(reboot="soft", boots=3, ttl=timedelta(minutes=5), volumes=[str(img)], ask=None)
-    assert update.restore(volumes=[str(img)]).restored == ()  # restarted in the arming boot
-    assert update.status()["boots_left"] == 3
+    host = Host(soft_reboot_count=lambda: soft_reboots[0])
+    update.arm(host=host, reboot="soft", boots=3, ttl=timedelta(minutes=5), volumes=[str(img)],
+               ask=None)
+    # restarted in the arming boot
+    assert update.restore(host=host, volumes=[str(img)]).restored == ()
+    assert update.status(host=host)["boots_left"] == 3
     soft_reboots[0] = 4
-    assert update.restore(volumes=[str(img)]).restored == (vid,)
-    update.finish()
-    assert update.restore(volumes=[str(img)]).restored == ()  # restarted after finish
-    assert update.status()["boots_left"] == 2
+    assert update.restore(host=host, volumes=[str(img)]).restored == (vid,)
+    update.finish(host=host)
+    assert update.restore(host=host, volumes=[str(img)]).restored == ()  # restarted after finish
+    assert update.status(host=host)["boots_left"] == 2
     soft_reboots[0] = 5
-    assert update.restore(volumes=[str(img)]).restored == (vid,)
-    assert update.status()["boots_left"] == 1
+    assert update.restore(host=host, volumes=[str(img)]).restored == (vid,)
+    assert update.status(host=host)["boots_left"] == 1
 
 
 def test_login_handoff_is_marked_once_per_boot(tmp_path, monkeypatch):
     boot_id = tmp_path / "boot_id"
     boot_id.write_text("11111111-1111-1111-1111-111111111111\n")
-    monkeypatch.setattr(update, "BOOT_ID_PATH", str(boot_id))
+    host = Host(boot_id_path=str(boot_id))
     lock_dir = tmp_path / "run"
     lock_dir.mkdir(mode=0o700)
     monkeypatch.setattr(statelock, "LOCK_DIR", str(lock_dir))
-    assert update.first_in_boot("login-handoff") is True
-    assert update.first_in_boot("login-handoff") is False  # the unit restarted
+    assert update.first_in_boot("login-handoff", host=host) is True
+    assert update.first_in_boot("login-handoff", host=host) is False  # the unit restarted
     boot_id.write_text("22222222-2222-2222-2222-222222222222\n")
-    assert update.first_in_boot("login-handoff") is True  # the next boot
+    assert update.first_in_boot("login-handoff", host=host) is True  # the next boot
     assert (lock_dir / "done-login-handoff").stat().st_mode & 0o777 == 0o600
     with pytest.raises(ValueError, match="step name"):
         update.first_in_boot("../x")

@@ -37,7 +37,8 @@ def _heavy(loaded: set[str]) -> list[str]:
     return sorted(m for m in loaded if any(m == h or m.startswith(h + ".") for h in HEAVY))
 
 
-@pytest.mark.parametrize("module", ["keyhandoff", "keyhandoff.agent", "keyhandoff.cli"])
+@pytest.mark.parametrize("module", ["keyhandoff", "keyhandoff.agent", "keyhandoff.cli",
+                                    "keyhandoff.update"])
 def test_entry_point_imports_no_heavy_module(module):
     loaded = _modules_after_import(module)
     assert module in loaded  # the probe itself worked
