@@ -40,7 +40,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from keyhandoff import askpass, journal, process, verifier
+from keyhandoff import askpass, journal, process, reply, verifier
 from keyhandoff.cache import PassphraseCache, SystemdCache
 from keyhandoff.errors import KeyExpired, KeyhandoffError, KeyNotFound, KeyRevoked, KeyUnavailable
 from keyhandoff.journal import Event
@@ -422,8 +422,8 @@ class Agent:
                         volume=volume, ask_file=prompt.name)
             return
         try:
-            with secret, askpass.reply_datagram(secret) as datagram:
-                askpass.send_reply(self.ask_dir, prompt.name, prompt.request, datagram)
+            with secret, reply.reply_datagram(secret) as datagram:
+                reply.send_reply(self.ask_dir, prompt.name, prompt.request, datagram)
         except (KeyhandoffError, OSError) as exc:
             self.stats.refused += 1
             prompt.answered = True

@@ -47,8 +47,8 @@ from typing import Any, Final, Literal
 
 from keyhandoff import crypttab, journal, names, process, statelock
 from keyhandoff import login as login_mod
-from keyhandoff.askpass import cescape
 from keyhandoff.cache import PassphraseCache, SystemdCache, normalize_uuid
+from keyhandoff.cescape import cescape
 from keyhandoff.errors import (
     ArmRefused,
     ChannelUnavailable,
