@@ -25,8 +25,9 @@ pytestmark = pytest.mark.arms
 
 def _login_key() -> bytes | None:
     from keyhandoff import keyring  # noqa: PLC0415
-    from keyhandoff.cache import KEY_PERM, unpad  # noqa: PLC0415
+    from keyhandoff.cache import KEY_PERM  # noqa: PLC0415
     from keyhandoff.errors import KeyUnavailable  # noqa: PLC0415
+    from keyhandoff.keys import unpad  # noqa: PLC0415
 
     # an invalidated key reads as revoked until the kernel's GC unlinks it: gone either way
     try:
