@@ -33,11 +33,10 @@ from keyhandoff.askpass import (
     AskRequest,
     HostileAskFile,
     InvalidEscape,
-    cescape,
     classify_id,
-    cunescape,
     parse_ask_file,
 )
+from keyhandoff.cescape import cescape, cunescape
 
 ASK_SEEDS = [
     (

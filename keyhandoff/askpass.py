@@ -1,10 +1,10 @@
-r"""systemd's password-agent protocol: read ask files, classify prompts, reply, cancel.
+r"""systemd's password-agent protocol: read ask files and say what each prompt asks for.
 
-This module is the protocol, not the daemon: :func:`parse_ask_file`, :func:`classify_id`,
-:func:`cunescape`, :func:`reply_datagram` and :func:`cancel_datagram` are pure (bytes in,
-values out); :func:`read_ask_file`, :func:`list_ask_files` and :func:`send_reply` are the
-only functions that touch the file system or a socket.  The agent (``keyhandoff.agent``)
-wires them to inotify; it never parses or sends anything itself.
+This module is the protocol's ask side, not the daemon: :func:`parse_ask_file` and
+:func:`classify_id` are pure (bytes in, values out); :func:`read_ask_file` and
+:func:`list_ask_files` are the only functions that touch the file system.  Replying to a
+querier is :mod:`keyhandoff.reply`; systemd's C escapes are :mod:`keyhandoff.cescape`.  The
+agent (``keyhandoff.agent``) wires them to inotify; it never parses or sends anything itself.
 
 What systemd does, as read in its sources and checked against the v252 binaries
 (``tests/integration/test_askpass_systemd.py``):
@@ -23,32 +23,13 @@ What systemd does, as read in its sources and checked against the v252 binaries
 * **The Id** of systemd-cryptsetup (``src/cryptsetup/cryptsetup.c``, ``get_password``):
   ``disk_path = cescape(src); id = strjoina("cryptsetup:", disk_path)``, and
   ``"cryptsetup-verification:"`` with the same ``disk_path`` for the verification prompt;
-  token PIN prompts pass no Id.  ``cescape`` (``src/basic/escape.c``) writes ``\a \b \f
-  \n \r \t \v \\ \" \'`` for those bytes, ``\ooo`` (three octal digits) for every
-  other byte below 0x20 or from 0x7f up, and every other byte as is: its output is
-  printable ASCII.  :func:`cunescape` is systemd's ``cunescape`` with no flags: it also
-  takes ``\s`` (space), ``\xNN``, ``\uXXXX`` and ``\UXXXXXXXX`` (code points, written as
-  UTF-8; ``\U`` must be a valid code point), refuses any escape that decodes to NUL, an
-  octal value above 255, a trailing backslash and anything else (``\?`` included:
-  systemd neither writes nor reads it).  The source is bytes; :class:`CryptsetupPrompt`
-  holds it as ``os.fsdecode`` text, so ``os.fsencode(prompt.source)`` gives the bytes back.
-* **The reply** is one datagram.  The querier reads it into ``char passphrase[LINE_MAX+1]``
-  (2049 bytes) with ``recvmsg`` and accepts it only if the kernel-attached credentials say
-  uid 0 (v257+: or its own uid).  ``+`` followed by the passwords is split at NUL with
-  ``strv_parse_nulstr``: a trailing NUL ends the last password and adds none, so
-  ``+pw`` and ``+pw\0`` mean the same; ``+a\0b`` is two passwords; ``+`` alone is one
-  empty password.  ``-`` cancels (``ECANCELED``).  v252 does not check ``MSG_TRUNC``: a
-  longer datagram is cut to 2049 bytes.  v257+ ignores a truncated datagram entirely, so
-  systemd's own agent, which appends a NUL, cannot deliver a 2048-byte passphrase there.
-  :func:`reply_datagram` therefore sends ``+`` and the passphrase **without** a NUL: at
-  most 2049 bytes for the longest passphrase :class:`~keyhandoff.secret.Secret` allows,
-  read identically by every version.
-* **The socket** is ``sck.<hex>`` in the ask directory, AF_UNIX SOCK_DGRAM, owned by root.
-
-Residual races, stated: the ``PID`` check cannot rule out PID reuse (a new process with
-the old PID makes a dead query look alive; the socket checks still apply).  The socket
-itself is pinned: we open it with ``O_PATH|O_NOFOLLOW``, check that very inode, and send
-to ``/proc/self/fd/N``, so a rename between check and send cannot redirect the datagram.
+  token PIN prompts pass no Id.  The source is undone with
+  :func:`~keyhandoff.cescape.cunescape` (systemd's, strictly); it is bytes, and
+  :class:`CryptsetupPrompt` holds it as ``os.fsdecode`` text, so
+  ``os.fsencode(prompt.source)`` gives the bytes back.
+* **The socket** (``Socket=``) is ``sck.<hex>`` in the ask directory; the ask file and its
+  socket are checked before a reply by :func:`keyhandoff.reply.send_reply`, with the
+  helpers :func:`check_name`, :func:`open_dir` and :func:`same_inode` shared from here.
 """
 
 from __future__ import annotations
@@ -56,13 +37,12 @@ from __future__ import annotations
 import errno
 import os
 import re
-import socket
 import stat
-import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
 from keyhandoff import names
+from keyhandoff.cescape import cunescape
 from keyhandoff.errors import (
     AskPasswordError,
     HostileAskFile,
@@ -70,14 +50,12 @@ from keyhandoff.errors import (
     Refused,
     ReplyFailed,
 )
-from keyhandoff.secret import Secret
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
 __all__ = [
     "ASK_DIR",
-    "CANCEL",
     "MAX_ASK_FILE",
     "AskPasswordError",
     "AskRequest",
@@ -90,16 +68,15 @@ __all__ = [
     "Refused",
     "ReplyFailed",
     "VerificationPrompt",
-    "cancel_datagram",
-    "cescape",
+    "check_name",
     "classify_id",
-    "cunescape",
     "list_ask_files",
+    "open_dir",
     "parse_ask_file",
     "read_ask_file",
-    "reply_datagram",
-    "send_reply",
+    "same_inode",
 ]
+
 
 #: The system ask directory (v257+ adds per-user ones; not supported yet).
 ASK_DIR: Final = names.ASK_DIR
@@ -107,9 +84,6 @@ ASK_DIR: Final = names.ASK_DIR
 #: Larger ask files are refused unread: systemd's are a few hundred bytes, and a cap keeps
 #: a hostile writer from making the agent read without bound.
 MAX_ASK_FILE: Final = 64 * 1024
-
-#: The cancel datagram.
-CANCEL: Final = b"-"
 
 #: PID_MAX_LIMIT on 64-bit Linux: no process can have a larger PID.
 _PID_MAX: Final = 4 * 1024 * 1024
@@ -181,122 +155,6 @@ def classify_id(id_: str | None) -> Prompt:
             return kind(os.fsdecode(raw))
     return OtherPrompt(id_)
 
-
-# --- C escapes -----------------------------------------------------------------------------
-
-_CESCAPE_SHORT: Final = {
-    0x07: b"\\a",
-    0x08: b"\\b",
-    0x0C: b"\\f",
-    0x0A: b"\\n",
-    0x0D: b"\\r",
-    0x09: b"\\t",
-    0x0B: b"\\v",
-    0x5C: b"\\\\",
-    0x22: b'\\"',
-    0x27: b"\\'",
-}
-_CUNESCAPE_SHORT: Final = {
-    ord("a"): 0x07,
-    ord("b"): 0x08,
-    ord("f"): 0x0C,
-    ord("n"): 0x0A,
-    ord("r"): 0x0D,
-    ord("t"): 0x09,
-    ord("v"): 0x0B,
-    ord("\\"): 0x5C,
-    ord('"'): 0x22,
-    ord("'"): 0x27,
-    ord("s"): 0x20,  # systemd's extension (XDG syntax); cescape never writes it
-}
-_HEX: Final = frozenset(b"0123456789abcdefABCDEF")
-_OCT: Final = frozenset(b"01234567")
-
-
-def cescape(data: bytes) -> str:
-    """Escape like systemd's ``cescape``: the inverse of :func:`cunescape` for NUL-free bytes."""
-    out: list[str] = []
-    for byte in data:
-        short = _CESCAPE_SHORT.get(byte)
-        if short is not None:
-            out.append(short.decode())
-        elif byte < 0x20 or byte >= 0x7F:
-            out.append(f"\\{byte:03o}")
-        else:
-            out.append(chr(byte))
-    return "".join(out)
-
-
-def _unichar_is_valid(code: int) -> bool:
-    # systemd's unichar_is_valid (src/basic/utf8.c), applied to \U only, as systemd does.
-    return not (
-        code >= 0x110000
-        or (code & 0xFFFFF800) == 0xD800
-        or 0xFDD0 <= code <= 0xFDEF
-        or (code & 0xFFFE) == 0xFFFE
-    )
-
-
-def _digits(src: bytes, start: int, count: int, allowed: frozenset[int], base: int) -> int:
-    chunk = src[start : start + count]
-    if len(chunk) != count or not all(c in allowed for c in chunk):
-        raise InvalidEscape("malformed numeric escape")
-    value = int(chunk, base)
-    if value == 0:
-        raise InvalidEscape("escape decodes to NUL")
-    return value
-
-
-def _unescape_one(src: bytes, i: int) -> tuple[bytes, int]:
-    """Decode the escape whose backslash is at ``src[i]``: (bytes, next index)."""
-    if i + 1 >= len(src):
-        raise InvalidEscape("trailing backslash")
-    kind = src[i + 1]
-    short = _CUNESCAPE_SHORT.get(kind)
-    if short is not None:
-        return bytes((short,)), i + 2
-    if kind == ord("x"):
-        return bytes((_digits(src, i + 2, 2, _HEX, 16),)), i + 4
-    if kind == ord("u"):
-        # systemd does not check \u against unichar_is_valid: surrogates pass as
-        # 3-byte sequences, which "surrogatepass" reproduces byte for byte.
-        code = _digits(src, i + 2, 4, _HEX, 16)
-        return chr(code).encode("utf-8", "surrogatepass"), i + 6
-    if kind == ord("U"):
-        code = _digits(src, i + 2, 8, _HEX, 16)
-        if not _unichar_is_valid(code):
-            raise InvalidEscape("escape is not a valid code point")
-        return chr(code).encode("utf-8"), i + 10
-    if kind in _OCT:
-        value = _digits(src, i + 1, 3, _OCT, 8)
-        if value > 0xFF:
-            raise InvalidEscape("octal escape above 255")
-        return bytes((value,)), i + 4
-    raise InvalidEscape("unknown escape")
-
-
-def cunescape(text: str | bytes) -> bytes:
-    r"""Undo C escapes exactly as systemd's ``cunescape(s, 0)`` does, strictly.
-
-    Returns bytes (``\ooo`` and ``\xNN`` give raw bytes, ``\u``/``\U`` give UTF-8).
-    Raises :class:`InvalidEscape` where systemd returns ``-EINVAL``, and for a literal
-    NUL (which a C string cannot hold).
-    """
-    src = text.encode("utf-8", "surrogateescape") if isinstance(text, str) else bytes(text)
-    if b"\x00" in src:
-        # C would stop at the NUL and decode a prefix: refuse instead of guessing.
-        raise InvalidEscape("NUL byte in escaped text")
-    out = bytearray()
-    i = 0
-    while i < len(src):
-        backslash = src.find(b"\\", i)
-        if backslash < 0:
-            out += src[i:]
-            break
-        out += src[i:backslash]
-        piece, i = _unescape_one(src, backslash)
-        out += piece
-    return bytes(out)
 
 
 # --- ask files -----------------------------------------------------------------------------
@@ -438,30 +296,6 @@ def parse_ask_file(data: bytes) -> AskRequest:
     return request
 
 
-# --- datagrams -----------------------------------------------------------------------------
-
-
-def reply_datagram(secret: Secret) -> Secret:
-    r"""The answer datagram ``+<passphrase>`` as a new :class:`Secret` (wipe it after use).
-
-    No trailing NUL: systemd reads ``+pw`` and ``+pw\0`` alike, and without it the
-    longest passphrase (2048 bytes) still fits the querier's 2049-byte buffer, which
-    v257+ requires (it drops truncated datagrams).  ``secret`` is left untouched.
-    """
-    secret.check_passphrase()
-    view = secret.view()
-    buf = bytearray(len(view) + 1)
-    buf[0] = ord("+")
-    buf[1:] = view
-    view.release()
-    return Secret(buf)
-
-
-def cancel_datagram() -> bytes:
-    """The cancel datagram ``-``: the querier fails with ECANCELED."""
-    return CANCEL
-
-
 # --- I/O edge ------------------------------------------------------------------------------
 
 
@@ -480,16 +314,19 @@ def list_ask_files(ask_dir: str | os.PathLike[str] = ASK_DIR) -> Iterator[str]:
     return iter(names)
 
 
-def _check_name(name: str, prefix: str) -> None:
+def check_name(name: str, prefix: str) -> None:
+    """Refuse (:class:`Refused`) a name that is not ``prefix`` + something, in one directory."""
     if "/" in name or "\x00" in name or not name.startswith(prefix) or name == prefix:
         raise Refused(f"not an {prefix}* name")
 
 
-def _open_dir(path: str | os.PathLike[str]) -> int:
+def open_dir(path: str | os.PathLike[str]) -> int:
+    """An ``O_PATH`` descriptor on the directory ``path``; the caller closes it."""
     return os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
 
 
-def _same_inode(a: os.stat_result, b: os.stat_result) -> bool:
+def same_inode(a: os.stat_result, b: os.stat_result) -> bool:
+    """Whether two ``stat`` results are of the same inode (device and inode number)."""
     return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
@@ -500,10 +337,10 @@ def read_ask_file(ask_dir: str | os.PathLike[str], name: str) -> AskRequest:
     malformed file; ``FileNotFoundError`` when it is gone (the query ended: not an error).
     """
     try:
-        _check_name(name, "ask.")
+        check_name(name, "ask.")
     except Refused as exc:
         raise HostileAskFile(exc.reason) from None
-    dir_fd = _open_dir(ask_dir)
+    dir_fd = open_dir(ask_dir)
     try:
         try:
             # O_NOFOLLOW: a symlink could point the agent at any file root can read.
@@ -538,144 +375,3 @@ def read_ask_file(ask_dir: str | os.PathLike[str], name: str) -> AskRequest:
     return parse_ask_file(b"".join(chunks))
 
 
-def _check_ask_file(dir_fd: int, dir_info: os.stat_result, ask_path: str) -> None:
-    parent, name = os.path.split(ask_path)
-    _check_name(name, "ask.")
-    if parent:
-        try:
-            parent_fd = _open_dir(parent)
-        except OSError:
-            raise Refused("ask file's directory cannot be opened") from None
-        try:
-            if not _same_inode(os.fstat(parent_fd), dir_info):
-                raise Refused("ask file is not in the ask directory")
-        finally:
-            os.close(parent_fd)
-    try:
-        info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-    except FileNotFoundError:
-        raise Refused("ask file is gone (query answered or cancelled)") from None
-    if not stat.S_ISREG(info.st_mode):
-        raise Refused("ask file is not a regular file")
-    if info.st_uid != 0:
-        raise Refused("ask file is not owned by root")
-
-
-def _check_alive(pid: int) -> None:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        raise Refused("the querier's PID is not alive") from None
-    except PermissionError:
-        pass  # EPERM: the process exists; we just may not signal it
-
-
-def _check_deadline(not_after: int) -> None:
-    now_us = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
-    if not_after and now_us >= not_after:
-        raise Refused("the query's NotAfter= has passed")
-
-
-def _check_socket_inode(info: os.stat_result) -> None:
-    if stat.S_ISLNK(info.st_mode):
-        raise Refused("Socket= is a symlink")
-    if not stat.S_ISSOCK(info.st_mode):
-        raise Refused("Socket= is not a socket")
-    if info.st_uid != 0:
-        # Only root's querier owns its socket; another user's socket in the directory
-        # is someone fishing for passphrases.
-        raise Refused("Socket= is not owned by root")
-
-
-def _pin_socket(dir_fd: int, dir_info: os.stat_result, path: str) -> int:
-    """An O_PATH fd on the checked socket inode; the caller closes it."""
-    parent, name = os.path.split(path)
-    _check_name(name, "sck.")
-    if not os.path.isabs(path) or not parent:
-        raise Refused("Socket= is not an absolute path")
-    # Same inode, not same string: catches "..", symlinked parents and v257's "//".
-    try:
-        parent_fd = _open_dir(parent)
-    except OSError:
-        raise Refused("Socket= directory cannot be opened") from None
-    try:
-        if not _same_inode(os.fstat(parent_fd), dir_info):
-            raise Refused("Socket= is outside the ask directory")
-    finally:
-        os.close(parent_fd)
-    try:
-        # O_PATH|O_NOFOLLOW opens a symlink itself (no ELOOP): fstat below then sees
-        # S_IFLNK and refuses, so a symlink can never redirect the passphrase.
-        sock_fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
-    except FileNotFoundError:
-        raise Refused("Socket= does not exist") from None
-    try:
-        _check_socket_inode(os.fstat(sock_fd))
-    except BaseException:
-        os.close(sock_fd)
-        raise
-    return sock_fd
-
-
-def _payload(datagram: Secret | bytes) -> Secret | bytes:
-    if isinstance(datagram, Secret):
-        if len(datagram) == 0 or datagram.view()[0] != ord("+"):
-            # A bare passphrase would reach the querier as an "invalid packet", or as
-            # a cancel if it starts with "-": only reply_datagram() output goes out.
-            raise Refused("datagram is not a reply_datagram()")
-        return datagram
-    if datagram != CANCEL:
-        raise Refused("bytes datagrams are only for cancel; passphrases travel as Secret")
-    return datagram
-
-
-def _send(sock_fd: int, payload: Secret | bytes) -> None:
-    """Send to the socket inode behind ``sock_fd`` (an O_PATH fd), never to a path."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sender:
-        data = payload.view() if isinstance(payload, Secret) else payload
-        try:
-            # /proc/self/fd/N resolves to the pinned inode, whatever the path names now.
-            sender.sendto(data, socket.MSG_DONTWAIT, f"/proc/self/fd/{sock_fd}")
-        except OSError as exc:
-            code = exc.errno or 0
-            raise ReplyFailed(
-                f"sending to the querier failed ({errno.errorcode.get(code, code)})", code
-            ) from None
-        finally:
-            if isinstance(data, memoryview):
-                data.release()
-
-
-def send_reply(
-    ask_dir: str | os.PathLike[str],
-    ask_path: str | os.PathLike[str],
-    request: AskRequest,
-    datagram: Secret | bytes,
-) -> None:
-    """Send ``datagram`` to ``request.socket`` after checking that it is safe to.
-
-    ``ask_path`` is the ask file the request was read from (a name in ``ask_dir`` or a
-    path whose directory is ``ask_dir``); ``datagram`` is :func:`reply_datagram` output
-    (a :class:`Secret`, not consumed: the caller wipes it) or :func:`cancel_datagram`.
-
-    Checks, each refusing with :class:`Refused` and sending nothing: the ask file is
-    still a root-owned regular file (not a symlink) directly in ``ask_dir``; the PID
-    is alive (EPERM counts as alive); ``NotAfter`` is 0 or in the future; ``Socket=``
-    names ``sck.*`` in the same directory inode as ``ask_dir``, is a socket (not a
-    symlink) owned by uid 0.  The send is non-blocking; a kernel error (ECONNREFUSED:
-    nobody reads; EAGAIN: queue full) raises :class:`ReplyFailed`.
-    """
-    payload = _payload(datagram)
-    dir_fd = _open_dir(ask_dir)
-    try:
-        dir_info = os.fstat(dir_fd)
-        _check_ask_file(dir_fd, dir_info, os.fspath(ask_path))
-        _check_alive(request.pid)
-        _check_deadline(request.not_after)
-        sock_fd = _pin_socket(dir_fd, dir_info, request.socket)
-    finally:
-        os.close(dir_fd)
-    try:
-        _send(sock_fd, payload)
-    finally:
-        os.close(sock_fd)

@@ -3,8 +3,9 @@
 Two stores live here:
 
 * :class:`PassphraseCache`: keyhandoff's own keyring ``keyhandoff`` linked into root's user
-  keyring, one ``user`` key per LUKS volume named ``keyhandoff:luks:<UUID>``.  Every key
-  has a kernel timeout; the API has no way to store one without.
+  keyring, one ``user`` key per LUKS volume named ``keyhandoff:luks:<UUID>`` for its
+  passphrase, and ``keyhandoff:onetime:<UUID>`` for a one-time key restored for it.  Every
+  key has a kernel timeout; the API has no way to store one without.
 * :class:`SystemdCache`: systemd's ``cryptsetup`` key, written and read exactly as
   systemd 252's ``ask-password-api.c`` does, so ``systemd-ask-password --accept-cached``,
   ``systemd-cryptsetup``, gdm's ``pam_gdm`` and ``pam_systemd_loadkey`` interoperate.
@@ -17,9 +18,11 @@ explicitly, with the timeout, before a key becomes reachable.  Only keys found f
 keyring we possess, owned by uid 0 and carrying exactly those permissions are ever read
 (:func:`keyhandoff.keyring.find_trusted`).
 
-Our own secret payloads are stored padded (:func:`pad`): 4096 bytes whatever the secret's
-length, because ``/proc/key-users`` (world-readable) shows every uid's total payload
-bytes.  The chain state (not secret) and systemd's key (systemd's format) are not padded.
+Both write through :func:`keyhandoff.keys.publish`, the one way a key of ours becomes
+reachable.  Our own secret payloads are stored padded (:func:`keyhandoff.keys.pad`): 4096
+bytes whatever the secret's length, because ``/proc/key-users`` (world-readable) shows every
+uid's total payload bytes.  The chain state (not secret) and systemd's key (systemd's
+format) are not padded.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import uuid as _uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
-from keyhandoff import keyring, names
+from keyhandoff import keyring, keys, names
 from keyhandoff.errors import (
     InvalidArgument,
     InvalidVolume,
@@ -42,17 +45,16 @@ from keyhandoff.errors import (
     MalformedKey,
     PermissionDenied,
 )
-from keyhandoff.secret import Secret, SecretError
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
 
+    from keyhandoff.secret import Secret
+
 __all__ = [
     "ASK_PASSWORD_DIR",
     "KEY_PERM",
-    "MAX_PADDED",
     "MAX_TIMEOUT",
-    "PADDED_SIZE",
     "SYSTEMD_PERM",
     "CacheEntry",
     "InvalidVolume",
@@ -60,60 +62,18 @@ __all__ = [
     "PassphraseCache",
     "SystemdCache",
     "normalize_uuid",
-    "pad",
-    "unpad",
 ]
 
 KEY_PERM: Final = names.KEY_PERM
 KEYRING_NAME: Final = names.KEYRING_NAME
 VOLUME_PREFIX: Final = names.VOLUME_PREFIX
+ONETIME_PREFIX: Final = names.ONETIME_PREFIX
 #: A cache entry never lives longer than a day (a handoff chain re-puts its keys).
-MAX_TIMEOUT: Final = 86400
+MAX_TIMEOUT: Final = keys.MAX_TIMEOUT
 ASK_PASSWORD_DIR: Final = names.ASK_DIR
 SYSTEMD_KEYNAME: Final = names.SYSTEMD_KEYNAME
 SYSTEMD_TIMEOUT: Final = names.SYSTEMD_TIMEOUT
 SYSTEMD_PERM: Final = names.SYSTEMD_PERM
-#: Every padded payload is this long: length (u16, big-endian), secret, zero bytes.
-PADDED_SIZE: Final = 4096
-MAX_PADDED: Final = PADDED_SIZE - 2
-_ZEROS: Final = bytes(PADDED_SIZE)
-
-
-def pad(secret: Secret) -> Secret:
-    """The padded form of ``secret`` (1..4094 bytes): exactly :data:`PADDED_SIZE` bytes.
-
-    Bytes 0-1 are the length as a big-endian u16, then the secret, then zeros; the buffer
-    is sized once, so no unwiped partial copy is left behind.
-    """
-    n = len(secret)
-    if not 1 <= n <= MAX_PADDED:
-        raise SecretError(f"a stored secret must be 1 to {MAX_PADDED} bytes")
-    out = Secret(bytearray(PADDED_SIZE))
-    buf = out.buffer()
-    buf[0:2] = n.to_bytes(2, "big")
-    buf[2 : 2 + n] = secret.view()
-    return out
-
-
-def unpad(raw: Secret) -> Secret:
-    """The secret inside a :func:`pad` payload; :class:`MalformedKey` for anything else.
-
-    Refused: another size, a length out of 1..4094, a non-zero padding byte.  ``raw`` is
-    left to its owner to wipe.
-    """
-    view = raw.view()
-    try:
-        if len(view) != PADDED_SIZE:
-            raise MalformedKey(errno.EBADMSG, "stored payload is not padded to its size")
-        n = int.from_bytes(view[0:2], "big")
-        if not 1 <= n <= MAX_PADDED:
-            raise MalformedKey(errno.EBADMSG, "stored payload has an impossible length")
-        # the padding is not secret: a plain memcmp (startswith) is enough
-        if not raw.buffer().startswith(_ZEROS[: PADDED_SIZE - 2 - n], 2 + n):
-            raise MalformedKey(errno.EBADMSG, "stored payload has non-zero padding")
-        return Secret(bytearray(view[2 : 2 + n]))
-    finally:
-        view.release()
 
 
 def normalize_uuid(text: str) -> str:
@@ -127,34 +87,6 @@ def normalize_uuid(text: str) -> str:
             "volume must be a UUID like 12345678-1234-1234-1234-123456789abc"
         ) from None
     return str(value)
-
-
-def _check_timeout(timeout: int) -> int:
-    if not isinstance(timeout, int) or isinstance(timeout, bool):
-        raise TypeError("timeout must be an int number of seconds")
-    if not 1 <= timeout <= MAX_TIMEOUT:
-        raise InvalidArgument(f"timeout must be between 1 and {MAX_TIMEOUT} seconds")
-    return timeout
-
-
-def _new_key_with_timeout(
-    description: str, payload: Secret, timeout: int, *, perm: int = KEY_PERM,
-) -> int:
-    """Create a key that is born with its permissions and expiry before anyone can reach it.
-
-    The key is added to this thread's keyring first, given its permissions and timeout, and
-    only then linked where readers find it.  If any step fails it is invalidated, so a key
-    without expiry never becomes visible in the cache (the attack: a crash between
-    ``add_key`` and ``KEYCTL_SET_TIMEOUT`` leaving a passphrase with no deadline).
-    """
-    serial = keyring.add("user", description, payload, keyring.THREAD)
-    try:
-        keyring.set_perm(serial, perm)
-        keyring.set_timeout(serial, timeout)
-    except BaseException:
-        keyring.invalidate(serial)
-        raise
-    return serial
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,33 +154,14 @@ class PassphraseCache:
         """Store any keyhandoff key (``keyhandoff:<what>``) in our keyring, with a timeout.
 
         For the handoff's own state (chain marker, sealed login payloads, volume keys during
-        a chain).  Same rules as :meth:`put`: born with permissions and expiry, replacing.
-        Stored :func:`pad`-ded unless ``padded=False`` (only for what is not secret: the
-        chain state); read it back with the same ``padded``.
+        a chain).  Same rules as :meth:`put`: born with permissions and expiry, replacing
+        (:func:`keyhandoff.keys.publish`).  Stored padded unless ``padded=False`` (only for
+        what is not secret: the chain state); read it back with the same ``padded``.
         """
         if not description.startswith(names.KEY_PREFIX):
             raise InvalidArgument("keyhandoff keys are named keyhandoff:<what>")
-        _check_timeout(timeout)
-        if padded:
-            with pad(payload) as stored:
-                serial = _new_key_with_timeout(description, stored, timeout)
-        else:
-            serial = _new_key_with_timeout(description, payload, timeout)
-        try:
-            # Destroy the old entry while we still possess it: once the link below displaced
-            # it we could no longer invalidate it, and it would linger until the GC ran.
-            old = self._find(description)
-            if old is not None:
-                with contextlib.suppress(KeyNotFound):
-                    keyring.invalidate(old)
-            keyring.link(serial, self.keyring_serial)
-        except BaseException:
-            with contextlib.suppress(KeyringError):
-                keyring.invalidate(serial)
-            raise
-        finally:
-            with contextlib.suppress(KeyNotFound):
-                keyring.unlink(serial, keyring.THREAD)
+        serial = keys.publish(description, payload, keyring_serial=self.keyring_serial,
+                              timeout=timeout, padded=padded)
         _touch(self._ask_dir)  # as systemd does: waiting agents look at their prompts again
         return serial
 
@@ -268,7 +181,7 @@ class PassphraseCache:
         if not padded:
             return raw
         with raw:
-            return unpad(raw)
+            return keys.unpad(raw)
 
     def forget_key(self, description: str) -> bool:
         """Destroy one of our keys (and unlink dead ones of that name); whether one was live."""
@@ -284,14 +197,44 @@ class PassphraseCache:
         :class:`KeyNotFound` (:class:`MalformedKey` for a payload not in the padded format)
         when there is no usable entry, :class:`KeyExpired` when it timed out.
         """
+        return self._entry(VOLUME_PREFIX, volume, "cached passphrase")
+
+    def _entry(self, prefix: str, volume: str, what: str) -> tuple[int, Secret]:
         volume = normalize_uuid(volume)
         try:
-            serial = keyring.find_trusted("user", VOLUME_PREFIX + volume, perm=KEY_PERM,
+            serial = keyring.find_trusted("user", prefix + volume, perm=KEY_PERM,
                                           within=self.keyring_serial)
         except KeyRevoked:
             # forgotten (invalidated) and not yet collected: to callers it is simply gone
-            raise KeyNotFound(errno.ENOKEY, f"no cached passphrase for {volume}") from None
+            raise KeyNotFound(errno.ENOKEY, f"no {what} for {volume}") from None
         return serial, self._read(serial, padded=True)
+
+    # --- one-time keys: restored for one boot's prompt, never "the passphrase" -----------
+
+    def put_onetime(self, volume: str, key_text: Secret, *, timeout: int) -> int:
+        """Store a restored one-time key (its text form) for ``volume``; return the key serial.
+
+        Under ``keyhandoff:onetime:<UUID>``, padded, beside (never over) the volume's cached
+        passphrase; replaces an earlier one-time key of that volume.  The agent answers the
+        volume's prompt from it first; ``finish`` forgets it.
+        """
+        volume = normalize_uuid(volume)
+        key_text.check_passphrase()
+        return self.put_key(ONETIME_PREFIX + volume, key_text, timeout=timeout)
+
+    def get_onetime(self, volume: str) -> Secret:
+        """The one-time key for ``volume``; raises like :meth:`get` when there is none."""
+        return self.get_onetime_entry(volume)[1]
+
+    def get_onetime_entry(self, volume: str) -> tuple[int, Secret]:
+        """The key serial and one-time key for ``volume``; raises like :meth:`get_entry`."""
+        return self._entry(ONETIME_PREFIX, volume, "one-time key")
+
+    def forget_onetime(self, volume: str) -> bool:
+        """Destroy the one-time key for ``volume``; return whether there was one."""
+        return self.forget_key(ONETIME_PREFIX + normalize_uuid(volume))
+
+    # --- listing and forgetting -----------------------------------------------------------
 
     def _listed(self) -> list[keyring.KeyInfo]:
         """/proc/keys lines of the keys linked into our keyring, dead and expired included."""
@@ -301,32 +244,44 @@ class PassphraseCache:
     def entries(self) -> list[CacheEntry]:
         """The volumes we hold a usable passphrase for, with seconds left.  Never reads a payload.
 
-        Expired and revoked keys (which linger until the kernel's GC) are not listed, nor
-        keys that are not ours (another owner or other permissions).
+        Passphrases only (``keyhandoff:luks:*``): a one-time key is not a passphrase (see
+        :meth:`onetime_entries`).  Expired and revoked keys (which linger until the kernel's
+        GC) are not listed, nor keys that are not ours (another owner or other permissions).
         """
+        return self._entries(VOLUME_PREFIX)
+
+    def onetime_entries(self) -> list[CacheEntry]:
+        """The volumes we hold a usable one-time key for, as :meth:`entries` lists passphrases."""
+        return self._entries(ONETIME_PREFIX)
+
+    def _entries(self, prefix: str) -> list[CacheEntry]:
         out = []
         for info in self._listed():
             if not info.usable or info.uid != keyring.TRUSTED_UID or info.perm != KEY_PERM:
                 continue
-            if info.key_type == "user" and info.description.startswith(VOLUME_PREFIX):
+            if info.key_type == "user" and info.description.startswith(prefix):
                 out.append(
-                    CacheEntry(info.description[len(VOLUME_PREFIX) :], info.serial,
-                               info.seconds_left),
+                    CacheEntry(info.description[len(prefix) :], info.serial, info.seconds_left),
                 )
         return sorted(out, key=lambda e: e.volume)
 
     def forget(self, volume: str) -> bool:
-        """Destroy the entry for ``volume``; return whether there was one."""
+        """Destroy the passphrase entry for ``volume``; return whether there was one.
+
+        Its one-time key, if any, stays: :meth:`forget_onetime`.
+        """
         return self.forget_key(VOLUME_PREFIX + normalize_uuid(volume))
 
     def forget_all(self) -> int:
-        """Destroy every cached passphrase; return how many usable ones there were.
+        """Destroy every cached passphrase and one-time key; return how many usable ones went.
 
-        Only passphrase entries (``keyhandoff:luks:*``): the chain state, volume keys and
-        sealed payloads name what is armed and are removed by ``disarm`` alone.  Expired and
-        revoked entries are unlinked too, so nothing of them waits for the GC in our keyring.
+        Both answer prompts, so ``cache forget --all`` leaves neither (a one-time key left
+        would still open its volume until ``finish`` destroys its keyslot).  Not the chain
+        state, volume keys and sealed payloads: they name what is armed and are removed by
+        ``disarm`` alone.  Expired and revoked entries are unlinked too, so nothing of them
+        waits for the GC in our keyring.
         """
-        return self._sweep(lambda d: d.startswith(VOLUME_PREFIX))
+        return self._sweep(lambda d: d.startswith((VOLUME_PREFIX, ONETIME_PREFIX)))
 
     def _sweep(self, wanted: Callable[[str], bool]) -> int:
         """Remove every user key in our keyring whose description is ``wanted``.
@@ -399,7 +354,7 @@ class SystemdCache:
         except KeyUnavailable:
             return []
         with raw:
-            return _split_nulstr(raw.view())
+            return keys.split_nulstr(raw.view())
 
     def last(self) -> Secret | None:
         """The newest entry, the one pam_gdm and pam_systemd_loadkey hand to PAM."""
@@ -462,24 +417,9 @@ class SystemdCache:
         old or the new key, never none), and the old key, referenced by nothing any more,
         is destroyed by the kernel.  Until the link nobody else can reach the new key.
         """
-        timeout = _check_timeout(timeout)
-        # sized once: growing a bytearray would leave unwiped copies behind in freed memory
-        size = sum(len(pw) for pw in entries) + len(entries) - 1
-        with Secret(bytearray(size), allow_empty=True) as payload:
-            buf, pos = payload.buffer(), 0
-            for pw in entries:
-                buf[pos : pos + len(pw)] = pw.view()
-                pos += len(pw) + 1  # the byte after each entry stays NUL
-            serial = _new_key_with_timeout(self.keyname, payload, timeout, perm=SYSTEMD_PERM)
-        try:
-            keyring.link(serial, self._keyring)
-        except BaseException:
-            with contextlib.suppress(KeyringError):
-                keyring.invalidate(serial)
-            raise
-        finally:
-            with contextlib.suppress(KeyNotFound):
-                keyring.unlink(serial, keyring.THREAD)
+        with keys.join_nulstr(entries) as payload:
+            keys.publish(self.keyname, payload, keyring_serial=self._keyring, timeout=timeout,
+                         perm=SYSTEMD_PERM, padded=False, replace=False)
 
     def clear(self) -> bool:
         """Destroy the key; return whether there was one."""
@@ -494,17 +434,3 @@ def _touch(ask_dir: str) -> None:
     """Update the ask directory's times (inotify IN_ATTRIB); never create it."""
     with contextlib.suppress(OSError):
         os.utime(ask_dir)
-
-
-def _split_nulstr(data: memoryview) -> list[Secret]:
-    """Split a NUL-separated list; a trailing NUL (older writers) does not add an entry."""
-    out: list[Secret] = []
-    raw = data  # index the view: no immutable copy of the payload
-    start = 0
-    n = len(raw)
-    for i in range(n + 1):
-        if i == n or raw[i] == 0:
-            if i > start:
-                out.append(Secret(bytearray(raw[start:i])))
-            start = i + 1
-    return out

@@ -242,7 +242,7 @@ class InvalidEscape(HostileAskFile):
 
 
 class Refused(AskPasswordError):
-    """:func:`keyhandoff.askpass.send_reply` found a check failing and sent nothing."""
+    """:func:`keyhandoff.reply.send_reply` found a check failing and sent nothing."""
 
 
 class ReplyFailed(AskPasswordError):

@@ -6,24 +6,24 @@ Two keys in root's user keyring, both with a short kernel timeout:
   entry: the stock ``pam_gdm`` (and ``pam_systemd_loadkey``) take the last entry and set
   PAM_AUTHTOK, which ``pam_gnome_keyring`` uses to unlock the ``login`` collection;
 * ``keyhandoff:login``, a one-shot key that ``pam_keyhandoff.so`` reads and invalidates,
-  for display managers without pam_gdm; its payload is padded (:func:`keyhandoff.cache.pad`:
+  for display managers without pam_gdm; its payload is padded (:func:`keyhandoff.keys.pad`:
   4096 bytes, length first) so ``/proc/key-users`` does not show the passphrase's length.
 
-Neither key is ever visible without its timeout: each is made in this thread's keyring,
-given its permissions and timeout, and only then linked into ``@u``.
+Neither key is ever visible without its timeout: each is published with
+:func:`keyhandoff.keys.publish` (made in this thread's keyring, given its permissions and
+timeout, and only then linked into ``@u``).
 
 Readers need possession of ``@u`` (``gdm.service`` has ``KeyringMode=shared``).
 """
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
-from keyhandoff import journal, keyring, names
-from keyhandoff.cache import KEY_PERM, SystemdCache, pad
-from keyhandoff.errors import KeyNotFound, KeyringError, KeyUnavailable
+from keyhandoff import journal, keyring, keys, names
+from keyhandoff.cache import KEY_PERM, SystemdCache
+from keyhandoff.errors import KeyUnavailable
 
 if TYPE_CHECKING:
     from keyhandoff.secret import Secret
@@ -51,20 +51,10 @@ def handoff(
     # pam_gdm takes the *last* entry: drop an existing copy so ours is appended at the end.
     sc.remove([passphrase])
     sc.add([passphrase], timeout=timeout)
-    clear()  # while we possess it: a displaced old key could no longer be destroyed by us
-    with pad(passphrase) as stored:
-        serial = keyring.add("user", LOGIN_KEY, stored, keyring.THREAD)
-    try:
-        keyring.set_perm(serial, KEY_PERM)
-        keyring.set_timeout(serial, timeout)
-        keyring.link(serial, keyring.USER)
-    except BaseException:
-        with contextlib.suppress(KeyringError):
-            keyring.invalidate(serial)
-        raise
-    finally:
-        with contextlib.suppress(KeyNotFound):
-            keyring.unlink(serial, keyring.THREAD)
+    # replace: the old one-shot key is destroyed while we possess it (a displaced old key
+    # could no longer be destroyed by us)
+    serial = keys.publish(LOGIN_KEY, passphrase, keyring_serial=keyring.USER, timeout=timeout,
+                          perm=KEY_PERM, padded=True, replace=True)
     journal.log(journal.Event.LOGIN_HANDOFF,
                 f"passphrase handed to the login path for {timeout} s", timeout=timeout)
     return LoginHandoff(systemd_keyname, serial, timeout)

@@ -25,6 +25,8 @@ __all__ = [
     "KEY_PERM",
     "KEY_PREFIX",
     "LOGIN_KEY",
+    "MAX_KEY_TIMEOUT",
+    "ONETIME_PREFIX",
     "RUN_DIR",
     "SEALED_PREFIX",
     "SYSTEMD_KEYNAME",
@@ -55,6 +57,9 @@ KEYRING_NAME: Final = "keyhandoff"
 KEY_PREFIX: Final = "keyhandoff:"
 #: ``keyhandoff:luks:<UUID>``: a volume's passphrase (padded), from the cache or a restore.
 VOLUME_PREFIX: Final = KEY_PREFIX + "luks:"
+#: ``keyhandoff:onetime:<UUID>``: a volume's restored one-time key (text form, padded), which
+#: the agent answers that volume's prompt from before its passphrase; ``finish`` forgets it.
+ONETIME_PREFIX: Final = KEY_PREFIX + "onetime:"
 #: The armed chain's state (not secret, not padded); its timeout is the chain's deadline.
 CHAIN_KEY: Final = KEY_PREFIX + "chain"
 #: ``keyhandoff:vk:<UUID>``: a volume key kept while a chain needs another re-arm.
@@ -63,6 +68,8 @@ VK_PREFIX: Final = KEY_PREFIX + "vk:"
 SEALED_PREFIX: Final = KEY_PREFIX + "sealed:"
 #: The one-shot key pam_keyhandoff.so reads (and invalidates) by default.
 LOGIN_KEY: Final = KEY_PREFIX + "login"
+#: Seconds at most in the timeout of any key of ours (a handoff chain re-puts its keys).
+MAX_KEY_TIMEOUT: Final = 86400
 #: Possessor: view, read, write, search, link, setattr; owning uid: view; nobody else
 #: (``keyring.PERM_POSSESSOR_ALL | keyring.PERM_USER_VIEW``).
 KEY_PERM: Final = 0x3F000000 | 0x00010000

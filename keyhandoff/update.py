@@ -254,7 +254,7 @@ def disarm(*, quiet: bool = False, volumes: Sequence[str] | None = None,
         with contextlib.suppress(KeyhandoffError, OSError):
             uuids |= {t.uuid for t in targets(paths, host=host)}
         for u in uuids:
-            counts["keys"] += cache.forget(u)
+            counts["keys"] += cache.forget(u) + cache.forget_onetime(u)
     if not quiet:
         journal.log(Event.WIPED, "disarmed", **counts)
     return counts

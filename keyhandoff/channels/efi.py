@@ -267,7 +267,7 @@ class EfiChannel:
             path, slot = slots[0].path, slots[0].slot
             if entry.kind is record.EntryKind.ONETIME_KEY:
                 with onetime.key_text(entry.payload) as text:
-                    cache.put(volume, text, timeout=timeout)
+                    cache.put_onetime(volume, text, timeout=timeout)
                 restored.append(volume)
                 pending.append(Pending(volume, slot.keyslot, slot.token, path))
                 volumes.append(Target(volume, path, os.path.basename(path)))
@@ -293,12 +293,12 @@ class EfiChannel:
 
         cache, volume = work.cache, item.uuid
         try:
-            key: Secret | None = cache.get(volume)
+            key: Secret | None = cache.get_onetime(volume)
         except KeyUnavailable:
             key = None
         # The one-time key answered its prompt; it must neither stay in our cache nor in
         # systemd's, where pam_gdm would take it for "the last entry".
-        cache.forget(volume)
+        cache.forget_onetime(volume)
         sealed = cache.get_key(SEALED_PREFIX + volume)
         cache.forget_key(SEALED_PREFIX + volume)
         try:

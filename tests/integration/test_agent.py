@@ -21,11 +21,12 @@ from support.agent_process import (
     type_answer,
 )
 from support.luks_headers import set_header_uuid
-from support.luks_images import format_image, uuid_of
+from support.luks_images import add_key, format_image, uuid_of
 from support.parts import require, require_binary
 from support.passphrases import MARKER, make
 
 from keyhandoff import verifier
+from keyhandoff.cache import SystemdCache
 from keyhandoff.errors import KeyNotFound
 from keyhandoff.secret import Secret
 
@@ -124,6 +125,98 @@ def test_captures_what_the_person_typed_wrong_then_right(tmp_path, cache, volume
         assert 30 <= entry.seconds_left <= 45
         # and the next prompt for that volume is answered from what was captured
         assert finish(ask(f"--id=cryptsetup:{img}", "--accept-cached")) == (0, pw + b"\n")
+
+
+# --- one-time keys: answered from first, never captured as the passphrase ----------------
+
+
+@pytest.fixture
+def onetime_volume(tmp_path):
+    """A volume with its passphrase and a second keyslot standing in for a one-time keyslot."""
+    pw, otk = make("vol"), make("onetime")
+    img = format_image(tmp_path / "disk.img", pw)
+    add_key(img, pw, otk)
+    return img, uuid_of(img), pw, otk
+
+
+def test_answers_from_the_one_time_key_before_the_passphrase(tmp_path, cache, onetime_volume):
+    img, vid, pw, otk = onetime_volume
+    cache.put(vid, Secret.passphrase(pw), timeout=60)
+    cache.put_onetime(vid, Secret.passphrase(otk), timeout=60)
+    with AgentProcess(tmp_path) as agent:
+        assert finish(ask(f"--id=cryptsetup:{img}", "--accept-cached")) == (0, otk + b"\n")
+        agent.wait_for_log("keyhandoff: ANSWERED")
+        # both keys stay where they were: finish forgets the one-time key, not the agent
+        with cache.get(vid) as kept, cache.get_onetime(vid) as onetime:
+            assert (bytes(kept.view()), bytes(onetime.view())) == (pw, otk)
+        # without a one-time key the same prompt is answered from the passphrase
+        assert cache.forget_onetime(vid)
+        assert finish(ask(f"--id=cryptsetup:{img}", "--accept-cached")) == (0, pw + b"\n")
+
+
+def test_a_one_time_key_is_never_captured_as_the_passphrase(tmp_path, cache, onetime_volume):
+    # A prompt left to the person (AcceptCached=0) is open while the agent answers another
+    # querier of the same volume from its one-time key; that querier pushes the one-time key
+    # into systemd's cache, the newest entry when the first prompt goes away.  It opens the
+    # volume, and is still not kept as the volume's passphrase.
+    img, vid, pw, otk = onetime_volume
+    cache.put_onetime(vid, Secret.passphrase(otk), timeout=60)
+    with AgentProcess(tmp_path, retain=45) as agent:
+        left = ask(f"--id=cryptsetup:{img}", keyname=agent.keyname, timeout=30)
+        try:
+            ask_file_of(left)
+            agent.wait_for_log("left to the person")
+            answered = ask(f"--id=cryptsetup:{img}", "--accept-cached", keyname=agent.keyname)
+            assert finish(answered) == (0, otk + b"\n")
+            entries = SystemdCache(keyname=agent.keyname).read()
+            try:  # what the prompt left to the person would capture
+                assert [bytes(e.view()) for e in entries] == [otk]
+            finally:
+                for e in entries:
+                    e.wipe()
+        finally:
+            left.terminate()  # the person gives up: its ask file goes
+            finish(left)
+        agent.wait_for_log("is its one-time key; not kept as its passphrase")
+        with pytest.raises(KeyNotFound):
+            cache.get(vid)
+        assert cache.entries() == []
+        # the control: what the person types for the next prompt is captured
+        q = ask(f"--id=cryptsetup:{img}", keyname=agent.keyname, timeout=10)
+        type_answer(ask_file_of(q), pw)
+        assert finish(q) == (0, pw + b"\n")
+        agent.wait_for_log("keyhandoff: CAPTURED")
+        with cache.get(vid) as got:
+            assert bytes(got.view()) == pw
+    assert "keyhandoff: CAPTURED" in agent.log.read_text()
+    assert agent.log.read_text().count("keyhandoff: CAPTURED") == 1
+
+
+def test_retry_after_a_one_time_answer_drops_the_one_time_key_only(tmp_path, cache,
+                                                                    onetime_volume):
+    img, vid, pw, _otk = onetime_volume
+    wrong = make("wrong-onetime")
+    cache.put(vid, Secret.passphrase(pw), timeout=60)
+    cache.put_onetime(vid, Secret.passphrase(wrong), timeout=60)
+    querier = HandQuerier(tmp_path / "ask")
+    try:
+        with AgentProcess(tmp_path, retain=0, ask_dir=querier.dir) as agent:
+            first = querier.prompt(img, accept_cached=True)
+            assert querier.received(timeout=10) == [b"+" + wrong]
+            first.unlink()
+            querier.prompt(img, accept_cached=False)  # same PID: a retry
+            agent.wait_for_log("keyhandoff: DROPPED")
+            assert querier.received() == []
+            assert "rejected our one-time key" in agent.log.read_text()
+            with pytest.raises(KeyNotFound):
+                cache.get_onetime(vid)
+            with cache.get(vid) as kept:  # the passphrase was not what was judged
+                assert bytes(kept.view()) == pw
+            # a new querier is answered from the passphrase now
+            querier.prompt(img, accept_cached=True, pid=os.getppid())
+            assert querier.received(timeout=5) == [b"+" + pw]
+    finally:
+        querier.close()
 
 
 # The retry of the real systemd-cryptsetup needs device-mapper: tests/vm/test_cryptsetup_retry.py

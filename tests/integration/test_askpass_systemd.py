@@ -28,7 +28,7 @@ from support.luks_images import format_image
 from support.parts import require, require_binary
 from support.passphrases import make
 
-from keyhandoff import askpass
+from keyhandoff import reply
 from keyhandoff.askpass import (
     ASK_DIR,
     AskRequest,
@@ -36,14 +36,12 @@ from keyhandoff.askpass import (
     HostileAskFile,
     Refused,
     ReplyFailed,
-    cancel_datagram,
-    cescape,
     list_ask_files,
     parse_ask_file,
     read_ask_file,
-    reply_datagram,
-    send_reply,
 )
+from keyhandoff.cescape import cescape
+from keyhandoff.reply import cancel_datagram, reply_datagram, send_reply
 from keyhandoff.secret import Secret
 
 INSTALL = "apt-get install systemd"
@@ -583,7 +581,7 @@ def test_pinned_socket_wins_over_a_swap_after_the_checks(scene):
     scene.write()
     dir_fd = os.open(scene.dir, os.O_PATH | os.O_DIRECTORY)
     try:
-        sock_fd = askpass._pin_socket(dir_fd, os.fstat(dir_fd), str(scene.socket_path))
+        sock_fd = reply._pin_socket(dir_fd, os.fstat(dir_fd), str(scene.socket_path))
     finally:
         os.close(dir_fd)
     try:
@@ -591,7 +589,7 @@ def test_pinned_socket_wins_over_a_swap_after_the_checks(scene):
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as evil:
             evil.bind(str(scene.socket_path))
             evil.settimeout(0)
-            askpass._send(sock_fd, cancel_datagram())
+            reply._send(sock_fd, cancel_datagram())
             with pytest.raises(BlockingIOError):
                 evil.recv(65536)
         assert scene.received() == [b"-"]

@@ -56,6 +56,79 @@ def test_replacing_an_entry_destroys_the_old_key(cache):
     assert [e.volume for e in cache.entries()].count(v) == 1
 
 
+# --- one-time keys: their own key name, beside the passphrase -------------------------------
+
+
+def test_a_one_time_key_has_its_own_name_beside_the_passphrase(cache):
+    v = vol()
+    pw, otk = make("pass"), make("onetime")
+    passphrase = cache.put(v, Secret.passphrase(pw), timeout=60)
+    onetime = cache.put_onetime(v.upper(), Secret.passphrase(otk), timeout=30)  # normalised
+    assert onetime != passphrase
+    assert keyring.describe(onetime).description == f"keyhandoff:onetime:{v}"
+    assert keyring.describe(onetime).perm == KEY_PERM
+    [info] = keyring.proc_keys({onetime})
+    assert info.seconds_left is not None
+    assert 20 <= info.seconds_left <= 30
+    with cache.get(v) as got:
+        assert bytes(got.view()) == pw  # the one-time key did not displace the passphrase
+    serial, got = cache.get_onetime_entry(v)
+    with got:
+        assert (serial, bytes(got.view())) == (onetime, otk)
+    # entries() lists passphrases; the one-time key is listed on its own
+    assert [(e.volume, e.serial) for e in cache.entries()] == [(v, passphrase)]
+    assert [(e.volume, e.serial) for e in cache.onetime_entries()] == [(v, onetime)]
+    # forgetting the passphrase leaves the one-time key, and the other way round
+    assert cache.forget(v)
+    with cache.get_onetime(v) as got:
+        assert bytes(got.view()) == otk
+    assert cache.forget_onetime(v)
+    assert not cache.forget_onetime(v)
+    with pytest.raises(KeyNotFound, match="keyhandoff:onetime:"):
+        cache.get_onetime(v)
+    assert cache.onetime_entries() == []
+
+
+def test_a_new_one_time_key_replaces_the_old_one(cache):
+    v = vol()
+    first = cache.put_onetime(v, Secret.passphrase(make("ot1")), timeout=60)
+    second = cache.put_onetime(v, Secret.passphrase(make("ot2")), timeout=60)
+    assert first != second
+    with pytest.raises(OSError):
+        keyring.read(first)
+    assert [e.serial for e in cache.onetime_entries()] == [second]
+    cache.forget_onetime(v)
+
+
+def test_a_one_time_key_expires_in_the_kernel(cache):
+    v = vol()
+    cache.put_onetime(v, Secret.passphrase(make("otexp")), timeout=1)
+    time.sleep(1.5)
+    with pytest.raises(KeyExpired):
+        cache.get_onetime(v)
+    assert cache.onetime_entries() == []
+    cache.forget_onetime(v)  # unlinks the expired key
+
+
+@pytest.mark.parametrize("timeout", [0, -1, 86401, True])
+def test_no_one_time_key_without_a_bounded_timeout(cache, timeout):
+    v = vol()
+    with pytest.raises((ValueError, TypeError)):
+        cache.put_onetime(v, Secret.passphrase(make("otbad")), timeout=timeout)
+    with pytest.raises(KeyNotFound):
+        cache.get_onetime(v)
+
+
+def test_forget_all_takes_one_time_keys_too(cache):
+    v, w = vol(), vol()
+    cache.put(v, Secret.passphrase(make("fa1")), timeout=60)
+    cache.put_onetime(v, Secret.passphrase(make("fa2")), timeout=60)
+    cache.put_onetime(w, Secret.passphrase(make("fa3")), timeout=60)
+    assert cache.forget_all() == 3
+    assert cache.entries() == []
+    assert cache.onetime_entries() == []
+
+
 def test_every_key_has_permissions_and_a_kernel_timeout(cache):
     v = vol()
     serial = cache.put(v, Secret.passphrase(make("perm")), timeout=5)
@@ -372,6 +445,7 @@ def test_every_secret_payload_is_padded_the_chain_state_is_not(cache):
     try:
         stored = {
             cache.put(v, Secret.passphrase(make("p")), timeout=30): 4096,
+            cache.put_onetime(v, Secret.passphrase(make("o")), timeout=30): 4096,
             cache.put_key(f"keyhandoff:vk:{v}", Secret(b"k" * 64), timeout=30): 4096,
             cache.put_key(f"keyhandoff:sealed:{v}", Secret(b"s" * 100), timeout=30): 4096,
             cache.put_key("keyhandoff:chain", Secret(b"{}"), timeout=30, padded=False): 2,
@@ -509,6 +583,62 @@ def test_login_handoff_links_into_user_keyring_only_after_the_timeout(tmp_path):
     assert set(login_keys) <= set(reachable)
     assert systemd_key in reachable
     assert len(reachable) >= 4
+
+
+PUBLISHERS = (
+    "import sys\n"
+    "from keyhandoff.cache import PassphraseCache, SystemdCache\n"
+    "from keyhandoff.secret import Secret\n"
+    "pw = Secret.passphrase(sys.stdin.buffer.read())\n"
+    "cache, volume = PassphraseCache(), sys.argv[2]\n"
+    "for _ in range(2):  # the second replaces the keys the first made\n"
+    "    print(cache.put(volume, pw, timeout=30), flush=True)\n"
+    "    print(cache.put_onetime(volume, pw, timeout=30), flush=True)\n"
+    "    print(cache.put_key('keyhandoff:vk:' + volume, pw, timeout=30), flush=True)\n"
+    "    print(cache.put_key('keyhandoff:chain', pw, timeout=30, padded=False), flush=True)\n"
+    "SystemdCache(keyname=sys.argv[1]).add([pw], timeout=30)\n"
+)
+
+
+def test_every_publisher_links_a_key_only_after_its_timeout(cache, tmp_path):
+    """The same syscall order for every key the cache and systemd's key writer make.
+
+    Each goes through ``keys.publish``: add_key into the thread keyring only, then
+    KEYCTL_SET_TIMEOUT, and only then the KEYCTL_LINK that makes it reachable.
+    """
+    import sys  # noqa: PLC0415
+
+    strace = require_binary("strace", "apt-get install strace")
+    name = f"kh-test-cryptsetup-{uuid.uuid4().hex[:8]}"
+    v = vol()
+    trace = tmp_path / "strace.log"
+    try:
+        r = subprocess.run(
+            [strace, "-f", "-qq", "-s", "0", "-e", "trace=add_key,keyctl", "-o", str(trace),
+             sys.executable, "-c", PUBLISHERS, name, v],
+            input=make("publish"), capture_output=True, timeout=60, check=False,
+        )
+        assert r.returncode == 0, r.stderr.decode(errors="replace")
+        published = [int(x) for x in r.stdout.split()]
+        systemd_key = keyring.search(keyring.USER, "user", name)
+    finally:
+        SystemdCache(keyname=name).clear()
+        cache.forget_key(f"keyhandoff:vk:{v}")
+        cache.forget_key("keyhandoff:chain")
+    calls = _keyring_syscalls(trace)
+    timed: set[int] = set()
+    reachable: list[int] = []
+    for call, args, rc in calls:
+        if call == "add_key":
+            assert args[-1] == "KEY_SPEC_THREAD_KEYRING", (call, args, rc)
+        elif args[0] == "KEYCTL_SET_TIMEOUT" and rc == 0:
+            timed.add(int(args[1]))
+        elif args[0] == "KEYCTL_LINK" and args[2] != "KEY_SPEC_THREAD_KEYRING" and rc == 0:
+            assert int(args[1]) in timed, f"key {args[1]} linked before its timeout was set"
+            reachable.append(int(args[1]))
+    # the trace saw what it had to see: every key made was linked, each once
+    assert len(published) == 8
+    assert sorted(reachable) == sorted([*published, systemd_key])
 
 
 def test_replacing_systemds_key_is_one_link(systemd_key):

@@ -25,8 +25,9 @@ pytestmark = pytest.mark.arms
 
 def _login_key() -> bytes | None:
     from keyhandoff import keyring  # noqa: PLC0415
-    from keyhandoff.cache import KEY_PERM, unpad  # noqa: PLC0415
+    from keyhandoff.cache import KEY_PERM  # noqa: PLC0415
     from keyhandoff.errors import KeyUnavailable  # noqa: PLC0415
+    from keyhandoff.keys import unpad  # noqa: PLC0415
 
     # an invalidated key reads as revoked until the kernel's GC unlinks it: gone either way
     try:
@@ -173,7 +174,7 @@ reboot()
 rr = update.restore(host=host, volumes=[img])
 out["restore1"] = [rr.channel, len(rr.restored), rr.refused]
 out["record_after_restore1"] = efi.STASH.exists()
-with cache.get(vol) as key:
+with cache.get_onetime(vol) as key:
     open(os.path.join(state, "onetime1"), "wb").write(bytes(key.view()))
 f1 = update.finish(host=host)
 out["finish1"] = [f1.keyslots_destroyed, f1.login, onetime_slots()]
@@ -182,7 +183,7 @@ out["rearm"] = [r2.channel, onetime_slots()]
 reboot()
 rr = update.restore(host=host, volumes=[img])
 out["restore2"] = [rr.channel, len(rr.restored), rr.refused]
-with cache.get(vol) as key:
+with cache.get_onetime(vol) as key:
     open(os.path.join(state, "onetime2"), "wb").write(bytes(key.view()))
 f2 = update.finish(host=host, login_timeout=30)
 out["finish2"] = [f2.keyslots_destroyed, f2.login, onetime_slots()]

@@ -71,7 +71,7 @@ elif fault == "foreign":       # a record whose keyslots are not on this machine
         for s in onetime.slots(h):
             h.remove_token(s.token)
 r1 = update.restore(host=host, volumes=[img])
-cached = [e.volume for e in cache.entries()]
+cached = [e.volume for e in [*cache.entries(), *cache.onetime_entries()]]
 r2 = update.restore(host=host, volumes=[img]) if fault == "twice" else None
 update.disarm(host=host, quiet=True, volumes=[img])
 cache.forget_all()

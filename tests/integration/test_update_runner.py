@@ -297,8 +297,8 @@ def slots():
     with LuksHeader.open(img) as h:
         return [s.keyslot for s in onetime.slots(h)]
 
-def cached():
-    return [e.volume for e in cache.entries()]
+def cached():  # what the agent could answer with: passphrases and one-time keys
+    return [e.volume for e in [*cache.entries(), *cache.onetime_entries()]]
 
 out = {}
 new_boot()

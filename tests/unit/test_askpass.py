@@ -1,4 +1,4 @@
-"""keyhandoff.askpass: the pure protocol (ask-file parser, Id classes, C escapes, datagrams).
+"""keyhandoff.askpass, .cescape, .reply: the pure protocol (ask files, Ids, C escapes, datagrams).
 
 The I/O edge (read_ask_file, list_ask_files) is tested here on a private directory; the
 socket checks of send_reply and the real systemd querier are in tests/integration.
@@ -14,7 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from support.passphrases import make
 
-from keyhandoff import askpass
+from keyhandoff import askpass, reply
+from keyhandoff import cescape as cescape_module
 from keyhandoff.askpass import (
     MAX_ASK_FILE,
     AskRequest,
@@ -24,16 +25,14 @@ from keyhandoff.askpass import (
     NoIdPrompt,
     OtherPrompt,
     VerificationPrompt,
-    cancel_datagram,
-    cescape,
     classify_id,
-    cunescape,
     list_ask_files,
     parse_ask_file,
     read_ask_file,
-    reply_datagram,
 )
+from keyhandoff.cescape import cescape, cunescape
 from keyhandoff.errors import KeyhandoffError
+from keyhandoff.reply import cancel_datagram, reply_datagram
 from keyhandoff.secret import Secret, SecretError
 
 SOCK = "/run/systemd/ask-password/sck.a40583849376d20"
@@ -600,6 +599,7 @@ def test_read_ask_file_ignores_the_mode(ask_dir):
     assert read_ask_file(ask_dir, "ask.mode").pid == 7
 
 
-def test_module_exports_what_it_documents():
-    for name in askpass.__all__:
-        assert getattr(askpass, name).__doc__ or name.isupper() or name == "Prompt"
+@pytest.mark.parametrize("module", [askpass, cescape_module, reply], ids=lambda m: m.__name__)
+def test_module_exports_what_it_documents(module):
+    for name in module.__all__:
+        assert getattr(module, name).__doc__ or name.isupper() or name == "Prompt"

@@ -32,7 +32,7 @@ from pathlib import Path
 sys.path.insert(0, "/opt/keyhandoff-src/tests")
 from passphrases import MARKER, make  # the project's test passphrases (the leak-scan marker)
 
-from keyhandoff import askpass
+from keyhandoff import askpass, reply
 from keyhandoff.askpass import ASK_DIR, AskRequest, HostileAskFile
 from keyhandoff.cache import PassphraseCache, SystemdCache
 from keyhandoff.errors import KeyNotFound
@@ -126,7 +126,7 @@ def retry_ask_file(pid: int) -> tuple[str, AskRequest]:
 
 def cancel(proc: subprocess.Popen[bytes], name: str, request: AskRequest, fact: str) -> bytes:
     """Cancel the prompt as a person would; the querier must fail and take its file away."""
-    askpass.send_reply(ASK_DIR, name, request, askpass.cancel_datagram())
+    reply.send_reply(ASK_DIR, name, request, reply.cancel_datagram())
     _out, err = proc.communicate(timeout=WAIT)
     gone = name not in list(askpass.list_ask_files(ASK_DIR))
     expect(fact, proc.returncode != 0 and gone,
@@ -225,8 +225,8 @@ def part_retries_do_not_accept_cached(workdir: Path) -> None:
         first, request = wait_for_ask_file(proc.pid)
         expect("cs-first-accepts-cached", request.accept_cached is True,
                f"AcceptCached={int(request.accept_cached)} Id={request.id}")
-        with Secret.passphrase(wrong) as secret, askpass.reply_datagram(secret) as datagram:
-            askpass.send_reply(ASK_DIR, first, request, datagram)
+        with Secret.passphrase(wrong) as secret, reply.reply_datagram(secret) as datagram:
+            reply.send_reply(ASK_DIR, first, request, datagram)
         replied = time.monotonic()
         retry, again = wait_for_ask_file(proc.pid, other_than=first)
         took = time.monotonic() - replied
