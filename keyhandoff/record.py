@@ -158,7 +158,7 @@ _INFO_RECORD_KEY_ID: Final = b"keyhandoff record v1 key-id"
 
 
 class RecordChannel(IntEnum):
-    """Where a record travels (the channel byte; DESIGN.md, "Channels for the handoff record")."""
+    """Where a record travels: the channel byte (see keyhandoff.channels for the channels)."""
 
     KEYRING = 1
     EFI = 2
