@@ -90,8 +90,8 @@ def customize(rootfs: Path) -> None:
     for target in ("multi-user.target", "system-update.target"):
         _enable(rootfs, target, "keyhandoff-finish.service", "keyhandoff-rearm.service")
     # The update boot runs the demo's "runner" job too, after keyhandoff's boot steps.
-    _enable(rootfs, "system-update.target", "keyhandoff-vmtest.service")
-    dropin = systemd / "keyhandoff-vmtest.service.d/demo.conf"
+    _enable(rootfs, "system-update.target", "vmtest.service")
+    dropin = systemd / "vmtest.service.d/demo.conf"
     dropin.parent.mkdir(parents=True, exist_ok=True)
     dropin.write_text(
         "[Unit]\nAfter=keyhandoff-finish.service keyhandoff-rearm.service "

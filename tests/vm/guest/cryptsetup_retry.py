@@ -1,7 +1,7 @@
 #!/usr/bin/python3
 """Guest job of tests/vm/test_cryptsetup_retry.py: systemd-cryptsetup's retries, for real.
 
-Runs as root in ``keyhandoff-vmtest.service`` (``KeyringMode=shared``: root's ``@u`` is
+Runs as root in ``vmtest.service`` (``KeyringMode=shared``: root's ``@u`` is
 linked into the job's session keyring, so the job, systemd-cryptsetup and the agent all
 possess it), on a kernel with device-mapper and dm-crypt, which the test host lacks:
 systemd-cryptsetup asks again only after libcryptsetup refused a passphrase while
