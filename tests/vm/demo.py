@@ -86,6 +86,9 @@ def customize(rootfs: Path) -> None:
     systemd = rootfs / "etc/systemd/system"
     for unit in sorted((REPO_ROOT / "units").glob("*.service")):
         _install(unit, systemd / unit.name)
+    # the sandbox all of them share (a prefix drop-in: every "keyhandoff-*" unit)
+    for conf in sorted((REPO_ROOT / "units/keyhandoff-.service.d").glob("*.conf")):
+        _install(conf, systemd / "keyhandoff-.service.d" / conf.name)
     _enable(rootfs, "sysinit.target", "keyhandoff-agent.service", "keyhandoff-restore.service")
     for target in ("multi-user.target", "system-update.target"):
         _enable(rootfs, target, "keyhandoff-finish.service", "keyhandoff-rearm.service")
