@@ -1,7 +1,7 @@
 """Build script for keyhandoff._bindings._cryptsetup (libcryptsetup, cffi API mode).
 
 Declares only what keyhandoff.luks calls.  Constants are ``...`` so the C compiler fills
-in their values from <libcryptsetup.h>.  The type names (``CRYPT_LUKS1``...) are string
+in their values from <libcryptsetup.h>.  The KDF names (``CRYPT_KDF_PBKDF2``...) are string
 macros in C; declared as ``static const char *const``, cffi reads each through the macro
 (an expression, so a string literal works).  ``CRYPT_LUKS`` (any LUKS version) is
 ``NULL`` and is not declared: callers pass ``ffi.NULL``.
@@ -30,8 +30,6 @@ ffibuilder.cdef(
     };
 
     typedef enum {
-        CRYPT_SLOT_INVALID,
-        CRYPT_SLOT_INACTIVE,
         CRYPT_SLOT_ACTIVE,
         CRYPT_SLOT_ACTIVE_LAST,
         CRYPT_SLOT_UNBOUND,
@@ -41,13 +39,9 @@ ffibuilder.cdef(
     #define CRYPT_ANY_SLOT ...
     #define CRYPT_ANY_TOKEN ...
     #define CRYPT_PBKDF_NO_BENCHMARK ...
-    #define CRYPT_LOG_NORMAL ...
     #define CRYPT_LOG_ERROR ...
-    #define CRYPT_LOG_VERBOSE ...
     #define CRYPT_LOG_DEBUG ...
 
-    static const char *const CRYPT_LUKS1;
-    static const char *const CRYPT_LUKS2;
     static const char *const CRYPT_KDF_PBKDF2;
     static const char *const CRYPT_KDF_ARGON2I;
     static const char *const CRYPT_KDF_ARGON2ID;

@@ -12,8 +12,6 @@ ffibuilder.cdef(
     """
     typedef int32_t key_serial_t;
     typedef uint32_t key_perm_t;
-    typedef int... uid_t;
-    typedef int... gid_t;
 
     #define KEY_SPEC_THREAD_KEYRING ...
     #define KEY_SPEC_PROCESS_KEYRING ...
@@ -29,7 +27,6 @@ ffibuilder.cdef(
     key_serial_t keyctl_join_session_keyring(const char *name);
     long keyctl_update(key_serial_t id, const void *payload, size_t plen);
     long keyctl_revoke(key_serial_t id);
-    long keyctl_chown(key_serial_t id, uid_t uid, gid_t gid);
     long keyctl_setperm(key_serial_t id, key_perm_t perm);
     long keyctl_describe(key_serial_t id, char *buffer, size_t buflen);
     long keyctl_clear(key_serial_t ringid);

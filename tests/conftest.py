@@ -17,8 +17,11 @@ from support.passphrases import MARKER
 from keyhandoff import keyring
 from keyhandoff.cache import PassphraseCache, SystemdCache
 
-#: pam_module, pam_gdm, checker: real PAM stacks for any test that asks for them
-pytest_plugins = ["support.pam_stack", "support.stack_guard"]  # stack_guard: Debian-stack pass
+#: pam_module, pam_gdm, checker: real PAM stacks; person, image: a LUKS2 image file;
+#: efivars: a scratch efivarfs directory; stack_guard: the Debian-stack pass's guard
+pytest_plugins = [
+    "support.luks_images", "support.pam_stack", "support.scratch_efi", "support.stack_guard",
+]
 
 
 def _user_keyring_contents() -> set[tuple[int, int]]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
-import shutil
 import stat
 import subprocess
 import textwrap
@@ -22,8 +21,14 @@ import uuid
 from typing import TYPE_CHECKING
 
 import pytest
-from support.parts import require, require_binary
-from support.scratch_efi import last_json, run_in_child, tiny_tmpfs
+from support.parts import require_binary
+from support.scratch_efi import (
+    chattr_immutable,
+    is_immutable,
+    last_json,
+    run_in_child,
+    tiny_tmpfs,
+)
 
 from keyhandoff import efi
 
@@ -52,32 +57,7 @@ def run_json(code: str, efivars: Path | None, **kwargs):
     return last_json(proc)
 
 
-@pytest.fixture
-def efivars(tmp_path):
-    directory = tmp_path / "efivars"
-    directory.mkdir()
-    yield directory
-    clear_immutable(directory)
-
-
-def clear_immutable(directory: Path) -> None:
-    chattr = shutil.which("chattr")
-    for path in directory.iterdir():
-        if chattr:
-            subprocess.run([chattr, "-i", str(path)], check=False, capture_output=True)
-
-
-def chattr_immutable(path: Path) -> None:
-    chattr = require_binary("chattr", "apt-get install e2fsprogs")
-    proc = subprocess.run([chattr, "+i", str(path)], capture_output=True, text=True, check=False)
-    require(proc.returncode == 0, f"chattr +i on {path.parent} ({proc.stderr.strip()})",
-            "run on a filesystem with FS_IOC_SETFLAGS (ext4, tmpfs on Linux >= 6.0)")
-
-
-def is_immutable(path: Path) -> bool:
-    lsattr = require_binary("lsattr", "apt-get install e2fsprogs")
-    flags = subprocess.run([lsattr, "-d", str(path)], capture_output=True, text=True, check=True)
-    return "i" in flags.stdout.split()[0]
+# efivars (the scratch directory), chattr_immutable, is_immutable: support.scratch_efi
 
 
 # --------------------------------------------------------------------------- round trip

@@ -28,15 +28,7 @@ from keyhandoff.luks import (
 )
 from keyhandoff.secret import Secret
 
-
-@pytest.fixture
-def person():
-    return make("person")
-
-
-@pytest.fixture
-def image(tmp_path, person):
-    return format_image(tmp_path / "luks2.img", person)
+# person, image: support.luks_images (keyslot 0 opened by person)
 
 
 def test_reads_uuid_version_keyslots(image):

@@ -33,7 +33,8 @@ import struct
 import subprocess
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from pathlib import Path
+from typing import ClassVar
 
 import pytest
 from support.pam_stack import (
@@ -50,9 +51,6 @@ from keyhandoff import keyring
 from keyhandoff.cache import KEY_PERM, SystemdCache
 from keyhandoff.errors import KeyNotFound, KeyRevoked
 from keyhandoff.secret import MAX_PASSPHRASE, Secret
-
-if TYPE_CHECKING:
-    from pathlib import Path
 
 LOGIN_KEYNAME = "keyhandoff:login"
 PADDED_SIZE = 4096
@@ -307,42 +305,15 @@ def test_cryptsetup_keyname_with_keep(pam_module, checker, systemd_cache):
 # pam_exec passes at most 511 bytes of PAM_AUTHTOK on (PAM_MAX_RESP_SIZE) and libpam gives
 # PAM_AUTHTOK to modules only (PAM_BAD_ITEM for an application), so the exact token of the
 # format tests is read by this test-only module after ours: it writes PAM_AUTHTOK to a 0600
-# file, or nothing when there is none.
-AUTHTOK_DUMP_C = r"""
-#include <fcntl.h>
-#include <string.h>
-#include <unistd.h>
-#include <security/pam_modules.h>
-int pam_sm_authenticate(pam_handle_t *pamh, int flags, int argc, const char **argv)
-{
-    const void *tok = NULL;
-    int fd;
-    (void)flags;
-    if (argc != 1 || pam_get_item(pamh, PAM_AUTHTOK, &tok) != PAM_SUCCESS || tok == NULL)
-        return PAM_AUTH_ERR;
-    fd = open(argv[0], O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW, 0600);
-    if (fd < 0)
-        return PAM_SYSTEM_ERR;
-    if (write(fd, tok, strlen(tok)) != (ssize_t)strlen(tok)) {
-        close(fd);
-        return PAM_SYSTEM_ERR;
-    }
-    return close(fd) == 0 ? PAM_SUCCESS : PAM_SYSTEM_ERR;
-}
-int pam_sm_setcred(pam_handle_t *pamh, int flags, int argc, const char **argv)
-{
-    (void)pamh; (void)flags; (void)argc; (void)argv;
-    return PAM_SUCCESS;
-}
-"""
+# file, or nothing when there is none (its source: tests/support/pam_authtok_dump.c).
+AUTHTOK_DUMP_C = Path(__file__).resolve().parents[1] / "support" / "pam_authtok_dump.c"
 
 
 @pytest.fixture(scope="session")
 def authtok_dump_module(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("authtok-dump")
-    (out / "dump.c").write_text(AUTHTOK_DUMP_C)
     subprocess.run(["cc", "-Wall", "-Wextra", "-Werror", "-fPIC", "-shared", "-o",
-                    str(out / "pam_authtok_dump.so"), str(out / "dump.c"), "-lpam"],
+                    str(out / "pam_authtok_dump.so"), str(AUTHTOK_DUMP_C), "-lpam"],
                    check=True, capture_output=True)
     return out / "pam_authtok_dump.so"
 

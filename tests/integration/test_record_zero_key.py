@@ -38,12 +38,11 @@ def kh(env, *args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes
     return proc
 
 
-def test_armed_record_and_login_passphrase_do_not_open_under_a_zero_key(tmp_path, cache):
+def test_armed_record_and_login_passphrase_do_not_open_under_a_zero_key(tmp_path, cache,
+                                                                          efivars):
     pw = make("zero-key")
     img = format_image(tmp_path / "v.img", pw)
     volume = uuid_of(img)
-    efivars = tmp_path / "efivars"
-    efivars.mkdir()
     env = scratch_env(efivars)
     kh(env, "cache", "put", "--volume", volume, "--timeout", "120", stdin=pw + b"\n")
     try:

@@ -8,8 +8,10 @@ on: tests/support/stack_guard.py).  Test modules import helpers from here, never
 
 * :mod:`support.parts`: ``require`` / ``require_binary``, the only way a test skips.
 * :mod:`support.passphrases`: distinctive test passphrases (the leak-scan marker).
-* :mod:`support.luks_images`, :mod:`support.luks_headers`: real LUKS images via cryptsetup.
-* :mod:`support.scratch_efi`: libefivar on a scratch efivarfs directory, in a child.
+* :mod:`support.luks_images`, :mod:`support.luks_headers`: real LUKS images via cryptsetup
+  (a pytest plugin: the ``person`` and ``image`` fixtures).
+* :mod:`support.scratch_efi`: libefivar on a scratch efivarfs directory, in a child (a
+  pytest plugin: the ``efivars`` fixture).
 * :mod:`support.agent_process`: the real agent and real systemd queriers.
 * :mod:`support.pam_stack`: real Linux-PAM stacks (a pytest plugin: fixtures).
 * :mod:`support.record_keys`, :mod:`support.cryptography38`: independent record crypto.

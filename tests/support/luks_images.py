@@ -1,6 +1,7 @@
 """LUKS image files for tests, made by the real cryptsetup binary.
 
 Passphrases reach cryptsetup on stdin (``--key-file=-``), never in argv or the environment.
+Also a pytest plugin (tests/conftest.py): the ``person`` and ``image`` fixtures.
 """
 
 from __future__ import annotations
@@ -10,13 +11,16 @@ import json
 import os
 import re
 import subprocess
+from pathlib import Path
 from typing import TYPE_CHECKING
 
-from support.parts import require_binary
+import pytest
+
+from support.parts import require, require_binary
+from support.passphrases import make
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
-    from pathlib import Path
 
 INSTALL = "apt-get install cryptsetup-bin"
 MIB = 1024 * 1024
@@ -118,12 +122,30 @@ def kill_slot(path: Path | str, keyslot: int, passphrase: bytes) -> None:
 
 
 @contextlib.contextmanager
-def loop_device(path: Path) -> Iterator[str]:
+def loop_device(path: Path, *, read_only: bool = False) -> Iterator[str]:
     """``path`` attached to a free loop device (a real block device) for the block."""
     binary = require_binary("losetup", "apt-get install mount")
-    node = subprocess.run([binary, "--find", "--show", str(path)], capture_output=True,
+    require(
+        os.geteuid() == 0 and Path("/dev/loop-control").exists(),
+        "root with loop devices",
+        "run the tests as root on a kernel with CONFIG_BLK_DEV_LOOP",
+    )
+    mode = ("--read-only",) if read_only else ()
+    node = subprocess.run([binary, "--find", "--show", *mode, str(path)], capture_output=True,
                           check=True, text=True).stdout.strip()
     try:
         yield node
     finally:
         subprocess.run([binary, "--detach", node], capture_output=True, check=False)
+
+
+@pytest.fixture
+def person() -> bytes:
+    """The passphrase a person typed for :func:`image`'s keyslot 0."""
+    return make("person")
+
+
+@pytest.fixture
+def image(tmp_path: Path, person: bytes) -> Path:
+    """A fresh LUKS2 image file (fast PBKDF2), keyslot 0 opened by ``person``."""
+    return format_image(tmp_path / "luks2.img", person)

@@ -3,6 +3,7 @@
 libefivar picks its backend when the library is loaded, from ``LIBEFIVAR_OPS`` and
 ``EFIVARFS_PATH``: the pytest process may already have it loaded without them, so the code
 runs in a fresh interpreter.  It prints one JSON line last, which is returned.
+Also a pytest plugin (tests/conftest.py): the ``efivars`` fixture, a scratch directory.
 """
 
 from __future__ import annotations
@@ -10,12 +11,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
 from typing import TYPE_CHECKING, Any
 
-from support.parts import require
+import pytest
+
+from support.parts import require, require_binary
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
@@ -74,3 +78,36 @@ def tiny_tmpfs(path: Path, size: str = "16k") -> Iterator[Path]:
         yield path
     finally:
         subprocess.run(["umount", str(path)], check=True)
+
+
+@pytest.fixture
+def efivars(tmp_path: Path) -> Iterator[Path]:
+    """A scratch efivarfs directory for libefivar (see :func:`scratch_env`), emptied of
+    immutable flags afterwards so pytest can remove it."""
+    directory = tmp_path / "efivars"
+    directory.mkdir()
+    yield directory
+    clear_immutable(directory)
+
+
+def clear_immutable(directory: Path) -> None:
+    """``chattr -i`` on every file in ``directory`` (where chattr exists)."""
+    chattr = shutil.which("chattr")
+    for path in directory.iterdir():
+        if chattr:
+            subprocess.run([chattr, "-i", str(path)], check=False, capture_output=True)
+
+
+def chattr_immutable(path: Path) -> None:
+    """Set the immutable flag, as real efivarfs does on every new variable."""
+    chattr = require_binary("chattr", "apt-get install e2fsprogs")
+    proc = subprocess.run([chattr, "+i", str(path)], capture_output=True, text=True, check=False)
+    require(proc.returncode == 0, f"chattr +i on {path.parent} ({proc.stderr.strip()})",
+            "run on a filesystem with FS_IOC_SETFLAGS (ext4, tmpfs on Linux >= 6.0)")
+
+
+def is_immutable(path: Path) -> bool:
+    """Whether ``path`` has the immutable flag (lsattr)."""
+    lsattr = require_binary("lsattr", "apt-get install e2fsprogs")
+    flags = subprocess.run([lsattr, "-d", str(path)], capture_output=True, text=True, check=True)
+    return "i" in flags.stdout.split()[0]

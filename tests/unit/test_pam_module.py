@@ -55,8 +55,8 @@ def test_the_harness_catches_a_broken_parser(tmp_path):
     source = (REPO / "csrc" / "kh_payload.c").read_text()
     needle = "        if (payload[i] != 0)\n            return -1;"
     assert needle in source
-    broken.write_text(source.replace(needle, "        (void)payload[i];")
-                      .replace('#include "kh_payload.h"', f'#include "{REPO}/csrc/kh_payload.h"'))
+    # kh_payload.h: found through -I csrc below, although the copy is elsewhere
+    broken.write_text(source.replace(needle, "        (void)payload[i];"))
     cc = require_binary("cc", "apt-get install gcc")
     exe = tmp_path / "fuzz_broken"
     subprocess.run(

@@ -86,12 +86,15 @@ def customize(rootfs: Path) -> None:
     systemd = rootfs / "etc/systemd/system"
     for unit in sorted((REPO_ROOT / "units").glob("*.service")):
         _install(unit, systemd / unit.name)
+    # the sandbox all of them share (a prefix drop-in: every "keyhandoff-*" unit)
+    for conf in sorted((REPO_ROOT / "units/keyhandoff-.service.d").glob("*.conf")):
+        _install(conf, systemd / "keyhandoff-.service.d" / conf.name)
     _enable(rootfs, "sysinit.target", "keyhandoff-agent.service", "keyhandoff-restore.service")
     for target in ("multi-user.target", "system-update.target"):
         _enable(rootfs, target, "keyhandoff-finish.service", "keyhandoff-rearm.service")
     # The update boot runs the demo's "runner" job too, after keyhandoff's boot steps.
-    _enable(rootfs, "system-update.target", "keyhandoff-vmtest.service")
-    dropin = systemd / "keyhandoff-vmtest.service.d/demo.conf"
+    _enable(rootfs, "system-update.target", "vmtest.service")
+    dropin = systemd / "vmtest.service.d/demo.conf"
     dropin.parent.mkdir(parents=True, exist_ok=True)
     dropin.write_text(
         "[Unit]\nAfter=keyhandoff-finish.service keyhandoff-rearm.service "

@@ -609,7 +609,7 @@ def _install_project(rootfs: Path, project: Path, build_log: Path) -> tuple[bool
 def _install_runner(rootfs: Path) -> None:
     """The guest-side test runner (see guest/); enabled for multi-user.target."""
     for name, dest, mode in (
-        ("keyhandoff-vmtest.service", "etc/systemd/system/keyhandoff-vmtest.service", 0o644),
+        ("vmtest.service", "etc/systemd/system/vmtest.service", 0o644),
         ("vmtest-runner", "usr/local/sbin/vmtest-runner", 0o755),
         ("vmtest-result", "usr/local/bin/vmtest-result", 0o755),
     ):
@@ -619,9 +619,9 @@ def _install_runner(rootfs: Path) -> None:
         dst.chmod(mode)
     wants = rootfs / "etc/systemd/system/multi-user.target.wants"
     wants.mkdir(parents=True, exist_ok=True)
-    link = wants / "keyhandoff-vmtest.service"
+    link = wants / "vmtest.service"
     link.unlink(missing_ok=True)
-    link.symlink_to("/etc/systemd/system/keyhandoff-vmtest.service")
+    link.symlink_to("/etc/systemd/system/vmtest.service")
 
 
 def _tree_size(path: Path) -> int:

@@ -2,7 +2,7 @@
 
 A job is a script (any executable text: ``#!/bin/sh`` or ``#!/usr/bin/python3``) plus optional
 files, put on a small ext4 disk (virtio serial ``vmtest-job``). In the guest,
-``keyhandoff-vmtest.service`` starts after ``multi-user.target``, prints
+``vmtest.service`` starts after ``multi-user.target``, prints
 ``VMTEST-BOOTED <boot_id>``, mounts the disk at ``$VMTEST_JOB`` (``/run/vmtest/job``), runs
 ``run`` with a time limit, and prints ``VMTEST-DONE rc=<rc> action=<action>``, then powers off,
 reboots or stays up as asked. The script reports with ``vmtest-result NAME PASS|FAIL detail...``
