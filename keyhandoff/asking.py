@@ -8,8 +8,8 @@ from collections.abc import Callable, Sequence
 from typing import Final
 
 from keyhandoff import crypttab
-from keyhandoff.cescape import cescape
 from keyhandoff.cache import PassphraseCache, normalize_uuid
+from keyhandoff.cescape import cescape
 from keyhandoff.chain import Target
 from keyhandoff.errors import ArmRefused, InvalidArgument, KeyUnavailable, UpdateError
 from keyhandoff.secret import Secret

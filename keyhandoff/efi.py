@@ -53,11 +53,11 @@ __all__ = [
     "ATTR_NON_VOLATILE",
     "ATTR_RUNTIME_ACCESS",
     "PROBE_NAME",
-    "STASH",
-    "STASH_ATTRIBUTES_NV",
-    "STASH_ATTRIBUTES_VOLATILE",
-    "STASH_MODE",
-    "STASH_NAME",
+    "RECORD_ATTRIBUTES_NV",
+    "RECORD_ATTRIBUTES_VOLATILE",
+    "RECORD_MODE",
+    "RECORD_NAME",
+    "RECORD_VARIABLE",
     "VENDOR_GUID",
     "EfiCapabilities",
     "EfiError",
@@ -80,17 +80,17 @@ ATTR_RUNTIME_ACCESS: Final[int] = lib.EFI_VARIABLE_RUNTIME_ACCESS
 ATTR_APPEND_WRITE: Final[int] = lib.EFI_VARIABLE_APPEND_WRITE
 
 VENDOR_GUID: Final = names.EFI_VENDOR_GUID
-STASH_NAME: Final = names.EFI_RECORD_NAME
+RECORD_NAME: Final = names.EFI_RECORD_NAME
 PROBE_NAME: Final = names.EFI_PROBE_NAME
 #: BS|RT|NV: survives any reboot (the ``efi`` channel).
-STASH_ATTRIBUTES_NV: Final[int] = (
+RECORD_ATTRIBUTES_NV: Final[int] = (
     ATTR_NON_VOLATILE | ATTR_BOOTSERVICE_ACCESS | ATTR_RUNTIME_ACCESS
 )
 #: BS|RT: firmware RAM only (the ``efi-volatile`` channel, where the firmware accepts it).
-STASH_ATTRIBUTES_VOLATILE: Final[int] = ATTR_BOOTSERVICE_ACCESS | ATTR_RUNTIME_ACCESS
+RECORD_ATTRIBUTES_VOLATILE: Final[int] = ATTR_BOOTSERVICE_ACCESS | ATTR_RUNTIME_ACCESS
 #: File mode at creation.  It lasts only for this boot: after a reboot efivarfs shows every
 #: variable as 0644, which is why the record never carries the person's passphrase.
-STASH_MODE: Final = 0o600
+RECORD_MODE: Final = 0o600
 
 # ASCII only, and never a '/' or '..': libefivar builds "<EFIVARFS_PATH><name>-<guid>"
 # with no escaping, so a name with a slash would write outside the efivars directory.
@@ -198,7 +198,7 @@ class EfiVariable:
         data: Secret | bytes | bytearray | memoryview,
         attributes: int,
         *,
-        mode: int = STASH_MODE,
+        mode: int = RECORD_MODE,
     ) -> None:
         """Create or replace the variable: attributes and data in one ``write()``.
 
@@ -273,7 +273,7 @@ class EfiVariable:
 
 
 #: The handoff record's variable.
-STASH: Final = EfiVariable(STASH_NAME, VENDOR_GUID)
+RECORD_VARIABLE: Final = EfiVariable(RECORD_NAME, VENDOR_GUID)
 
 
 def list_variables() -> list[EfiVariable]:
@@ -351,8 +351,8 @@ def probe() -> EfiCapabilities:
         list_variables()
     except EfiError as exc:
         return _unusable(f"variables not usable: {exc}")
-    nv_error = _try_write(scratch, STASH_ATTRIBUTES_NV)
-    volatile_error = _try_write(scratch, STASH_ATTRIBUTES_VOLATILE)
+    nv_error = _try_write(scratch, RECORD_ATTRIBUTES_NV)
+    volatile_error = _try_write(scratch, RECORD_ATTRIBUTES_VOLATILE)
     parts = [
         "non-volatile: " + ("writable" if nv_error is None else f"refused, {nv_error}"),
         "volatile: " + ("accepted" if volatile_error is None else f"refused, {volatile_error}"),
@@ -366,7 +366,7 @@ def probe() -> EfiCapabilities:
 
 
 class RecordVariable:
-    """The ``efi`` / ``efi-volatile`` channel's store: the sealed record in :data:`STASH`.
+    """The ``efi`` / ``efi-volatile`` channel's store: the sealed record in :data:`RECORD_VARIABLE`.
 
     Holds the record's bytes only; sealing and opening them is :mod:`keyhandoff.record`'s
     (this module never loads the AEAD backend).  Restore order is the design's: read,
@@ -377,18 +377,18 @@ class RecordVariable:
 
     def __init__(self, *, volatile: bool = False, variable: EfiVariable | None = None) -> None:
         self.volatile: Final = volatile
-        self._variable = variable if variable is not None else STASH
+        self._variable = variable if variable is not None else RECORD_VARIABLE
 
     @property
     def attributes(self) -> int:
         """The variable attributes this channel writes (BS|RT, +NV unless volatile)."""
         if self.volatile:
-            return STASH_ATTRIBUTES_VOLATILE
-        return STASH_ATTRIBUTES_NV
+            return RECORD_ATTRIBUTES_VOLATILE
+        return RECORD_ATTRIBUTES_NV
 
     def store(self, blob: bytes) -> None:
         """Write a sealed record (replacing any previous one), mode 0600."""
-        self._variable.write(blob, self.attributes, mode=STASH_MODE)
+        self._variable.write(blob, self.attributes, mode=RECORD_MODE)
 
     def take(self) -> Secret | None:
         """Read the record and delete it; ``None`` when there is none.

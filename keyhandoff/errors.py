@@ -50,6 +50,7 @@ __all__ = [
     "NotLuks",
     "PermissionDenied",
     "QuotaExceeded",
+    "RecordError",
     "RecordExhausted",
     "RecordExpired",
     "RecordForeign",
@@ -63,7 +64,6 @@ __all__ = [
     "ReplyFailed",
     "SealedPayloadRefused",
     "SecretError",
-    "StashError",
     "UdevUnavailable",
     "UnsafeLock",
     "UpdateError",
@@ -256,11 +256,11 @@ class ReplyFailed(AskPasswordError):
 # --- the handoff record ---------------------------------------------------------------------
 
 
-class StashError(KeyhandoffError):
+class RecordError(KeyhandoffError):
     """Root of handoff-record errors."""
 
 
-class RecordRefused(StashError):
+class RecordRefused(RecordError):
     """The record must not be used.  ``reason`` is a short stable code for logs and tests.
 
     The channel wipes a refused record; messages never contain key material.
@@ -321,7 +321,7 @@ class RecordExhausted(RecordRefused):
     reason = "no-boots-left"
 
 
-class SealedPayloadRefused(StashError):
+class SealedPayloadRefused(RecordError):
     """A volume-key-sealed payload did not open.  No detail, on purpose (no oracle)."""
 
 

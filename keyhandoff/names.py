@@ -78,7 +78,8 @@ KEY_PERM: Final = 0x3F000000 | 0x00010000
 
 #: keyhandoff's vendor GUID: every EFI variable we write lives under it.
 EFI_VENDOR_GUID: Final = "7ec2927b-59f1-4933-8945-01041e7137eb"
-#: The EFI variable that carries the handoff record across a full reboot.
+#: The EFI variable that carries the handoff record across a full reboot.  (Named before the
+#: record module was; the name stays, since it is what armed machines have in NVRAM.)
 EFI_RECORD_NAME: Final = "KeyHandoffStash"
 #: Scratch EFI variable of the writability probe; never holds anything but a marker.
 EFI_PROBE_NAME: Final = "KeyHandoffProbe"

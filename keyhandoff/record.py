@@ -79,6 +79,7 @@ from cryptography.exceptions import InvalidTag
 
 from keyhandoff.aead import NONCE_LEN, TAG_LEN, DerivedAead, hkdf_into
 from keyhandoff.errors import (
+    RecordError,
     RecordExhausted,
     RecordExpired,
     RecordForeign,
@@ -88,7 +89,6 @@ from keyhandoff.errors import (
     RecordSameBoot,
     RecordTampered,
     RecordUnknownFormat,
-    StashError,
 )
 from keyhandoff.sealing import SEALED_OVERHEAD
 from keyhandoff.secret import MAX_PASSPHRASE, Secret
@@ -112,6 +112,7 @@ __all__ = [
     "EntryKind",
     "HandoffRecord",
     "RecordChannel",
+    "RecordError",
     "RecordExhausted",
     "RecordExpired",
     "RecordForeign",
@@ -122,7 +123,6 @@ __all__ = [
     "RecordSameBoot",
     "RecordTampered",
     "RecordUnknownFormat",
-    "StashError",
     "new_record_key",
     "open_record",
     "parse_header",

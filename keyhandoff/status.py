@@ -115,7 +115,7 @@ def _efi_section() -> dict[str, Any]:
 
     if not efi.supported():
         return {"runtime_variables": False}
-    return {"runtime_variables": True, "record_present": efi.STASH.exists()}
+    return {"runtime_variables": True, "record_present": efi.RECORD_VARIABLE.exists()}
 
 
 def _volumes_section() -> dict[str, Any]:

@@ -191,9 +191,9 @@ class EfiChannel:
                     onetime.destroy(header, slot)
             if stored != "no":
                 with contextlib.suppress(efi.EfiError, OSError):
-                    if stored == "yes" or not efi.STASH.exists():
+                    if stored == "yes" or not efi.RECORD_VARIABLE.exists():
                         with contextlib.suppress(efi.EfiVariableNotFound):
-                            efi.STASH.delete()
+                            efi.RECORD_VARIABLE.delete()
                         work.cache.forget_key(CHAIN_KEY)
                         journal.log(Event.WIPED, "the EFI record could not be replaced: "
                                     "nothing is armed now", priority=journal.WARNING)
@@ -366,7 +366,7 @@ class EfiChannel:
         if not efi.supported():
             return 0
         try:
-            efi.STASH.delete()
+            efi.RECORD_VARIABLE.delete()
         except efi.EfiVariableNotFound:
             return 0
         return 1

@@ -66,8 +66,8 @@ def run_json(code: str, efivars: Path | None, **kwargs):
 def test_write_read_delete_round_trip(efivars):
     result = run_json(
         """
-        var = efi.STASH
-        var.write(b"record-bytes", efi.STASH_ATTRIBUTES_NV)
+        var = efi.RECORD_VARIABLE
+        var.write(b"record-bytes", efi.RECORD_ATTRIBUTES_NV)
         value = var.read()
         data = bytes(value.data.view())
         value.data.wipe()
@@ -89,10 +89,10 @@ def test_write_read_delete_round_trip(efivars):
 
 @pytest.mark.parametrize(
     ("attributes", "expected"),
-    [(efi.STASH_ATTRIBUTES_NV, 0x7), (efi.STASH_ATTRIBUTES_VOLATILE, 0x6)],
+    [(efi.RECORD_ATTRIBUTES_NV, 0x7), (efi.RECORD_ATTRIBUTES_VOLATILE, 0x6)],
 )
 def test_file_is_attributes_then_data_mode_0600(efivars, attributes, expected):
-    run_json(f"efi.STASH.write(b'\\x01\\x02payload', {attributes}); out()", efivars)
+    run_json(f"efi.RECORD_VARIABLE.write(b'\\x01\\x02payload', {attributes}); out()", efivars)
     path = efivars / STASH_FILE
     raw = path.read_bytes()
     # One write of header and data: 4 bytes of attributes, little endian, then the data.
@@ -104,9 +104,9 @@ def test_file_is_attributes_then_data_mode_0600(efivars, attributes, expected):
 def test_replacing_keeps_one_variable(efivars):
     result = run_json(
         """
-        efi.STASH.write(b"first, longer data", efi.STASH_ATTRIBUTES_NV)
-        efi.STASH.write(b"second", efi.STASH_ATTRIBUTES_NV)
-        v = efi.STASH.read()
+        efi.RECORD_VARIABLE.write(b"first, longer data", efi.RECORD_ATTRIBUTES_NV)
+        efi.RECORD_VARIABLE.write(b"second", efi.RECORD_ATTRIBUTES_NV)
+        v = efi.RECORD_VARIABLE.read()
         out(data=bytes(v.data.view()).decode())
         """,
         efivars,
@@ -120,7 +120,7 @@ def test_list_variables(efivars):
     result = run_json(
         f"""
         efi.EfiVariable("BootOrder", "{other_guid}").write(b"\\x01\\x00", 7)
-        efi.STASH.write(b"x", 7)
+        efi.RECORD_VARIABLE.write(b"x", 7)
         out(names=sorted([v.name, v.guid] for v in efi.list_variables()),
             again=len(efi.list_variables()))
         """,
@@ -136,7 +136,7 @@ def test_missing_variable(efivars):
         res = {}
         for op in ("read", "delete", "size"):
             try:
-                getattr(efi.STASH, op)()
+                getattr(efi.RECORD_VARIABLE, op)()
             except efi.EfiVariableNotFound as exc:
                 res[op] = exc.errno
         out(**res)
@@ -161,9 +161,9 @@ def test_names_that_would_escape_the_directory_are_refused():
 def test_without_backend_everything_is_efi_unavailable_not_a_segfault(tmp_path):
     code = """
         res = {"supported": efi.supported(), "probe": efi.probe().runtime_variables}
-        for name, op in [("write", lambda: efi.STASH.write(b"x", 7)),
-                         ("read", efi.STASH.read), ("delete", efi.STASH.delete),
-                         ("list", efi.list_variables), ("size", efi.STASH.size)]:
+        for name, op in [("write", lambda: efi.RECORD_VARIABLE.write(b"x", 7)),
+                         ("read", efi.RECORD_VARIABLE.read), ("delete", efi.RECORD_VARIABLE.delete),
+                         ("list", efi.list_variables), ("size", efi.RECORD_VARIABLE.size)]:
             try:
                 op()
                 res[name] = "returned"
@@ -202,7 +202,7 @@ def test_the_guard_is_needed_libefivar_segfaults_without_it():
 def test_immutable_flag_is_cleared_and_restored_by_libefivar(efivars):
     # The libefivar fact efi.py relies on, through the raw binding: set_variable clears
     # FS_IMMUTABLE_FL on an existing variable, writes, and sets it again.
-    run_json("efi.STASH.write(b'one', 7); out()", efivars)
+    run_json("efi.RECORD_VARIABLE.write(b'one', 7); out()", efivars)
     path = efivars / STASH_FILE
     chattr_immutable(path)  # what real efivarfs does to every new variable
     run_json(
@@ -221,27 +221,27 @@ def test_immutable_flag_is_cleared_and_restored_by_libefivar(efivars):
 
 
 def test_immutable_variable_is_replaced_and_deleted(efivars):
-    run_json("efi.STASH.write(b'one', 7); out()", efivars)
+    run_json("efi.RECORD_VARIABLE.write(b'one', 7); out()", efivars)
     path = efivars / STASH_FILE
     chattr_immutable(path)
-    run_json("efi.STASH.write(b'two', 7); out()", efivars)
+    run_json("efi.RECORD_VARIABLE.write(b'two', 7); out()", efivars)
     assert path.read_bytes() == b"\x07\0\0\0two"
     chattr_immutable(path)
-    run_json("efi.STASH.delete(); out()", efivars)
+    run_json("efi.RECORD_VARIABLE.delete(); out()", efivars)
     assert not path.exists()
 
 
 def test_without_cap_linux_immutable_writes_and_deletes_are_eperm(efivars):
     # A unit whose CapabilityBoundingSet lacks CAP_LINUX_IMMUTABLE hits this on real efivarfs.
     setpriv = require_binary("setpriv", "apt-get install util-linux")
-    run_json("efi.STASH.write(b'armed', 7); out()", efivars)
+    run_json("efi.RECORD_VARIABLE.write(b'armed', 7); out()", efivars)
     path = efivars / STASH_FILE
     chattr_immutable(path)
     result = run_json(
         """
         res = {}
-        for name, op in [("write", lambda: efi.STASH.write(b"new", 7)),
-                         ("delete", efi.STASH.delete)]:
+        for name, op in [("write", lambda: efi.RECORD_VARIABLE.write(b"new", 7)),
+                         ("delete", efi.RECORD_VARIABLE.delete)]:
             try:
                 op()
                 res[name] = "succeeded"
@@ -260,7 +260,7 @@ def test_without_cap_linux_immutable_writes_and_deletes_are_eperm(efivars):
 
 def test_channel_will_not_hand_out_a_record_it_cannot_delete(efivars):
     setpriv = require_binary("setpriv", "apt-get install util-linux")
-    run_json("efi.STASH.write(b'KHST-not-deletable', 7); out()", efivars)
+    run_json("efi.RECORD_VARIABLE.write(b'KHST-not-deletable', 7); out()", efivars)
     chattr_immutable(efivars / STASH_FILE)
     result = run_json(
         """
@@ -288,10 +288,10 @@ def test_full_store_is_efi_store_full(tmp_path):
         result = run_json(
             """
             try:
-                efi.STASH.write(b"record", efi.STASH_ATTRIBUTES_NV)
+                efi.RECORD_VARIABLE.write(b"record", efi.RECORD_ATTRIBUTES_NV)
                 out(result="written")
             except efi.EfiStoreFull as exc:
-                out(result=type(exc).__name__, errno=exc.errno, exists=efi.STASH.exists())
+                out(result=type(exc).__name__, errno=exc.errno, exists=efi.RECORD_VARIABLE.exists())
             """,
             efivars,
         )
@@ -306,10 +306,11 @@ def test_short_write_is_not_left_behind(tmp_path):
         result = run_json(
             """
             try:
-                efi.STASH.write(bytes(64 * 1024), efi.STASH_ATTRIBUTES_NV)
+                efi.RECORD_VARIABLE.write(bytes(64 * 1024), efi.RECORD_ATTRIBUTES_NV)
                 out(result="written")
             except efi.EfiStoreFull as exc:
-                out(result=type(exc).__name__, message=str(exc), exists=efi.STASH.exists())
+                out(result=type(exc).__name__, message=str(exc),
+                    exists=efi.RECORD_VARIABLE.exists())
             """,
             efivars,
         )
@@ -394,7 +395,7 @@ def test_record_through_the_record_variable(efivars):
         path = os.environ["EFIVARFS_PATH"] + "KeyHandoffStash-" + efi.VENDOR_GUID
         mode = oct(os.stat(path).st_mode & 0o777)
         blob = channel.take()
-        gone = not efi.STASH.exists()
+        gone = not efi.RECORD_VARIABLE.exists()
         opened = record_format.open_record(blob.view(), key, now=now, boot_id=uuid.uuid4(),
                                            channel=record_format.RecordChannel.EFI)
         same = bytes(opened.entries[0].payload.view()) == expected

@@ -243,7 +243,7 @@ shift = [0]  # seconds the clock is moved (a fault's RTC)
 host = Host(boot_id_path=boot_file,
             clock=lambda: time.time() + shift[0])   # a "reboot" on one kernel: a new boot id
 cache = PassphraseCache()
-record_file = os.environ["EFIVARFS_PATH"] + efi.STASH_NAME + "-" + efi.VENDOR_GUID
+record_file = os.environ["EFIVARFS_PATH"] + efi.RECORD_NAME + "-" + efi.VENDOR_GUID
 
 def new_boot():
     keyring.clear(cache.keyring_serial)  # RAM is gone, so is everything in the kernel keyring

@@ -28,7 +28,7 @@ from support.scratch_efi import scratch_env
 
 from keyhandoff import efi
 
-STASH_FILE = f"{efi.STASH_NAME}-{efi.VENDOR_GUID}"
+STASH_FILE = f"{efi.RECORD_NAME}-{efi.VENDOR_GUID}"
 
 
 def kh(env, *args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:

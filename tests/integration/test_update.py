@@ -168,12 +168,12 @@ cache.put(vol, pw, timeout=120)
 r = update.arm(host=host, reboot="full", boots=2, ttl=timedelta(minutes=10), login=True,
                volumes=[img], ask=None)
 out["armed"] = [r.channel, [v.armed for v in r.volumes], onetime_slots()]
-record_file = os.environ["EFIVARFS_PATH"] + efi.STASH_NAME + "-" + efi.VENDOR_GUID
+record_file = os.environ["EFIVARFS_PATH"] + efi.RECORD_NAME + "-" + efi.VENDOR_GUID
 out["record_mode"] = oct(os.stat(record_file).st_mode & 0o777)
 reboot()
 rr = update.restore(host=host, volumes=[img])
 out["restore1"] = [rr.channel, len(rr.restored), rr.refused]
-out["record_after_restore1"] = efi.STASH.exists()
+out["record_after_restore1"] = efi.RECORD_VARIABLE.exists()
 with cache.get_onetime(vol) as key:
     open(os.path.join(state, "onetime1"), "wb").write(bytes(key.view()))
 f1 = update.finish(host=host)

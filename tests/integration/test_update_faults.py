@@ -34,7 +34,7 @@ shift = [0]  # seconds the clock is moved (a fault's RTC)
 host = Host(boot_id_path=boot_file,
             clock=lambda: time.time() + shift[0])
 cache = PassphraseCache()
-record_file = os.environ["EFIVARFS_PATH"] + efi.STASH_NAME + "-" + efi.VENDOR_GUID
+record_file = os.environ["EFIVARFS_PATH"] + efi.RECORD_NAME + "-" + efi.VENDOR_GUID
 
 def new_boot():
     keyring.clear(cache.keyring_serial)  # RAM is gone: every key of ours, chain state too

@@ -175,7 +175,7 @@ from keyhandoff.secret import Secret
 x, y, pw_x_file, pw_y_file, state = sys.argv[1:6]
 host = Host(boot_id_path=os.path.join(state, "boot_id"))
 open(host.boot_id_path, "w").write(str(uuid.uuid4()))
-record_file = os.environ["EFIVARFS_PATH"] + efi.STASH_NAME + "-" + efi.VENDOR_GUID
+record_file = os.environ["EFIVARFS_PATH"] + efi.RECORD_NAME + "-" + efi.VENDOR_GUID
 cache = PassphraseCache()
 
 def slots(img):
@@ -307,8 +307,9 @@ cache.put(vol, Secret.passphrase(open(pw_file, "rb").read()), timeout=120)
 update.arm(host=host, reboot="full", boots=2, ttl=timedelta(minutes=10), volumes=[img], ask=None)
 # a package upgrade restarts keyhandoff-restore.service in the boot that armed
 r = update.restore(host=host, volumes=[img])
-out["arming_boot"] = [r.channel, list(r.restored), r.keyslots_destroyed, efi.STASH.exists(),
-                      len(slots()), update.status(host=host)["armed"]]
+out["arming_boot"] = [r.channel, list(r.restored), r.keyslots_destroyed,
+                      efi.RECORD_VARIABLE.exists(), len(slots()),
+                      update.status(host=host)["armed"]]
 new_boot()
 r = update.restore(host=host, volumes=[img])
 out["restore1"] = [r.channel, len(r.restored)]
@@ -321,7 +322,7 @@ f = update.finish(host=host)
 out["finish2"] = [f.keyslots_destroyed, f.login]
 update.rearm(host=host)
 r = update.restore(host=host, volumes=[img])            # restarted after the re-arm
-out["after_rearm"] = [r.channel, r.keyslots_destroyed, efi.STASH.exists(), len(slots()),
+out["after_rearm"] = [r.channel, r.keyslots_destroyed, efi.RECORD_VARIABLE.exists(), len(slots()),
                       update.status(host=host)["armed"]]
 update.disarm(host=host, quiet=True, volumes=[img])
 cache.forget_all()

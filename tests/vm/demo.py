@@ -197,7 +197,7 @@ print("KH-REFUSED", refused, flush=True)
 result("record-refused", any(@REASON@ in m for m in refused), str(refused))
 result("no-onetime-left", onetime_tokens(DEVICE) == 0, "stale one-time keyslot destroyed")
 from keyhandoff import efi
-result("record-gone", not efi.STASH.exists(), "the record was deleted")
+result("record-gone", not efi.RECORD_VARIABLE.exists(), "the record was deleted")
 """.replace("@REFUSED@", RECORD_REFUSED_ID)
 
 
