@@ -206,7 +206,9 @@ class PassphraseCache:
                                           within=self.keyring_serial)
         except KeyRevoked:
             # forgotten (invalidated) and not yet collected: to callers it is simply gone
-            raise KeyNotFound(errno.ENOKEY, f"no {what} for {volume}") from None
+            # (the message names the key, as keyring.find_trusted's does for a missing key)
+            raise KeyNotFound(errno.ENOKEY,
+                              f"no {what} for {volume} (key {prefix}{volume})") from None
         return serial, self._read(serial, padded=True)
 
     # --- one-time keys: restored for one boot's prompt, never "the passphrase" -----------
