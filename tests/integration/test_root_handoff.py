@@ -1,0 +1,472 @@
+"""The real root after an initramfs handoff: the record the token plugin left in our keyring,
+and the capture of a passphrase typed in the initramfs.
+
+The token plugin (csrc/token_keyhandoff_onetime.c) is played here by the test itself, in the
+key format the plugin uses: the sealed record, as the EFI variable held it minus its 4
+attribute bytes, not padded, in a ``user`` key ``keyhandoff:record`` in our keyring, with
+our permissions and a kernel timeout; the variable deleted.  A "reboot" on one kernel is a
+new boot id (as in test_update.py).  The capture reads a real ``cryptsetup`` key written by
+SystemdCache exactly as systemd 252 writes it, and checks real LUKS2 images.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import sys
+import uuid
+from typing import TYPE_CHECKING
+
+import pytest
+from support.luks_images import add_key, format_image, metadata, opens, uuid_of
+from support.parts import require_binary
+from support.passphrases import make
+from support.scratch_efi import last_json, run_in_child
+
+from keyhandoff import efi, initrd_capture, keyring, keys, names, statelock
+from keyhandoff.cache import PassphraseCache, SystemdCache
+from keyhandoff.errors import KeyNotFound, KeyUnavailable
+from keyhandoff.host import Host
+from keyhandoff.secret import Secret
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+    from pathlib import Path
+
+#: the ``cache`` fixture (tests/conftest.py) disarms after each test here
+pytestmark = pytest.mark.arms
+
+#: Two boots of a chain on one kernel, in two interpreters on a scratch efivarfs directory.
+#: ``arm``: arm a full reboot, then take the record out of the EFI variable (the plugin's
+#: read-and-delete) and write its bytes to ``state/blob`` for the test to place.
+#: ``restore``: the next boot's restore, the one-time key checked against the volume, finish.
+SCRIPT = """
+import json, os, sys, uuid
+from datetime import timedelta
+from keyhandoff import efi, keyring, names, update
+from keyhandoff.cache import PassphraseCache
+from keyhandoff.host import Host
+from keyhandoff.luks import LuksHeader, WrongPassphrase
+from keyhandoff.secret import Secret
+
+phase, img, pw_file, state = sys.argv[1:5]
+boot_file = os.path.join(state, "boot_id")
+host = Host(boot_id_path=boot_file)
+cache = PassphraseCache()
+
+def reboot():
+    cache.forget_all()
+    with open(boot_file, "w") as f:
+        f.write(str(uuid.uuid4()))
+
+def record_key():
+    try:
+        keyring.find_trusted("user", names.RECORD_BLOB_KEY, perm=names.KEY_PERM,
+                             within=cache.keyring_serial)
+    except Exception as exc:
+        return type(exc).__name__
+    return "there"
+
+def onetime_slots():
+    from keyhandoff import onetime
+    with LuksHeader.open(img) as h:
+        return [s.keyslot for s in onetime.slots(h)]
+
+out = {}
+reboot()
+if phase == "arm":
+    with open(pw_file, "rb") as f:
+        pw = Secret.passphrase(f.read())
+    vol = update.targets([img], host=host)[0].uuid
+    cache.put(vol, pw, timeout=120)
+    r = update.arm(host=host, reboot="full", boots=1, ttl=timedelta(minutes=10), volumes=[img],
+                   ask=None)
+    cache.forget(vol)
+    out["armed"] = [r.channel, onetime_slots()]
+    with efi.RecordVariable().take() as blob:   # the plugin: read, delete
+        with open(os.path.join(state, "blob"), "wb") as f:
+            f.write(bytes(blob.view()))
+    out["variable"] = efi.RECORD_VARIABLE.exists()
+else:
+    vol = update.targets([img], host=host)[0].uuid
+    out["record_key_before"] = record_key()
+    rr = update.restore(host=host, volumes=[img])
+    out["restore"] = [rr.channel, list(rr.restored), rr.refused, rr.keyslots_destroyed]
+    out["record_key_after"] = record_key()
+    out["variable_after"] = efi.RECORD_VARIABLE.exists()
+    out["opens"] = None
+    if rr.restored:
+        with cache.get_onetime(vol) as key, LuksHeader.open(img) as h:
+            try:
+                h.verify(key)
+                out["opens"] = True
+            except WrongPassphrase:
+                out["opens"] = False
+    out["slots_before_finish"] = onetime_slots()
+    f = update.finish(host=host)
+    out["finish"] = [f.keyslots_destroyed, onetime_slots()]
+    out["armed_after"] = update.status(host=host)["armed"]
+print(json.dumps(out))
+"""
+
+NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+EVERYTHING_TO_EVERYONE = 0x3F3F3F3F
+
+
+class Boots:
+    """An image armed in one "boot", restored in the next: each phase a fresh interpreter."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.pw = make("root")
+        self.img = format_image(tmp_path / "root.img", self.pw)
+        self.efivars = tmp_path / "efivars"
+        self.efivars.mkdir()
+        self.state = tmp_path / "state"
+        self.state.mkdir()
+        self.pw_file = tmp_path / "pw"
+        self.pw_file.write_bytes(self.pw)
+        self.outputs: list[bytes] = []
+
+    def run(self, phase: str) -> dict:
+        proc = run_in_child(SCRIPT, self.efivars, phase, self.img, self.pw_file, self.state)
+        assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-3000:]
+        self.outputs += [proc.stdout, proc.stderr]
+        return last_json(proc)
+
+    def arm(self) -> bytes:
+        """Arm, and take the record out of its variable as the plugin does: its bytes."""
+        out = self.run("arm")
+        assert out["armed"][0] == "efi"
+        assert len(out["armed"][1]) == 1
+        assert out["variable"] is False
+        blob = (self.state / "blob").read_bytes()
+        (self.state / "blob").unlink()
+        return blob
+
+    def variable_file(self) -> Path:
+        return self.efivars / f"{names.EFI_RECORD_NAME}-{names.EFI_VENDOR_GUID}"
+
+    def check_nothing_leaked(self) -> None:
+        self.pw_file.unlink()
+        for blob in [*self.outputs, *(p.read_bytes() for p in self.efivars.iterdir())]:
+            assert self.pw not in blob
+
+
+@pytest.fixture
+def boots(tmp_path, cache) -> Iterator[Boots]:
+    b = Boots(tmp_path)
+    yield b
+    b.check_nothing_leaked()
+
+
+def publish_record(blob: bytes, *, perm: int = names.KEY_PERM) -> int:
+    """What the plugin leaves: the record, unpadded, in our keyring, with a timeout."""
+    return keys.publish(names.RECORD_BLOB_KEY, Secret(bytearray(blob)), perm=perm,
+                        keyring_serial=PassphraseCache().keyring_serial, timeout=600,
+                        padded=False)
+
+
+def still_there(serial: int) -> bool:
+    """Whether the key is alive (not removed, not invalidated)."""
+    try:
+        info = keyring.describe(serial)
+    except KeyUnavailable:
+        return False
+    return info.description == names.RECORD_BLOB_KEY
+
+
+def remove(serial: int) -> None:
+    with contextlib.suppress(KeyUnavailable):
+        keyring.unlink(serial, PassphraseCache().keyring_serial)
+    with contextlib.suppress(KeyUnavailable):
+        keyring.invalidate(serial)
+
+
+def assert_restored_and_finished(out: dict) -> None:
+    assert out["record_key_before"] == "there"
+    assert out["restore"][0] == "efi"
+    assert out["restore"][2] is None  # not refused
+    assert len(out["restore"][1]) == 1
+    assert out["restore"][3] == 0  # its one-time keyslot was claimed, not swept
+    assert out["opens"] is True
+    assert out["record_key_after"] == "KeyNotFound"  # restore consumed it
+    assert len(out["slots_before_finish"]) == 1
+    assert out["finish"] == [1, []]  # the used one-time keyslot destroyed
+    assert out["armed_after"] is False  # boots=1: the chain is over
+
+
+# --- restore: the record the plugin left in our keyring -----------------------------------
+
+
+def test_restore_takes_the_record_from_the_keyring(boots):
+    blob = boots.arm()
+    serial = publish_record(blob)
+    out = boots.run("restore")
+    assert_restored_and_finished(out)
+    assert out["restore"][1] == [uuid_of(boots.img)]
+    assert not still_there(serial)
+    # restore neither needed nor wrote an EFI variable
+    assert out["variable_after"] is False
+    assert list(boots.efivars.iterdir()) == []
+    assert opens(boots.img, boots.pw)
+
+
+def test_the_keyring_copy_wins_and_a_stale_variable_is_deleted(boots):
+    blob = boots.arm()
+    serial = publish_record(blob)
+    # a variable beside it that would be refused if it were used: not a record at all
+    stale = boots.variable_file()
+    stale.write_bytes(efi.RECORD_ATTRIBUTES_NV.to_bytes(4, "little") + b"stale, not a record")
+    stale.chmod(0o600)
+    out = boots.run("restore")
+    assert_restored_and_finished(out)
+    assert not still_there(serial)
+    assert out["variable_after"] is False
+    assert not stale.exists()
+
+
+def test_without_a_copy_the_variable_is_used_as_before(boots):
+    """No key: the EFI variable path, unchanged (the plugin did not run, e.g. a data volume)."""
+    blob = boots.arm()
+    boots.variable_file().write_bytes(efi.RECORD_ATTRIBUTES_NV.to_bytes(4, "little") + blob)
+    out = boots.run("restore")
+    assert out["record_key_before"] == "KeyNotFound"
+    assert out["restore"][0] == "efi"
+    assert len(out["restore"][1]) == 1
+    assert out["variable_after"] is False
+    assert out["finish"] == [1, []]
+
+
+def test_a_record_key_with_other_permissions_is_not_used(boots):
+    blob = boots.arm()
+    serial = publish_record(blob, perm=0x3F3F0000)  # group may read it too: not ours
+    try:
+        out = boots.run("restore")
+        assert out["record_key_before"] == "KeyNotFound"
+        # nothing restored; the one-time keyslot no valid record claims is destroyed
+        assert out["restore"] == [None, [], None, 1]
+        assert out["slots_before_finish"] == []
+        assert still_there(serial)  # ignored, and not removed
+    finally:
+        remove(serial)
+    assert opens(boots.img, boots.pw)
+
+
+@contextlib.contextmanager
+def foreign_record(blob: bytes) -> Iterator[int]:
+    """``keyhandoff:record`` made by uid 65534 (0x3f3f3f3f), linked into our keyring."""
+    keyctl = require_binary("keyctl", "apt-get install keyutils")
+    require_binary("setpriv", "apt-get install util-linux")
+    script = ('serial=$(keyctl padd user "$1" @s) && keyctl setperm "$serial" 0x3f3f3f3f '
+              '&& echo "$serial" && exec sleep 120')
+    proc = subprocess.Popen(
+        [*NOBODY, keyctl, "session", "-", "sh", "-c", script, "sh", names.RECORD_BLOB_KEY],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    serial = None
+    try:
+        assert proc.stdin is not None
+        assert proc.stdout is not None
+        proc.stdin.write(blob)
+        proc.stdin.close()
+        line = proc.stdout.readline()
+        assert line.strip(), proc.stderr.read() if proc.stderr else b""
+        serial = int(line)
+        keyring.link(serial, PassphraseCache().keyring_serial)  # "other" may link it
+        yield serial
+    finally:
+        if serial is not None:
+            with contextlib.suppress(KeyUnavailable):
+                keyring.unlink(serial, PassphraseCache().keyring_serial)
+        proc.kill()
+        proc.wait()
+
+
+def test_a_record_key_of_another_uid_is_not_used(boots):
+    blob = boots.arm()
+    with foreign_record(blob) as serial:
+        [info] = keyring.proc_keys({serial})
+        assert (info.uid, info.description) == (65534, names.RECORD_BLOB_KEY)
+        assert serial in keyring.list_keyring(PassphraseCache().keyring_serial)
+        out = boots.run("restore")
+        assert out["record_key_before"] == "KeyNotFound"
+        assert out["restore"] == [None, [], None, 1]
+        assert serial in keyring.list_keyring(PassphraseCache().keyring_serial)  # left alone
+    tokens = metadata(boots.img)["tokens"].values()
+    assert not any(t.get("type") == names.TOKEN_TYPE for t in tokens)  # swept
+
+
+def test_disarm_removes_the_keyring_copy(boots):
+    from keyhandoff import update  # noqa: PLC0415
+
+    serial = publish_record(boots.arm())
+    counts = update.disarm(quiet=True, volumes=[str(boots.img)])
+    assert counts["records"] >= 1
+    assert not still_there(serial)
+
+
+# --- capture of what was typed in the initramfs ---------------------------------------------
+
+
+@pytest.fixture
+def systemd_key() -> Iterator[SystemdCache]:
+    """systemd's ``cryptsetup`` key in root's @u, as systemd-cryptsetup leaves it; removed."""
+    sc = SystemdCache()
+    sc.clear()
+    yield sc
+    sc.clear()
+
+
+def typed(sc: SystemdCache, *passwords: bytes) -> None:
+    """What the person typed in the initramfs, oldest first, as systemd 252 stores it."""
+    assert sc.add([Secret.passphrase(p) for p in passwords])
+
+
+def cached(cache: PassphraseCache, volume: str) -> bytes | None:
+    try:
+        with cache.get(volume) as s:
+            return bytes(s.view())
+    except KeyNotFound:
+        return None
+
+
+NO_CRYPTTAB = Host(crypttab_path="/nonexistent/crypttab")
+
+
+def test_capture_attributes_each_entry_to_the_volumes_it_opens(tmp_path, cache, systemd_key):
+    root_pw, data_pw = make("root"), make("data")
+    root = format_image(tmp_path / "root.img", root_pw)
+    data = format_image(tmp_path / "data.img", data_pw)
+    home = format_image(tmp_path / "home.img", root_pw)  # one passphrase for two disks
+    typed(systemd_key, data_pw, root_pw)
+    report = initrd_capture.capture(retain=60, volumes=[str(root), str(data), str(home)],
+                                    host=NO_CRYPTTAB)
+    assert report.ran
+    assert set(report.captured) == {uuid_of(root), uuid_of(data), uuid_of(home)}
+    # root: data_pw refused, root_pw opens; data: data_pw opens; home: as root
+    assert report.checks == 5
+    assert report.checks <= 2 * 3  # at most one check per (entry, volume)
+    assert cached(cache, uuid_of(root)) == root_pw
+    assert cached(cache, uuid_of(data)) == data_pw
+    assert cached(cache, uuid_of(home)) == root_pw
+    # with the cache's timeout
+    left = {e.volume: e.seconds_left for e in cache.entries()}
+    assert all(s is not None and 0 < s <= 60 for s in left.values())
+    # systemd's key is left as it was (pam_gdm reads it)
+    assert [bytes(s.view()) for s in systemd_key.read()] == [data_pw, root_pw]
+
+
+def test_capture_keeps_nothing_that_does_not_open(tmp_path, cache, systemd_key):
+    vol = format_image(tmp_path / "v.img", make("right"))
+    typed(systemd_key, make("wrong"))
+    report = initrd_capture.capture(retain=60, volumes=[str(vol)], host=NO_CRYPTTAB)
+    assert (report.captured, report.checks) == ((), 1)
+    assert cached(cache, uuid_of(vol)) is None
+
+
+def test_capture_never_keeps_a_one_time_key(tmp_path, cache, systemd_key):
+    """The one-time key opens the volume, and still is not its passphrase: never checked."""
+    pw, onetime = make("person"), make("onetime")
+    vol = format_image(tmp_path / "v.img", pw)
+    add_key(vol, pw, onetime)  # a keyslot the "one-time key" opens, as the real one does
+    volume = uuid_of(vol)
+    cache.put_onetime(volume, Secret.passphrase(onetime), timeout=60)  # restored this boot
+    try:
+        typed(systemd_key, onetime)
+        report = initrd_capture.capture(retain=60, volumes=[str(vol)], host=NO_CRYPTTAB)
+        assert (report.captured, report.onetime_skipped, report.checks) == ((), 1, 0)
+        assert cached(cache, volume) is None
+        # beside it, what the person typed for another volume is still captured
+        other_pw = make("other")
+        other = format_image(tmp_path / "o.img", other_pw)
+        typed(systemd_key, other_pw)
+        report = initrd_capture.capture(retain=60, volumes=[str(vol), str(other)],
+                                        host=NO_CRYPTTAB)
+        assert report.captured == (uuid_of(other),)
+        assert report.onetime_skipped == 1
+        assert report.checks == 2  # other_pw on vol (refused), on other (opens)
+        assert cached(cache, volume) is None
+    finally:
+        cache.forget_onetime(volume)
+
+
+def test_capture_skips_a_volume_already_cached(tmp_path, cache, systemd_key):
+    pw = make("known")
+    vol = format_image(tmp_path / "v.img", pw)
+    cache.put(uuid_of(vol), Secret.passphrase(pw), timeout=60)
+    typed(systemd_key, pw)
+    report = initrd_capture.capture(retain=60, volumes=[str(vol)], host=NO_CRYPTTAB)
+    assert (report.captured, report.checks) == ((), 0)
+
+
+def test_capture_off_keeps_nothing(tmp_path, cache, systemd_key):
+    pw = make("off")
+    vol = format_image(tmp_path / "v.img", pw)
+    typed(systemd_key, pw)
+    report = initrd_capture.capture(retain=0, volumes=[str(vol)], host=NO_CRYPTTAB)
+    assert (report.captured, report.checks) == ((), 0)
+    assert cached(cache, uuid_of(vol)) is None
+
+
+def test_capture_reads_crypttab_by_default(tmp_path, cache, systemd_key):
+    pw = make("tab")
+    vol = format_image(tmp_path / "v.img", pw)
+    tab = tmp_path / "crypttab"
+    tab.write_text(f"cryptroot {vol} none luks\n")
+    typed(systemd_key, pw)
+    report = initrd_capture.capture(retain=60, host=Host(crypttab_path=str(tab)))
+    assert uuid_of(vol) in report.captured
+    assert cached(cache, uuid_of(vol)) == pw
+
+
+def test_capture_runs_once_per_boot(tmp_path, cache, systemd_key, monkeypatch):
+    lock_dir = tmp_path / "run"  # not the machine's /run/keyhandoff: no mark left there
+    lock_dir.mkdir(mode=0o700)
+    monkeypatch.setattr(statelock, "LOCK_DIR", str(lock_dir))
+    pw = make("once")
+    vol = format_image(tmp_path / "v.img", pw)
+    boot_id = tmp_path / "boot_id"
+    boot_id.write_text(str(uuid.uuid4()))
+    host = Host(boot_id_path=str(boot_id), crypttab_path="/nonexistent/crypttab")
+    typed(systemd_key, pw)
+    first = initrd_capture.capture_once(retain=60, volumes=[str(vol)], host=host)
+    assert (first.ran, first.captured) == (True, (uuid_of(vol),))
+    cache.forget(uuid_of(vol))
+    again = initrd_capture.capture_once(retain=60, volumes=[str(vol)], host=host)
+    assert (again.ran, again.captured, again.checks) == (False, (), 0)
+    assert cached(cache, uuid_of(vol)) is None
+    boot_id.write_text(str(uuid.uuid4()))  # the next boot captures again
+    assert initrd_capture.capture_once(retain=60, volumes=[str(vol)], host=host).ran
+    assert (lock_dir / "done-capture-initrd").read_text().strip() == boot_id.read_text()
+
+
+_TRACED = "trace=prctl,mlockall,keyctl"
+
+
+def test_the_command_hardens_itself_and_captures_once(tmp_path, cache, systemd_key):
+    """``keyhandoff capture-initrd`` as its unit runs it, in a mount namespace whose
+    /run/keyhandoff is a private tmpfs (the once-per-boot mark of the real boot id stays
+    there); non-dumpable and memory-locked before it reads a key."""
+    pw = make("cli")
+    vol = format_image(tmp_path / "v.img", pw)
+    typed(systemd_key, pw)
+    unshare = require_binary("unshare", "apt-get install util-linux")
+    strace = require_binary("strace", "apt-get install strace")
+    log = tmp_path / "strace.log"
+    kh = f"{sys.executable} -m keyhandoff capture-initrd --volume {vol}"
+    script = ("mkdir -p -m 0700 /run/keyhandoff && "
+              "mount -t tmpfs -o mode=0700 keyhandoff-test /run/keyhandoff && "
+              f"{strace} -f -qq -s 0 -e {_TRACED} -o {log} {kh} && {kh}")
+    proc = subprocess.run([unshare, "--mount", "--propagation", "private", "sh", "-c", script],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert lines[-2].startswith("keyhandoff: kept the passphrase typed in the initramfs for 1 ")
+    assert lines[-1] == "keyhandoff: the initramfs capture ran already in this boot"
+    assert cached(cache, uuid_of(vol)) == pw
+    calls = log.read_text().splitlines()
+    dump = next(i for i, c in enumerate(calls) if "PR_SET_DUMPABLE, SUID_DUMP_DISABLE" in c)
+    lock = next(i for i, c in enumerate(calls) if c.split()[1].startswith("mlockall("))
+    read = next(i for i, c in enumerate(calls) if "KEYCTL_READ" in c)
+    assert dump < read
+    assert lock < read
