@@ -21,7 +21,7 @@ import pytest
 from support.luks_images import add_key, format_image, metadata, opens, uuid_of
 from support.parts import require_binary
 from support.passphrases import make
-from support.scratch_efi import last_json, run_in_child
+from support.scratch_efi import chattr_immutable, last_json, run_in_child
 
 from keyhandoff import efi, initrd_capture, keyring, keys, names, statelock
 from keyhandoff.cache import PassphraseCache, SystemdCache
@@ -30,16 +30,17 @@ from keyhandoff.host import Host
 from keyhandoff.secret import Secret
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Iterator, Sequence
     from pathlib import Path
 
 #: the ``cache`` fixture (tests/conftest.py) disarms after each test here
 pytestmark = pytest.mark.arms
 
 #: Two boots of a chain on one kernel, in two interpreters on a scratch efivarfs directory.
-#: ``arm``: arm a full reboot, then take the record out of the EFI variable (the plugin's
-#: read-and-delete) and write its bytes to ``state/blob`` for the test to place.
-#: ``restore``: the next boot's restore, the one-time key checked against the volume, finish.
+#: ``arm``: arm a full reboot for ``boots`` boots.  ``take``: the record out of the EFI
+#: variable (the plugin's read-and-delete), its bytes to ``state/blob`` for the test to place.
+#: ``restore``: the next boot's restore, the one-time key checked against the volume, finish,
+#: and the re-arm when the chain has boots left.
 SCRIPT = """
 import json, os, sys, uuid
 from datetime import timedelta
@@ -49,13 +50,18 @@ from keyhandoff.host import Host
 from keyhandoff.luks import LuksHeader, WrongPassphrase
 from keyhandoff.secret import Secret
 
-phase, img, pw_file, state = sys.argv[1:5]
+phase, img, pw_file, state, boots = sys.argv[1:6]
 boot_file = os.path.join(state, "boot_id")
 host = Host(boot_id_path=boot_file)
 cache = PassphraseCache()
 
 def reboot():
+    # RAM is gone: every key of ours but the record the plugin put there after the reboot
     cache.forget_all()
+    cache.forget_key(names.CHAIN_KEY)
+    vol = update.targets([img], host=host)[0].uuid
+    for prefix in (names.VK_PREFIX, names.SEALED_PREFIX):
+        cache.forget_key(prefix + vol)
     with open(boot_file, "w") as f:
         f.write(str(uuid.uuid4()))
 
@@ -73,20 +79,22 @@ def onetime_slots():
         return [s.keyslot for s in onetime.slots(h)]
 
 out = {}
-reboot()
-if phase == "arm":
+if phase != "take":
+    reboot()
+if phase == "take":
+    with efi.RecordVariable().take() as blob:
+        with open(os.path.join(state, "blob"), "wb") as f:
+            f.write(bytes(blob.view()))
+    out["variable"] = efi.RECORD_VARIABLE.exists()
+elif phase == "arm":
     with open(pw_file, "rb") as f:
         pw = Secret.passphrase(f.read())
     vol = update.targets([img], host=host)[0].uuid
     cache.put(vol, pw, timeout=120)
-    r = update.arm(host=host, reboot="full", boots=1, ttl=timedelta(minutes=10), volumes=[img],
-                   ask=None)
+    r = update.arm(host=host, reboot="full", boots=int(boots), ttl=timedelta(minutes=10),
+                   volumes=[img], ask=None)
     cache.forget(vol)
     out["armed"] = [r.channel, onetime_slots()]
-    with efi.RecordVariable().take() as blob:   # the plugin: read, delete
-        with open(os.path.join(state, "blob"), "wb") as f:
-            f.write(bytes(blob.view()))
-    out["variable"] = efi.RECORD_VARIABLE.exists()
 else:
     vol = update.targets([img], host=host)[0].uuid
     out["record_key_before"] = record_key()
@@ -106,6 +114,9 @@ else:
     f = update.finish(host=host)
     out["finish"] = [f.keyslots_destroyed, onetime_slots()]
     out["armed_after"] = update.status(host=host)["armed"]
+    if out["armed_after"]:
+        r2 = update.rearm(host=host)
+        out["rearm"] = [r2.channel, onetime_slots(), efi.RECORD_VARIABLE.exists()]
 print(json.dumps(out))
 """
 
@@ -127,18 +138,24 @@ class Boots:
         self.pw_file.write_bytes(self.pw)
         self.outputs: list[bytes] = []
 
-    def run(self, phase: str) -> dict:
-        proc = run_in_child(SCRIPT, self.efivars, phase, self.img, self.pw_file, self.state)
+    def run(self, phase: str, *, boots: int = 1, prefix: Sequence[str] = ()) -> dict:
+        proc = run_in_child(SCRIPT, self.efivars, phase, self.img, self.pw_file, self.state,
+                            boots, prefix=prefix)
         assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-3000:]
         self.outputs += [proc.stdout, proc.stderr]
         return last_json(proc)
 
-    def arm(self) -> bytes:
+    def arm(self, boots: int = 1) -> bytes:
         """Arm, and take the record out of its variable as the plugin does: its bytes."""
-        out = self.run("arm")
+        out = self.run("arm", boots=boots)
         assert out["armed"][0] == "efi"
         assert len(out["armed"][1]) == 1
-        assert out["variable"] is False
+        return self.take()
+
+    def take(self) -> bytes:
+        """The plugin's read-and-delete of the variable: the record's bytes."""
+        assert self.variable_file().exists()
+        assert self.run("take")["variable"] is False
         blob = (self.state / "blob").read_bytes()
         (self.state / "blob").unlink()
         return blob
@@ -223,6 +240,45 @@ def test_the_keyring_copy_wins_and_a_stale_variable_is_deleted(boots):
     assert not still_there(serial)
     assert out["variable_after"] is False
     assert not stale.exists()
+
+
+def test_a_chain_goes_on_after_a_root_handoff(boots):
+    """boots=2: the volume key kept from the one-time key re-arms; the next boot again."""
+    serial = publish_record(boots.arm(boots=2))
+    out = boots.run("restore")
+    assert out["restore"][0] == "efi"
+    assert len(out["restore"][1]) == 1
+    assert out["opens"] is True
+    assert out["finish"] == [1, []]
+    assert out["armed_after"] is True
+    assert out["rearm"][0] == "efi"
+    assert len(out["rearm"][1]) == 1  # a fresh one-time keyslot for the next boot
+    assert out["rearm"][2] is True  # and its record in the variable
+    assert not still_there(serial)
+    serial = publish_record(boots.take())
+    out = boots.run("restore")
+    assert_restored_and_finished(out)
+    assert not still_there(serial)
+    assert opens(boots.img, boots.pw)
+
+
+def test_a_stale_variable_that_cannot_be_deleted_stops_both(boots):
+    """Delete before use: without CAP_LINUX_IMMUTABLE the immutable variable stays, so
+    neither record is used (and the keyring copy is gone all the same)."""
+    setpriv = require_binary("setpriv", "apt-get install util-linux")
+    serial = publish_record(boots.arm())
+    stale = boots.variable_file()
+    stale.write_bytes(efi.RECORD_ATTRIBUTES_NV.to_bytes(4, "little") + b"stale, not a record")
+    chattr_immutable(stale)
+    out = boots.run("restore", prefix=[setpriv, "--bounding-set=-linux_immutable",
+                                        "--inh-caps=-linux_immutable"])
+    assert out["record_key_before"] == "there"
+    assert out["restore"][0] is None
+    assert out["restore"][1] == []
+    assert "could not be deleted, so it is not used" in out["restore"][2]
+    assert out["restore"][3] == 1  # the one-time keyslot nothing claims is destroyed
+    assert not still_there(serial)
+    assert stale.exists()
 
 
 def test_without_a_copy_the_variable_is_used_as_before(boots):
