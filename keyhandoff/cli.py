@@ -7,8 +7,9 @@ Passphrases are read from stdin (one line, or all of it when not a tty) or asked
 terminal without echo; never taken from the command line or the environment.
 
 Every command that touches a secret (``cache put``, ``arm``, ``rearm``, ``disarm``,
-``restore``, ``finish``, ``login-handoff``, ``agent``) hardens its process first
-(:func:`keyhandoff.process.harden`: not dumpable, memory locked), before it reads one.
+``restore``, ``finish``, ``capture-initrd``, ``login-handoff``, ``agent``) hardens its
+process first (:func:`keyhandoff.process.harden`: not dumpable, memory locked), before it
+reads one.
 """
 
 from __future__ import annotations
@@ -265,6 +266,17 @@ def cmd_login_handoff(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_capture_initrd(args: argparse.Namespace) -> int:
+    """After the switch to the real root: keep what was typed in the initramfs, verified."""
+    _harden()
+    from keyhandoff import config
+    from keyhandoff.initrd_capture import capture_once
+
+    report = capture_once(retain=config.load().retain, volumes=args.volumes)
+    sys.stderr.write(f"keyhandoff: {report.summary()}\n")
+    return EXIT_OK
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -339,6 +351,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("disarm", help="wipe every record, key and one-time keyslot")
     p.add_argument("--volume", action="append", metavar="PATH", dest="volumes")
     p.set_defaults(func=cmd_disarm)
+    _add_boot_steps(sub)
+    p = sub.add_parser("agent", help="run the password agent (systemd service)")
+    p.add_argument("--config", default=None, metavar="PATH",
+                   help="configuration file (default /etc/keyhandoff/keyhandoff.conf)")
+    p.set_defaults(func=cmd_agent)
+    return parser
+
+
+def _add_boot_steps(sub: argparse._SubParsersAction[_Parser]) -> None:
+    """The subcommands the units run at boot."""
     p = sub.add_parser("restore", help="early boot: load an armed handoff (unit use)")
     p.add_argument("--volume", action="append", metavar="PATH", dest="volumes")
     p.add_argument("--wait", type=float, default=0, metavar="S",
@@ -347,16 +369,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("finish", help="after the volumes opened: destroy one-time keyslots, "
                        "login hand-off on the last boot (unit use)")
     p.set_defaults(func=cmd_finish)
+    p = sub.add_parser("capture-initrd",
+                       help="after the initramfs: cache the passphrases typed there, verified "
+                       "(unit use)")
+    p.add_argument("--volume", action="append", metavar="PATH", dest="volumes",
+                   help="a LUKS source path to check (repeatable; default: /etc/crypttab "
+                   "and every LUKS device)")
+    p.set_defaults(func=cmd_capture_initrd)
     p = sub.add_parser("login-handoff",
                        help="hand a cached passphrase to the login path (unit use)")
     p.add_argument("--volume", metavar="UUID", help="whose passphrase (default: the first)")
     p.set_defaults(func=cmd_login_handoff)
-
-    p = sub.add_parser("agent", help="run the password agent (systemd service)")
-    p.add_argument("--config", default=None, metavar="PATH",
-                   help="configuration file (default /etc/keyhandoff/keyhandoff.conf)")
-    p.set_defaults(func=cmd_agent)
-    return parser
 
 
 def cmd_agent(args: argparse.Namespace) -> int:

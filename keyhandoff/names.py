@@ -27,6 +27,7 @@ __all__ = [
     "LOGIN_KEY",
     "MAX_KEY_TIMEOUT",
     "ONETIME_PREFIX",
+    "RECORD_BLOB_KEY",
     "RUN_DIR",
     "SEALED_PREFIX",
     "SYSTEMD_KEYNAME",
@@ -66,6 +67,10 @@ CHAIN_KEY: Final = KEY_PREFIX + "chain"
 VK_PREFIX: Final = KEY_PREFIX + "vk:"
 #: ``keyhandoff:sealed:<UUID>``: the login passphrase sealed under that volume's key.
 SEALED_PREFIX: Final = KEY_PREFIX + "sealed:"
+#: The sealed handoff record, as the EFI variable held it (without its 4 attribute bytes;
+#: not padded: it is ciphertext), put here by the token plugin in the initramfs when it
+#: took the record from the variable; ``restore`` takes it from here first and removes it.
+RECORD_BLOB_KEY: Final = KEY_PREFIX + "record"
 #: The one-shot key pam_keyhandoff.so reads (and invalidates) by default.
 LOGIN_KEY: Final = KEY_PREFIX + "login"
 #: Seconds at most in the timeout of any key of ours (a handoff chain re-puts its keys).

@@ -7,6 +7,10 @@ holding only the one-time keys, sealed under a record key kept beside the keyslo
 key (:mod:`keyhandoff.sealing`): it opens only once the disk is open.  LUKS1 volumes and
 machines without writable EFI variables are refused, never downgraded.
 
+At boot ``restore`` takes the record from ``keyhandoff:record`` in our keyring when the token
+plugin (which opened a volume with its one-time key in the initramfs) left it there, else
+from the EFI variable; either way it is removed before it is opened.
+
 Between the boots of a chain our keyring holds ``keyhandoff:vk:<UUID>`` (a volume key, only
 while another re-arm is needed) and ``keyhandoff:sealed:<UUID>`` (the sealed login
 passphrase), each expiring in the kernel at the chain's deadline.
@@ -226,7 +230,7 @@ class EfiChannel:
         if chain is not None and chain.restored_boot == work.host.boot_id():
             return RestoreReport(None, (), None, 0)  # restored already in this boot
         given = list(volumes) if volumes is not None else known_paths(None, work.host)
-        blob, refused = _take_record()
+        blob, refused = _take_record(work.cache)
         if blob is not None and wait > 0:
             _wait_for(given, wait)  # only when a record needs the headers: not on every boot
         paths = sweep_paths(given, work.host)
@@ -360,16 +364,18 @@ class EfiChannel:
     # --- wiping ---------------------------------------------------------------------------
 
     def discard(self) -> int:
-        """Delete the record variable (1 when there was one)."""
+        """Delete the record variable and the initramfs's copy of it; how many there were."""
         from keyhandoff import efi
+        from keyhandoff.cache import PassphraseCache
 
+        count = int(PassphraseCache().forget_key(names.RECORD_BLOB_KEY))  # the initramfs's copy
         if not efi.supported():
-            return 0
+            return count
         try:
             efi.RECORD_VARIABLE.delete()
         except efi.EfiVariableNotFound:
-            return 0
-        return 1
+            return count
+        return count + 1
 
     def forget_keys(self, cache: PassphraseCache, uuids: set[str]) -> int:
         """The kept volume keys and sealed login payloads of these volumes."""
@@ -384,18 +390,58 @@ def _wait_for(paths: list[str], seconds: float) -> None:
         time.sleep(0.1)
 
 
-def _take_record() -> tuple[Secret | None, str | None]:
-    """Read and delete the EFI record (not used when it cannot be deleted)."""
+def _take_record(cache: PassphraseCache) -> tuple[Secret | None, str | None]:
+    """The sealed record, taken so it is never used twice; and why one was refused.
+
+    First ``keyhandoff:record`` (:data:`~keyhandoff.names.RECORD_BLOB_KEY`) in our keyring:
+    where the token plugin in the initramfs put the record when it opened a volume (it
+    deleted the EFI variable before it answered).  Read only under the trust rule
+    (:func:`keyhandoff.keyring.find_trusted`: root's, exactly our permissions, found from
+    our keyring; a key of that name that fails it is ignored and left alone) and removed
+    before it is used.  Then the EFI variable, read and deleted.  When both are there the
+    keyring copy wins and the variable, stale, is deleted too; whichever cannot be removed,
+    nothing is used.
+    """
     from keyhandoff import efi
 
+    blob, refused = _take_published(cache)
     if not efi.supported():
-        return None, None
+        return blob, refused
     try:
-        return efi.RecordVariable().take(), None
+        stale = efi.RecordVariable().take()
     except efi.EfiError as exc:
+        if blob is not None:
+            blob.wipe()
         refused = f"the record could not be deleted, so it is not used: {exc}"
         journal.log(Event.RECORD_REFUSED, refused, priority=journal.WARNING)
         return None, refused
+    if blob is None and refused is None:
+        return stale, None
+    if stale is not None:  # the keyring's copy is the newer; or neither is used
+        stale.wipe()
+        journal.log(Event.WIPED, "deleted a stale EFI record (the initramfs had taken one)")
+    return blob, refused
+
+
+def _take_published(cache: PassphraseCache) -> tuple[Secret | None, str | None]:
+    """The record the token plugin left in our keyring, invalidated once read."""
+    from keyhandoff import keyring
+    from keyhandoff.errors import KeyringError
+
+    try:
+        serial = keyring.find_trusted("user", names.RECORD_BLOB_KEY, perm=names.KEY_PERM,
+                                      within=cache.keyring_serial)
+        blob = keyring.read(serial)  # not padded: ciphertext, exactly the variable's bytes
+    except KeyUnavailable:
+        return None, None  # none, expired, revoked, or not ours (then left alone)
+    try:
+        keyring.invalidate(serial)
+    except KeyringError as exc:
+        blob.wipe()
+        refused = f"the record in the keyring could not be removed, so it is not used: {exc}"
+        journal.log(Event.RECORD_REFUSED, refused, priority=journal.WARNING)
+        return None, refused
+    return blob, None
 
 
 def _open_record(blob: Secret, found: list[FoundSlot], now: int,

@@ -128,6 +128,15 @@ SystemCallFilter=~@privileged @resources @obsolete
 SystemCallFilter=mlockall
 CapabilityBoundingSet=CAP_IPC_LOCK
 """,
+    "keyhandoff-capture-initrd.service": SHARED + RUNTIME_DIR + """
+ReadWritePaths=-/run/cryptsetup
+RestrictAddressFamilies=AF_UNIX AF_NETLINK
+DevicePolicy=closed
+DeviceAllow=block-* r
+ProtectKernelTunables=yes
+SystemCallFilter=@system-service @memlock
+CapabilityBoundingSet=CAP_IPC_LOCK
+""",
     "keyhandoff-finish.service": SHARED + RUNTIME_DIR + """
 ReadWritePaths=-/run/cryptsetup
 DevicePolicy=closed
