@@ -252,6 +252,8 @@ static long kh_take_record(struct crypt_device *cd, uint8_t *buf)
     uint8_t *raw;
     char dir[4096];
     struct khr_header header;
+    enum khr_verdict framing;
+    char line[128];
     int64_t left;
     long n, timeout;
     int dirfd, rc;
@@ -286,9 +288,12 @@ static long kh_take_record(struct crypt_device *cd, uint8_t *buf)
         rc = n == 0 ? 0 : -EPERM;
         goto out;
     }
-    if (n <= EFI_ATTR_LEN || khr_parse_header(raw + EFI_ATTR_LEN, (size_t)n - EFI_ATTR_LEN,
-                                              &header) != KHR_OK) {
-        say(cd, "the EFI variable holds no record of ours: left for keyhandoff restore");
+    framing = n <= EFI_ATTR_LEN ? KHR_UNKNOWN_FORMAT
+              : khr_parse_header(raw + EFI_ATTR_LEN, (size_t)n - EFI_ATTR_LEN, &header);
+    if (framing != KHR_OK) {
+        snprintf(line, sizeof line, "record refused: %s (left in the EFI variable for "
+                 "keyhandoff restore)", khr_verdict_name(framing));
+        say(cd, line);
         rc = -EINVAL;
         goto out;
     }
