@@ -293,9 +293,9 @@ static size_t generate(uint8_t *buf, size_t cap)
         buf[len++] = (uint8_t)(rng() % 8 ? n : rng());
         for (k = 0; k < n && len + 19 + 100 < cap; k++) {
             size_t size = rng() % 2 ? 32 : 46 + rng() % 50;
+            int ours = rng() % 2 != 0;          /* this volume, or another */
             for (i = 0; i < 16; i++)
-                buf[len + i] = rng() % 2 ? (i == 0 ? 0x5e : i == 1 ? 0x1f : i == 15 ? 2 : 0)
-                                         : (uint8_t)rng();
+                buf[len + i] = ours ? VOLUME[i] : (uint8_t)(rng() % 2);
             buf[len + 16] = (uint8_t)(size == 32 ? 1 : 2);
             if (rng() % 10 == 0)
                 size += rng() % 3;
