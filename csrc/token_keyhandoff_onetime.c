@@ -344,6 +344,49 @@ static int kh_boot_id(uint8_t out[KHR_UUID_LEN])
 
 /* ------------------------------------------------------------------------- the token */
 
+/* The text of the "keyslots" object inside libcryptsetup's dump of the header JSON.  Only
+ * that part is parsed: the dump also holds every token, with the record key in ours, and
+ * json-c frees the strings it copied without wiping them.  The dump is json-c's own output
+ * (strings quoted, '"' and '\\' escaped): a scan that skips strings finds the top-level key
+ * and the end of its object. */
+static int kh_keyslots_object(const char *text, const char **start, size_t *len)
+{
+    static const char KEY[] = "\"keyslots\":";
+    const char *p, *begin = NULL;
+    int depth = 0, in_string = 0;
+
+    for (p = text; *p != '\0'; p++) {
+        if (in_string) {
+            if (*p == '\\' && p[1] != '\0')
+                p++;
+            else if (*p == '"')
+                in_string = 0;
+        } else if (*p == '"') {
+            /* the top-level key (depth 1), not a token's own "keyslots" */
+            if (depth == 1 && begin == NULL && strncmp(p, KEY, sizeof KEY - 1) == 0) {
+                p += sizeof KEY - 2;
+                while (p[1] == ' ')
+                    p++;
+                if (p[1] != '{')
+                    return -1;
+                begin = p + 1;
+                continue;
+            }
+            in_string = 1;
+        } else if (*p == '{') {
+            depth++;
+        } else if (*p == '}') {
+            depth--;
+            if (begin != NULL && depth == 1) {
+                *start = begin;
+                *len = (size_t)(p - begin) + 1;
+                return 0;
+            }
+        }
+    }
+    return -1;
+}
+
 /* The KDF salt of keyslot `keyslot` from libcryptsetup's dump of the header JSON. */
 static long kh_keyslot_salt(struct crypt_device *cd, int keyslot, uint8_t *out, size_t cap)
 {
@@ -352,14 +395,23 @@ static long kh_keyslot_salt(struct crypt_device *cd, int keyslot, uint8_t *out, 
     json_object *root, *slots, *slot, *kdf, *value;
     long n = -1;
 
-    if (crypt_dump_json(cd, &text, 0) < 0 || text == NULL)
+    const char *start;
+    size_t len;
+    json_tokener *tok;
+
+    if (crypt_dump_json(cd, &text, 0) < 0 || text == NULL ||
+        kh_keyslots_object(text, &start, &len) != 0)
         return -1;
-    root = json_tokener_parse(text);
-    if (root == NULL)
+    tok = json_tokener_new();
+    if (tok == NULL)
         return -1;
+    slots = json_tokener_parse_ex(tok, start, (int)len);
+    json_tokener_free(tok);
+    if (slots == NULL)
+        return -1;
+    root = slots;
     snprintf(number, sizeof number, "%d", keyslot);
-    if (json_object_object_get_ex(root, "keyslots", &slots) &&
-        json_object_object_get_ex(slots, number, &slot) &&
+    if (json_object_object_get_ex(slots, number, &slot) &&
         json_object_object_get_ex(slot, "kdf", &kdf) &&
         json_object_object_get_ex(kdf, "salt", &value) &&
         json_object_is_type(value, json_type_string)) {
