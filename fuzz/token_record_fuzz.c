@@ -1,4 +1,4 @@
-/* token_record_fuzz.c - fuzz the token plugin's parsers (csrc/token_record.c).
+/* token_record_fuzz.c - fuzz the token plugin's parsers (csrc/token_record.c, token_json.c).
  *
  * The first input byte picks what the rest is (each in a buffer of exactly its size, so
  * ASan sees any read outside it):
@@ -15,7 +15,8 @@
  *
  * Two builds:
  *   libFuzzer:  clang -fsanitize=fuzzer,address,undefined -Icsrc fuzz/token_record_fuzz.c
- *               csrc/token_record.c -lcrypto -o token_record_fuzz && ./token_record_fuzz
+ *               csrc/token_record.c csrc/token_json.c -lcrypto -o token_record_fuzz &&
+ *               ./token_record_fuzz
  *   driver:     cc -fsanitize=address,undefined -DKH_FUZZ_DRIVER -Icsrc ... -lcrypto;
  *               ./token_record_fuzz COUNT SEED runs COUNT generated inputs from a
  *               deterministic PRNG (what the test suite runs).

@@ -17,14 +17,16 @@ from support.parts import require_binary
 
 REPO = Path(__file__).resolve().parents[2]
 INPUTS = 30_000
-SOURCES = (REPO / "fuzz" / "token_record_fuzz.c", REPO / "csrc" / "token_record.c")
+SOURCES = (REPO / "fuzz" / "token_record_fuzz.c", REPO / "csrc" / "token_record.c",
+           REPO / "csrc" / "token_json.c")
 SANITIZE = ("-fsanitize=address,undefined", "-fno-sanitize-recover=all")
 
 
 def _build(compiler: str, exe: Path, *flags: str, record_c: Path = SOURCES[1]) -> None:
     proc = subprocess.run(
         [compiler, "-std=gnu11", "-O1", "-g", "-Wall", "-Wextra", "-Werror", *flags,
-         f"-I{REPO / 'csrc'}", "-o", str(exe), str(SOURCES[0]), str(record_c), "-lcrypto"],
+         f"-I{REPO / 'csrc'}", "-o", str(exe), str(SOURCES[0]), str(record_c), str(SOURCES[2]),
+         "-lcrypto"],
         capture_output=True, text=True, check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

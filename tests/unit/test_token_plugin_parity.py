@@ -1,6 +1,6 @@
-"""The token plugin's parsers (csrc/token_record.c) against the Python ones, input by input.
+"""The token plugin's parsers (csrc/token_record.c, token_json.c) against the Python ones.
 
-csrc/token_record.c is built as a small shared object and called through ctypes (the real C
+Those two files are built as a small shared object and called through ctypes (the real C
 code, no copy of its rules): every generated token text gets the same verdict from
 :func:`keyhandoff.onetime.parse_token` and ``kht_parse_token`` (and the same fields), every
 generated record the same verdict from :func:`keyhandoff.record.open_record` and
@@ -66,7 +66,7 @@ def _cc(*args: str) -> None:
 def c_parsers(tmp_path_factory):
     out = tmp_path_factory.mktemp("token-record") / "token_record.so"
     _cc("-std=gnu11", "-O1", "-Wall", "-Wextra", "-Werror", "-fPIC", "-shared", "-o", str(out),
-        str(REPO / "csrc" / "token_record.c"), "-lcrypto")
+        str(REPO / "csrc" / "token_record.c"), str(REPO / "csrc" / "token_json.c"), "-lcrypto")
     lib = ctypes.CDLL(str(out))
     lib.kht_parse_token.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.POINTER(Token)]
     lib.khr_open.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p,
