@@ -40,12 +40,12 @@
  * freed or goes out of scope; nothing secret is kept between calls (no static state).
  *
  * Files: this one (the token checks, the ABI), token_store.c (keyring, EFI variable),
- * token_record.c and token_json.c (the parsers).  Build: csrc/build-token OUTDIR.  Tests: tests/integration/test_token_plugin.py (real
- * libcryptsetup on LUKS2 image files in a private mount namespace), fuzz/token_record_fuzz.c.
+ * token_record.c and token_json.c (the parsers).  Build: csrc/build-token OUTDIR.
+ * Tests: tests/integration/test_token_plugin.py (real libcryptsetup on LUKS2 image files in
+ * a private mount namespace), tests/unit/test_token_plugin_*.py, fuzz/token_record_fuzz.c.
  */
 #define _GNU_SOURCE
 #include <errno.h>
-#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
