@@ -17,6 +17,7 @@ import errno
 import json
 import os
 import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -81,7 +82,7 @@ def plugin(tmp_path_factory):
                           text=True, check=False)
     require(proc.returncode == 0, f"building the token plugin ({proc.stderr.strip()[-400:]})",
             "apt-get install libcryptsetup-dev libssl-dev libjson-c-dev")
-    return ctypes.CDLL(str(out / "libcryptsetup-token-keyhandoff-onetime.so"))
+    return out / "libcryptsetup-token-keyhandoff-onetime.so"
 
 
 # --------------------------------------------------------------------------- tokens
@@ -289,31 +290,57 @@ def test_the_record_generator_reaches_every_verdict(c_parsers):
 
 # --------------------------------------------------------------------------- the ABI
 
+# The plugin is loaded in a child interpreter, never into the test process (libcryptsetup
+# loads it in its own processes; here it would stay loaded for every later test).
+ABI_CHILD = """
+import ctypes, json, sys
+plugin = ctypes.CDLL(sys.argv[1])
+texts = [bytes.fromhex(t) for t in json.load(sys.stdin)]
+buffer, size = ctypes.c_char_p(), ctypes.c_size_t()
+pin = b"123456"
+open_pin = plugin.cryptsetup_token_open_pin(None, 0, pin, len(pin), ctypes.byref(buffer),
+                                            ctypes.byref(size), None)
+plugin.cryptsetup_token_version.restype = ctypes.c_char_p
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+buf = libc.malloc(64)
+ctypes.memset(buf, 0x41, 64)
+plugin.cryptsetup_token_buffer_free(ctypes.c_void_p(buf), ctypes.c_size_t(64))
+plugin.cryptsetup_token_buffer_free(None, ctypes.c_size_t(0))
+print(json.dumps({
+    "open_pin": open_pin, "answer": buffer.value is not None,
+    "version": plugin.cryptsetup_token_version().decode(),
+    "validate": [plugin.cryptsetup_token_validate(None, t) for t in texts],
+}))
+"""
 
-def test_the_plugin_takes_no_pin(plugin):
-    buffer, size = ctypes.c_char_p(), ctypes.c_size_t()
-    pin = b"123456"
-    rc = plugin.cryptsetup_token_open_pin(None, 0, pin, len(pin), ctypes.byref(buffer),
-                                          ctypes.byref(size), None)
-    assert rc == -errno.ENOANO
-    assert not buffer.value
+
+def _refused_tokens() -> list[bytes]:
+    return [raw for raw in FIXED_TOKENS
+            if onetime.parse_token(0, raw) is None and b"\x00" not in raw]
 
 
-def test_validate_is_the_strict_parser(plugin):
-    assert plugin.cryptsetup_token_validate(None, json.dumps(GOOD).encode()) == 0
-    refused = [raw for raw in FIXED_TOKENS
-               if onetime.parse_token(0, raw) is None and b"\x00" not in raw]
-    assert len(refused) > 20
-    for raw in refused:
-        assert plugin.cryptsetup_token_validate(None, raw) == -errno.EINVAL
+@pytest.fixture(scope="module")
+def abi(plugin):
+    texts = [json.dumps(GOOD).encode(), *_refused_tokens()]
+    proc = subprocess.run([sys.executable, "-c", ABI_CHILD, str(plugin)],
+                          input=json.dumps([t.hex() for t in texts]), capture_output=True,
+                          text=True, check=False, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.splitlines()[-1])
 
 
-def test_the_version_and_buffer_free(plugin):
-    plugin.cryptsetup_token_version.restype = ctypes.c_char_p
-    assert plugin.cryptsetup_token_version() == b"1.0"
-    libc = ctypes.CDLL(None)
-    libc.malloc.restype = ctypes.c_void_p
-    buf = libc.malloc(64)
-    ctypes.memset(buf, 0x41, 64)
-    plugin.cryptsetup_token_buffer_free(ctypes.c_void_p(buf), ctypes.c_size_t(64))
-    plugin.cryptsetup_token_buffer_free(None, ctypes.c_size_t(0))
+def test_the_plugin_takes_no_pin(abi):
+    assert abi["open_pin"] == -errno.ENOANO
+    assert not abi["answer"]
+
+
+def test_validate_is_the_strict_parser(abi):
+    good, *refused = abi["validate"]
+    assert good == 0
+    assert len(refused) == len(_refused_tokens()) > 20
+    assert set(refused) == {-errno.EINVAL}
+
+
+def test_the_version(abi):
+    assert abi["version"] == "1.0"
