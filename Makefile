@@ -6,7 +6,7 @@ PY := .venv/bin/python
 LOG := build/test-output.log
 DEBIAN_LOG := build/test-output-debian-stack.log
 
-.PHONY: setup setup-vm lint test debian-stack demo pam clean
+.PHONY: setup setup-vm lint test debian-stack demo pam token clean
 
 setup:
 	scripts/setup-host
@@ -37,6 +37,11 @@ demo: setup-vm
 # pam_keyhandoff.so (plain C, csrc/): needs cc, libpam0g-dev and libkeyutils-dev only.
 pam:
 	csrc/build-pam build
+
+# libcryptsetup-token-keyhandoff-onetime.so (plain C, csrc/), the LUKS2 token plugin for the
+# initramfs: needs cc, libcryptsetup-dev, libssl-dev and libjson-c-dev only.
+token:
+	csrc/build-token build
 
 clean:
 	rm -rf build .venv keyhandoff/_bindings/*.so keyhandoff/_bindings/*.c

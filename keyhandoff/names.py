@@ -73,6 +73,11 @@ SEALED_PREFIX: Final = KEY_PREFIX + "sealed:"
 RECORD_BLOB_KEY: Final = KEY_PREFIX + "record"
 #: The one-shot key pam_keyhandoff.so reads (and invalidates) by default.
 LOGIN_KEY: Final = KEY_PREFIX + "login"
+#: The sealed handoff record, exactly as in the EFI variable minus its 4 attribute bytes (not
+#: padded: it is ciphertext).  Published by the initramfs token plugin when it takes the
+#: variable (timeout min(not_after - now, 600) s), so further volumes of the same record find
+#: it; the real root's restore consumes it.
+RECORD_BLOB_KEY: Final = KEY_PREFIX + "record"
 #: Seconds at most in the timeout of any key of ours (a handoff chain re-puts its keys).
 MAX_KEY_TIMEOUT: Final = 86400
 #: Possessor: view, read, write, search, link, setattr; owning uid: view; nobody else
