@@ -6,7 +6,7 @@ PY := .venv/bin/python
 LOG := build/test-output.log
 DEBIAN_LOG := build/test-output-debian-stack.log
 
-.PHONY: setup setup-vm lint test debian-stack demo pam token clean
+.PHONY: setup setup-vm lint test debian-stack demo pam token install-token install-initramfs clean
 
 setup:
 	scripts/setup-host
@@ -42,6 +42,29 @@ pam:
 # initramfs: needs cc, libcryptsetup-dev, libssl-dev and libjson-c-dev only.
 token:
 	csrc/build-token build
+
+# The LUKS2 token plugin into libcryptsetup's token directory (the path compiled into
+# libcryptsetup, as `cryptsetup --help` prints it), and the initramfs parts (initramfs/):
+# the dracut module and the initramfs-tools hook and local-top script.  Both honour DESTDIR;
+# regenerate the initramfs afterwards (update-initramfs -u, or dracut --force).
+TOKENDIR ?= $(shell LC_ALL=C cryptsetup --help 2>/dev/null | \
+	sed -n 's/^LUKS2 external token plugin path: \(.*\)\.$$/\1/p')
+DRACUTMODULESDIR ?= /usr/lib/dracut/modules.d
+INITRAMFSTOOLSDIR ?= /usr/share/initramfs-tools
+
+install-token:
+	@test -n "$(TOKENDIR)" || { echo "cryptsetup has no external token plugin path" >&2; exit 1; }
+	csrc/build-token build
+	install -D -m 0644 build/libcryptsetup-token-keyhandoff-onetime.so \
+		$(DESTDIR)$(TOKENDIR)/libcryptsetup-token-keyhandoff-onetime.so
+
+install-initramfs:
+	install -D -m 0755 initramfs/dracut/90keyhandoff/module-setup.sh \
+		$(DESTDIR)$(DRACUTMODULESDIR)/90keyhandoff/module-setup.sh
+	install -D -m 0755 initramfs/initramfs-tools/hooks/keyhandoff \
+		$(DESTDIR)$(INITRAMFSTOOLSDIR)/hooks/keyhandoff
+	install -D -m 0755 initramfs/initramfs-tools/scripts/local-top/keyhandoff \
+		$(DESTDIR)$(INITRAMFSTOOLSDIR)/scripts/local-top/keyhandoff
 
 clean:
 	rm -rf build .venv keyhandoff/_bindings/*.so keyhandoff/_bindings/*.c

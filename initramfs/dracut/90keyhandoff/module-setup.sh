@@ -1,0 +1,35 @@
+#!/bin/bash
+# dracut module keyhandoff: keyhandoff's LUKS2 token plugin in a systemd initramfs.
+#
+# systemd-cryptsetup tries every LUKS2 token through libcryptsetup's external token plugins
+# before it asks for a passphrase, whenever no key file is configured; so the plugin
+# libcryptsetup-token-keyhandoff-onetime.so in libcryptsetup's token directory is all the
+# initramfs needs: no unit, no hook, no crypttab change.  Installed like dracut's own
+# 91tpm2-tss and 91fido2 install systemd's plugins (inst_libdir_file "cryptsetup/..."),
+# with the libraries it links (libcryptsetup, libcrypto, json-c).  The record arrives in
+# efivarfs, which 00systemd's module installs and systemd mounts.  No Python and no other
+# part of keyhandoff goes into the image.
+
+keyhandoff_plugin=libcryptsetup-token-keyhandoff-onetime.so
+
+# called by dracut
+check() {
+    local _dir
+    require_binaries "$systemdutildir"/systemd-cryptsetup || return 1
+    for _dir in $libdirs; do
+        [[ -f $dracutsysrootdir$_dir/cryptsetup/$keyhandoff_plugin ]] && return 0
+    done
+    dinfo "keyhandoff: $keyhandoff_plugin is not installed in libcryptsetup's token directory"
+    return 1
+}
+
+# called by dracut
+depends() {
+    echo crypt systemd
+    return 0
+}
+
+# called by dracut
+install() {
+    inst_libdir_file "cryptsetup/$keyhandoff_plugin"
+}
