@@ -67,16 +67,12 @@ CHAIN_KEY: Final = KEY_PREFIX + "chain"
 VK_PREFIX: Final = KEY_PREFIX + "vk:"
 #: ``keyhandoff:sealed:<UUID>``: the login passphrase sealed under that volume's key.
 SEALED_PREFIX: Final = KEY_PREFIX + "sealed:"
-#: The sealed handoff record, as the EFI variable held it (without its 4 attribute bytes;
-#: not padded: it is ciphertext), put here by the token plugin in the initramfs when it
-#: took the record from the variable; ``restore`` takes it from here first and removes it.
-RECORD_BLOB_KEY: Final = KEY_PREFIX + "record"
 #: The one-shot key pam_keyhandoff.so reads (and invalidates) by default.
 LOGIN_KEY: Final = KEY_PREFIX + "login"
 #: The sealed handoff record, exactly as in the EFI variable minus its 4 attribute bytes (not
 #: padded: it is ciphertext).  Published by the initramfs token plugin when it takes the
 #: variable (timeout min(not_after - now, 600) s), so further volumes of the same record find
-#: it; the real root's restore consumes it.
+#: it; the real root's restore takes it from here first and removes it.
 RECORD_BLOB_KEY: Final = KEY_PREFIX + "record"
 #: Seconds at most in the timeout of any key of ours (a handoff chain re-puts its keys).
 MAX_KEY_TIMEOUT: Final = 86400
