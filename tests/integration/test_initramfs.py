@@ -8,11 +8,11 @@ there is no Python and nothing else of keyhandoff; the image built without our p
 it.  The initramfs-tools image is also run: its cryptsetup opens a LUKS2 image file through
 the token, and our local-top script asks the token for a crypttab entry, in a chroot.
 
-Until csrc/build-token exists the plugin is a stand-in built here from a few lines of C with
-the token ABI (the version node ``CRYPTSETUP_TOKEN_1.0``), linking libcryptsetup, libcrypto
-and json-c as the plugin does, so the library copying is real; it answers the passphrase of
-the test's own LUKS image.  When csrc/build-token exists, the image checks run on the real
-plugin too.
+The image checks run on the real plugin (csrc/build-token) and on a stand-in built here from
+a few lines of C with the token ABI (the version node ``CRYPTSETUP_TOKEN_1.0``), linking
+libcryptsetup, libcrypto and json-c as the plugin does.  The stand-in answers the passphrase
+of the test's own LUKS image without a record, so the tests that run the image's own
+cryptsetup use it (the real plugin's answers are tests/integration/test_token_plugin.py's).
 
 Nothing touches /boot, the machine's token directory or its initramfs configuration: the
 generators run in a private mount namespace (``unshare -m``) where libcryptsetup's token
@@ -168,15 +168,18 @@ def standin(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+#: The tests that run the image's own cryptsetup need a plugin that answers without a record:
+#: the stand-in (its fixed passphrase); the image checks run with both.
+STAND_IN_ONLY = pytest.mark.parametrize("plugin", ["stand-in"], indirect=True)
+
+
 @pytest.fixture(scope="module", params=["stand-in", "plugin"])
 def plugin(request: pytest.FixtureRequest, standin: Path,
            tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The stand-in, then the real plugin of csrc/build-token when this tree has it."""
+    """The stand-in, then the real plugin of csrc/build-token."""
     if request.param == "stand-in":
         return standin
     build = REPO / "csrc" / "build-token"
-    if not build.exists():
-        pytest.skip("csrc/build-token is not in this tree yet: the stand-in only")
     out = tmp_path_factory.mktemp("plugin")
     run([build, out], check=True)
     return out / PLUGIN
@@ -322,8 +325,7 @@ def images(request: pytest.FixtureRequest, built: Callable[[str], Images]) -> Im
 @pytest.fixture
 def debian_images(built: Callable[[str], Images], standin: Path, plugin: Path) -> Images:
     """The initramfs-tools images with the stand-in, for the tests that run the image."""
-    if plugin != standin:
-        pytest.skip("runs the image with the stand-in only")
+    assert plugin == standin  # the tests below pick the stand-in (indirect parametrize)
     return built("initramfs-tools")
 
 
@@ -413,6 +415,7 @@ def in_chroot(root: Path, argv: Sequence[str], *, mounts: str = "dev",
                env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}, timeout=120, input=stdin)
 
 
+@STAND_IN_ONLY
 def test_image_cryptsetup_opens_through_the_token(debian_images: Images, volume: str) -> None:
     """The image's cryptsetup and libcryptsetup load the plugin from the image and use it."""
     argv = ["/sbin/cryptsetup", "open", "--test-passphrase", "--token-only",
@@ -424,6 +427,7 @@ def test_image_cryptsetup_opens_through_the_token(debian_images: Images, volume:
     assert f"Trying to load {debian_images.tokendir}/{PLUGIN}" in refused.stdout
 
 
+@STAND_IN_ONLY
 def test_image_cryptsetup_tries_tokens_even_with_a_key_file(
     debian_images: Images, volume: str,
 ) -> None:
@@ -443,6 +447,7 @@ def test_image_cryptsetup_tries_tokens_even_with_a_key_file(
     assert refused.returncode == 2  # cryptsetup: no key available with this passphrase
 
 
+@STAND_IN_ONLY
 def test_local_top_runs_before_cryptroot(debian_images: Images) -> None:
     order = (debian_images.root / "scripts/local-top/ORDER").read_text().splitlines()
     scripts = [line.split()[0] for line in order if line.startswith("/scripts/")]
@@ -462,6 +467,7 @@ def cryptsetup_runs(trace: Path) -> list[str]:
             if 'execve("/sbin/cryptsetup"' in line and "= 0" in line]
 
 
+@STAND_IN_ONLY
 def test_local_top_asks_the_token_for_each_luks_entry(
     debian_images: Images, volume: str, tmp_path: Path,
 ) -> None:
