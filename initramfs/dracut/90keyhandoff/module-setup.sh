@@ -25,7 +25,14 @@ check() {
 
 # called by dracut
 depends() {
-    echo crypt systemd
+    # dracut 102+ (Debian 13's 106) moved systemd-cryptsetup out of 90crypt into its own
+    # module, which an explicit module list (-m) could leave out; dracut 059 (Debian 12) has
+    # no such module, so name it only where it exists.
+    local _deps="crypt systemd" _m
+    for _m in "$dracutbasedir"/modules.d/[0-9][0-9]systemd-cryptsetup; do
+        [[ -d $_m ]] && _deps+=" systemd-cryptsetup"
+    done
+    echo "$_deps"
     return 0
 }
 
