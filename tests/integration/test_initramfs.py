@@ -495,3 +495,20 @@ def test_local_top_asks_the_token_for_each_luks_entry(
         result = in_chroot(root, ["/scripts/local-top/keyhandoff"], mounts="all", trace=trace)
         assert result.returncode == 0, result.stderr
         assert cryptsetup_runs(trace) == [], line
+
+
+@pytest.mark.parametrize(("own_module", "expected"), [
+    (False, "crypt systemd"),                      # dracut 059 (Debian 12): in 90crypt
+    (True, "crypt systemd systemd-cryptsetup"),    # dracut 102+ (Debian 13's 106): its own
+])
+def test_dracut_module_depends_on_what_runs_the_plugin(
+    tmp_path: Path, own_module: bool, expected: str,  # parametrized
+) -> None:
+    (tmp_path / "modules.d").mkdir()
+    if own_module:
+        (tmp_path / "modules.d" / "01systemd-cryptsetup").mkdir()
+    script = REPO / "initramfs" / "dracut" / "90keyhandoff" / "module-setup.sh"
+    proc = subprocess.run(["bash", "-c", 'dracutbasedir="$1"; source "$2"; depends', "sh",
+                           str(tmp_path), str(script)],
+                          capture_output=True, text=True, check=True, timeout=30)
+    assert proc.stdout.split() == expected.split()
