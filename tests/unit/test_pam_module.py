@@ -17,7 +17,7 @@ from pathlib import Path
 from support.parts import require_binary
 
 REPO = Path(__file__).resolve().parents[2]
-INPUTS = 50_000
+INPUTS = 20_000
 
 
 def _build(tmp_path: Path) -> Path:
