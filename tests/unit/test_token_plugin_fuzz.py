@@ -1,7 +1,7 @@
 """The token plugin's parsers (csrc/token_record.c) under ASan and UBSan: the CI smoke runs.
 
-fuzz/token_record_fuzz.c is built twice: with its deterministic driver (cc, a fixed number
-of generated inputs per seed), and as the libFuzzer target (clang
+fuzz/token_record_fuzz.c is built twice: with the deterministic driver (cc, fuzz/driver.c, a
+fixed number of generated inputs per seed), and as the libFuzzer target (clang
 ``-fsanitize=fuzzer,address,undefined``) for a short bounded run.  Each input is checked
 against an independent statement of record.py's rules; the long run (>= 10 million inputs)
 is made outside CI, by hand, with the same libFuzzer build.
@@ -20,6 +20,8 @@ INPUTS = 10_000
 SOURCES = (REPO / "fuzz" / "token_record_fuzz.c", REPO / "csrc" / "token_record.c",
            REPO / "csrc" / "token_json.c")
 SANITIZE = ("-fsanitize=address,undefined", "-fno-sanitize-recover=all")
+#: the deterministic build: main() from fuzz/driver.c instead of libFuzzer's
+DRIVER = ("-DKH_FUZZ_DRIVER", str(REPO / "fuzz" / "driver.c"))
 
 
 def _build(compiler: str, exe: Path, *flags: str, record_c: Path = SOURCES[1]) -> None:
@@ -41,7 +43,7 @@ def _run(*argv: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str
 
 def test_the_parsers_hold_their_invariants(tmp_path):
     exe = tmp_path / "token_record_fuzz"
-    _build(require_binary("cc", "apt-get install gcc"), exe, *SANITIZE, "-DKH_FUZZ_DRIVER")
+    _build(require_binary("cc", "apt-get install gcc"), exe, *SANITIZE, *DRIVER)
     for seed in ("1", "20261201"):
         proc = _run(str(exe), str(INPUTS), seed)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
@@ -69,7 +71,7 @@ def test_the_harness_catches_a_broken_parser(tmp_path):
                       .replace('#include "token_record.h"',
                                f'#include "{REPO}/csrc/token_record.h"'))
     exe = tmp_path / "fuzz_broken"
-    _build(require_binary("cc", "apt-get install gcc"), exe, *SANITIZE, "-DKH_FUZZ_DRIVER",
+    _build(require_binary("cc", "apt-get install gcc"), exe, *SANITIZE, *DRIVER,
            record_c=broken)
     proc = _run(str(exe), str(INPUTS), "1")
     assert proc.returncode != 0
