@@ -27,9 +27,11 @@ settings.register_profile("keyhandoff", deadline=None,
 settings.load_profile("keyhandoff")
 
 #: pam_module, pam_gdm, checker: real PAM stacks; person, image: a LUKS2 image file;
-#: efivars: a scratch efivarfs directory; stack_guard: the Debian-stack pass's guard
+#: efivars: a scratch efivarfs directory; querier: real systemd-ask-password queriers;
+#: stack_guard: the Debian-stack pass's guard
 pytest_plugins = [
-    "support.luks_images", "support.pam_stack", "support.scratch_efi", "support.stack_guard",
+    "support.agent_process", "support.luks_images", "support.pam_stack", "support.scratch_efi",
+    "support.stack_guard",
 ]
 
 
