@@ -23,16 +23,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "check.h"
 #include "kh_payload.h"
-
-#define CHECK(cond)                                                                  \
-    do {                                                                             \
-        if (!(cond)) {                                                               \
-            fprintf(stderr, "invariant failed: %s (line %d, input %zu bytes)\n", #cond, \
-                    __LINE__, len);                                                  \
-            abort();                                                                 \
-        }                                                                            \
-    } while (0)
 
 static const unsigned char SENTINEL[1];
 

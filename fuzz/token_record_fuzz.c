@@ -30,16 +30,8 @@
 #include <openssl/evp.h>
 #include <openssl/kdf.h>
 
+#include "check.h"
 #include "token_record.h"
-
-#define CHECK(cond)                                                                  \
-    do {                                                                             \
-        if (!(cond)) {                                                               \
-            fprintf(stderr, "invariant failed: %s (line %d, input %zu bytes)\n", #cond, \
-                    __LINE__, len);                                                  \
-            abort();                                                                 \
-        }                                                                            \
-    } while (0)
 
 #define NOW INT64_C(1700000000)
 static const uint8_t KEY[KHR_KEY_LEN] = {
