@@ -19,7 +19,6 @@ any finding and prints a reproducer (hex) for the first few.
 
 from __future__ import annotations
 
-import argparse
 import os
 import random
 import struct
@@ -27,6 +26,8 @@ import sys
 import time
 import traceback
 import uuid
+
+import fuzzlib
 
 from keyhandoff import record as record_format
 from keyhandoff import sealing
@@ -168,11 +169,7 @@ def _check_invariants(record: record_format.HandoffRecord) -> str | None:  # noq
 
 def main(argv: list[str] | None = None) -> int:
     """Run the fuzzer; return 0 when nothing was found."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=100_000)
-    parser.add_argument("--seed", type=int, default=None)
-    args = parser.parse_args(argv)
-    seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "big")
+    runs, seed = fuzzlib.arguments(__doc__, argv)
     rng = random.Random(seed)
     key = record_format.new_record_key()
     seeds = _seeds(key)
@@ -181,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     findings: list[str] = []
     accepted_authenticated = 0
     started = time.monotonic()
-    for run in range(args.runs):
+    for run in range(runs):
         authenticated = run % 4 == 3
         if authenticated:
             sealed = _raw_seal(key, _plaintext(rng), rng)
@@ -208,14 +205,11 @@ def main(argv: list[str] | None = None) -> int:
             accepted_authenticated += authenticated
         if len(findings) >= 20:
             break
-    elapsed = time.monotonic() - started
-    print(f"seed={seed} runs={run + 1} seconds={elapsed:.1f} rate={(run + 1) / elapsed:.0f}/s")
-    print("outcomes: " + ", ".join(f"{k}={v}" for k, v in sorted(reasons.items())))
-    print(f"accepted authenticated (key-holder) records: {accepted_authenticated}")
-    print(f"findings: {len(findings)}")
-    for finding in findings[:5]:
-        print(finding)
-    return 1 if findings else 0
+    return fuzzlib.report(
+        seed, run + 1, started, findings,
+        "outcomes: " + ", ".join(f"{k}={v}" for k, v in sorted(reasons.items())),
+        f"accepted authenticated (key-holder) records: {accepted_authenticated}",
+    )
 
 
 if __name__ == "__main__":

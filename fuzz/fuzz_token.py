@@ -15,16 +15,16 @@ parser (:func:`_check`).  Exits 1 on any finding and prints reproducers (hex).
 
 from __future__ import annotations
 
-import argparse
 import base64
 import json
-import os
 import random
 import re
 import sys
 import time
 import traceback
 import uuid
+
+import fuzzlib
 
 from keyhandoff import onetime
 
@@ -174,17 +174,13 @@ def generate(rng: random.Random) -> bytes:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the fuzzer; return 0 when nothing was found."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=100_000)
-    parser.add_argument("--seed", type=int, default=None)
-    args = parser.parse_args(argv)
-    seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "big")
+    runs, seed = fuzzlib.arguments(__doc__, argv)
     rng = random.Random(seed)
     findings: list[str] = []
     accepted = 0
     started = time.monotonic()
     run = 0
-    for run in range(args.runs):  # noqa: B007  (reported after the loop)
+    for run in range(runs):  # noqa: B007  (reported after the loop)
         raw = generate(rng)
         finding = one(raw)
         if finding is not None:
@@ -193,13 +189,7 @@ def main(argv: list[str] | None = None) -> int:
                 break
         elif onetime.parse_token(7, raw) is not None:
             accepted += 1
-    elapsed = time.monotonic() - started
-    print(f"seed={seed} runs={run + 1} seconds={elapsed:.1f} rate={(run + 1) / elapsed:.0f}/s")
-    print(f"accepted (valid) tokens: {accepted}")
-    print(f"findings: {len(findings)}")
-    for finding in findings[:5]:
-        print(finding)
-    return 1 if findings else 0
+    return fuzzlib.report(seed, run + 1, started, findings, f"accepted (valid) tokens: {accepted}")
 
 
 if __name__ == "__main__":

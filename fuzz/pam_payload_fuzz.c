@@ -12,25 +12,19 @@
  * Two builds:
  *   libFuzzer:  clang -fsanitize=fuzzer,address,undefined -Icsrc fuzz/pam_payload_fuzz.c
  *               csrc/kh_payload.c -o pam_payload_fuzz && ./pam_payload_fuzz -max_len=8192
- *   driver:     cc -fsanitize=address,undefined -DKH_FUZZ_DRIVER -Icsrc ... ;
+ *   driver:     cc -fsanitize=address,undefined -DKH_FUZZ_DRIVER -Icsrc fuzz/pam_payload_fuzz.c
+ *               fuzz/driver.c csrc/kh_payload.c -o pam_payload_fuzz;
  *               ./pam_payload_fuzz COUNT SEED  runs fixed known answers, then COUNT
- *               generated inputs from a deterministic PRNG (what the test suite runs).
+ *               generated inputs from a deterministic PRNG (fuzz/driver.h; what the test
+ *               suite runs).
  */
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "check.h"
 #include "kh_payload.h"
-
-#define CHECK(cond)                                                                  \
-    do {                                                                             \
-        if (!(cond)) {                                                               \
-            fprintf(stderr, "invariant failed: %s (line %d, input %zu bytes)\n", #cond, \
-                    __LINE__, len);                                                  \
-            abort();                                                                 \
-        }                                                                            \
-    } while (0)
 
 static const unsigned char SENTINEL[1];
 
@@ -108,75 +102,58 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t len)
 }
 
 #ifdef KH_FUZZ_DRIVER
-static uint64_t rng_state;
-
-static uint64_t rng(void)              /* splitmix64: deterministic for a given seed */
-{
-    uint64_t z = (rng_state += 0x9e3779b97f4a7c15ULL);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-    return z ^ (z >> 31);
-}
+#include "driver.h"
 
 /* Inputs near the interesting shapes: padded (valid and mutated), entry lists, noise. */
-static size_t generate(unsigned char *buf, size_t cap)
+size_t kh_fuzz_generate(uint8_t *buf, size_t cap)
 {
     size_t len, i, n;
-    unsigned kind = (unsigned)(rng() % 4);
+    unsigned kind = (unsigned)(kh_fuzz_rng() % 4);
 
     if (kind == 0) {                    /* a padded payload, maybe mutated */
         len = 4096;
-        n = 1 + (size_t)(rng() % (rng() % 2 ? 2048 : 4094));
+        n = 1 + (size_t)(kh_fuzz_rng() % (kh_fuzz_rng() % 2 ? 2048 : 4094));
         memset(buf, 0, len);
         buf[0] = (unsigned char)(n >> 8);
         buf[1] = (unsigned char)n;
         for (i = 0; i < n; i++)
-            buf[2 + i] = (unsigned char)(1 + rng() % 255);
-        switch (rng() % 8) {
-        case 0: buf[rng() % len] ^= (unsigned char)(1 + rng() % 255); break;
-        case 1: len = 4095 + (size_t)(rng() % 3); break;   /* 4095, 4096 or 4097 */
-        case 2: buf[2 + rng() % n] = 0; break;             /* NUL inside */
-        case 3: buf[0] = (unsigned char)(rng() % 17); break;
-        default: break;                                    /* valid */
+            buf[2 + i] = (unsigned char)(1 + kh_fuzz_rng() % 255);
+        switch (kh_fuzz_rng() % 8) {
+        case 0: buf[kh_fuzz_rng() % len] ^= (unsigned char)(1 + kh_fuzz_rng() % 255); break;
+        case 1: len = 4095 + (size_t)(kh_fuzz_rng() % 3); break;   /* 4095, 4096 or 4097 */
+        case 2: buf[2 + kh_fuzz_rng() % n] = 0; break;             /* NUL inside */
+        case 3: buf[0] = (unsigned char)(kh_fuzz_rng() % 17); break;
+        default: break;                                            /* valid */
         }
         return len;
     }
     if (kind == 1) {                    /* NUL-separated entries */
-        len = (size_t)(rng() % 6000);
+        len = (size_t)(kh_fuzz_rng() % 6000);
         for (i = 0; i < len; i++)
-            buf[i] = rng() % 5 == 0 ? 0 : (unsigned char)(1 + rng() % 255);
-        if (len > 0 && rng() % 2)
-            for (i = len - 1 - (size_t)(rng() % (len < 4 ? len : 4)); i < len; i++)
+            buf[i] = kh_fuzz_rng() % 5 == 0 ? 0 : (unsigned char)(1 + kh_fuzz_rng() % 255);
+        if (len > 0 && kh_fuzz_rng() % 2)
+            for (i = len - 1 - (size_t)(kh_fuzz_rng() % (len < 4 ? len : 4)); i < len; i++)
                 buf[i] = 0;             /* trailing NULs */
         return len;
     }
     if (kind == 2) {                    /* one long entry around the 2048 limit */
-        n = 2040 + (size_t)(rng() % 20);
-        len = n + (size_t)(rng() % 3);
+        n = 2040 + (size_t)(kh_fuzz_rng() % 20);
+        len = n + (size_t)(kh_fuzz_rng() % 3);
         for (i = 0; i < len; i++)
-            buf[i] = (unsigned char)(1 + rng() % 255);
+            buf[i] = (unsigned char)(1 + kh_fuzz_rng() % 255);
         if (len > n)
             buf[len - n - 1] = 0;
         return len;
     }
-    len = (size_t)(rng() % (cap + 1));  /* noise */
+    len = (size_t)(kh_fuzz_rng() % (cap + 1)); /* noise */
     for (i = 0; i < len; i++)
-        buf[i] = (unsigned char)rng();
+        buf[i] = (unsigned char)kh_fuzz_rng();
     return len;
 }
 
-static void run_exact(const void *bytes, size_t len)
-{
-    unsigned char *copy = malloc(len ? len : 1);   /* exact size: ASan sees any overread */
-    if (copy == NULL)
-        abort();
-    memcpy(copy, bytes, len);
-    LLVMFuzzerTestOneInput(copy, len);
-    free(copy);
-}
-
-/* The cases of the former Python unit test (tests/unit/test_pam_module.py). */
-static void known_answers(void)
+/* Before the generated inputs: the cases of the former Python unit test
+ * (tests/unit/test_pam_module.py). */
+void kh_fuzz_prepare(void)
 {
     static const struct { const char *in; size_t len; const char *want; } cases[] = {
         {"a", 1, "a"}, {"a\0b", 3, "b"}, {"wrong\0right\0", 12, "right"}, {"a\0\0", 3, "a"},
@@ -195,7 +172,7 @@ static void known_answers(void)
             CHECK(rc == 0 && out_len == strlen(cases[i].want) &&
                   memcmp(out, cases[i].want, out_len) == 0);
         }
-        run_exact(cases[i].in, cases[i].len);
+        kh_fuzz_run_exact(cases[i].in, cases[i].len);
     }
     memset(padded, 0, sizeof padded);
     padded[1] = 3;
@@ -209,25 +186,5 @@ static void known_answers(void)
     padded[4095] = 0;
     padded[0] = 8;                      /* L = 2051: well-formed length, too long */
     CHECK(kh_unpad(padded, len, &out, &out_len) == -1);
-}
-
-int main(int argc, char **argv)
-{
-    static unsigned char buf[8192];
-    unsigned long long count, n;
-
-    if (argc != 3) {
-        fprintf(stderr, "usage: %s COUNT SEED\n", argv[0]);
-        return 2;
-    }
-    count = strtoull(argv[1], NULL, 10);
-    rng_state = strtoull(argv[2], NULL, 10);
-    known_answers();
-    for (n = 0; n < count; n++) {
-        size_t len = generate(buf, sizeof buf);
-        run_exact(buf, len);
-    }
-    printf("%llu inputs, seed %s: all invariants held\n", count, argv[2]);
-    return 0;
 }
 #endif

@@ -17,9 +17,10 @@
  *   libFuzzer:  clang -fsanitize=fuzzer,address,undefined -Icsrc fuzz/token_record_fuzz.c
  *               csrc/token_record.c csrc/token_json.c -lcrypto -o token_record_fuzz &&
  *               ./token_record_fuzz
- *   driver:     cc -fsanitize=address,undefined -DKH_FUZZ_DRIVER -Icsrc ... -lcrypto;
+ *   driver:     cc -fsanitize=address,undefined -DKH_FUZZ_DRIVER -Icsrc fuzz/token_record_fuzz.c
+ *               fuzz/driver.c csrc/token_record.c csrc/token_json.c -lcrypto;
  *               ./token_record_fuzz COUNT SEED runs COUNT generated inputs from a
- *               deterministic PRNG (what the test suite runs).
+ *               deterministic PRNG (fuzz/driver.h; what the test suite runs).
  */
 #include <stdint.h>
 #include <stdio.h>
@@ -29,16 +30,8 @@
 #include <openssl/evp.h>
 #include <openssl/kdf.h>
 
+#include "check.h"
 #include "token_record.h"
-
-#define CHECK(cond)                                                                  \
-    do {                                                                             \
-        if (!(cond)) {                                                               \
-            fprintf(stderr, "invariant failed: %s (line %d, input %zu bytes)\n", #cond, \
-                    __LINE__, len);                                                  \
-            abort();                                                                 \
-        }                                                                            \
-    } while (0)
 
 #define NOW INT64_C(1700000000)
 static const uint8_t KEY[KHR_KEY_LEN] = {
@@ -252,15 +245,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t len)
 }
 
 #ifdef KH_FUZZ_DRIVER
-static uint64_t rng_state;
-
-static uint64_t rng(void)              /* splitmix64: deterministic for a given seed */
-{
-    uint64_t z = (rng_state += 0x9e3779b97f4a7c15ULL);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-    return z ^ (z >> 31);
-}
+#include "driver.h"
 
 static const char GOOD_TOKEN[] =
     "{\"type\":\"keyhandoff-onetime\",\"keyslots\":[\"1\"],\"not_after\":1767225600,"
@@ -269,77 +254,63 @@ static const char GOOD_TOKEN[] =
     "\"binding\":\"00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff\"}";
 
 /* Inputs near the interesting shapes: our token (mutated), sealed entry tables, noise. */
-static size_t generate(uint8_t *buf, size_t cap)
+size_t kh_fuzz_generate(uint8_t *buf, size_t cap)
 {
     size_t len, i, n, k;
-    unsigned kind = (unsigned)(rng() % 3);
+    unsigned kind = (unsigned)(kh_fuzz_rng() % 3);
 
     buf[0] = (uint8_t)kind;
     if (kind == 0) {
         len = sizeof GOOD_TOKEN - 1;
         memcpy(buf + 1, GOOD_TOKEN, len);
-        for (k = rng() % 4; k > 0; k--)
-            buf[1 + rng() % len] = (uint8_t)(rng() % 2 ? ' ' + rng() % 95 : rng());
+        for (k = kh_fuzz_rng() % 4; k > 0; k--)
+            buf[1 + kh_fuzz_rng() % len] =
+                (uint8_t)(kh_fuzz_rng() % 2 ? ' ' + kh_fuzz_rng() % 95 : kh_fuzz_rng());
         return 1 + len;
     }
     if (kind == 2) {                            /* header fields + a plausible entry table */
         for (i = 1; i < 9; i++)
-            buf[i] = (uint8_t)rng();
-        buf[1] = (uint8_t)(rng() % 3);
-        buf[2] = (uint8_t)(rng() % 2 ? 0 : 0xff);
+            buf[i] = (uint8_t)kh_fuzz_rng();
+        buf[1] = (uint8_t)(kh_fuzz_rng() % 3);
+        buf[2] = (uint8_t)(kh_fuzz_rng() % 2 ? 0 : 0xff);
         buf[4] = 0;
-        buf[5] = (uint8_t)(rng() % 12);
-        n = 1 + rng() % 4;
+        buf[5] = (uint8_t)(kh_fuzz_rng() % 12);
+        n = 1 + kh_fuzz_rng() % 4;
         len = 9;
-        buf[len++] = (uint8_t)(rng() % 8 ? n : rng());
+        buf[len++] = (uint8_t)(kh_fuzz_rng() % 8 ? n : kh_fuzz_rng());
         for (k = 0; k < n && len + 19 + 100 < cap; k++) {
-            size_t size = rng() % 2 ? 32 : 46 + rng() % 50;
-            int ours = rng() % 2 != 0;          /* this volume, or another */
+            size_t size = kh_fuzz_rng() % 2 ? 32 : 46 + kh_fuzz_rng() % 50;
+            int ours = kh_fuzz_rng() % 2 != 0;  /* this volume, or another */
             for (i = 0; i < 16; i++)
-                buf[len + i] = ours ? VOLUME[i] : (uint8_t)(rng() % 2);
+                buf[len + i] = ours ? VOLUME[i] : (uint8_t)(kh_fuzz_rng() % 2);
             buf[len + 16] = (uint8_t)(size == 32 ? 1 : 2);
-            if (rng() % 10 == 0)
-                size += rng() % 3;
+            if (kh_fuzz_rng() % 10 == 0)
+                size += kh_fuzz_rng() % 3;
             buf[len + 17] = (uint8_t)(size >> 8);
             buf[len + 18] = (uint8_t)size;
             len += 19;
             for (i = 0; i < size; i++)
-                buf[len++] = (uint8_t)rng();
+                buf[len++] = (uint8_t)kh_fuzz_rng();
         }
-        if (rng() % 8 == 0)
-            len -= rng() % 4;
+        if (kh_fuzz_rng() % 8 == 0)
+            len -= kh_fuzz_rng() % 4;
         return len;
     }
-    len = 1 + (size_t)(rng() % 300);            /* a raw record: mostly framing */
+    len = 1 + (size_t)(kh_fuzz_rng() % 300);    /* a raw record: mostly framing */
     for (i = 1; i < len; i++)
-        buf[i] = (uint8_t)rng();
-    if (rng() % 2)
+        buf[i] = (uint8_t)kh_fuzz_rng();
+    if (kh_fuzz_rng() % 2)
         memcpy(buf + 1, "KHST\x01\x02", len > 7 ? 6 : len - 1);
     return len;
 }
 
-int main(int argc, char **argv)
+/* Before the generated inputs: the good token parses. */
+void kh_fuzz_prepare(void)
 {
-    static uint8_t buf[8192];
-    unsigned long long count, n;
+    struct kht_token t;
+    size_t len = sizeof GOOD_TOKEN - 1;
 
-    if (argc != 3) {
-        fprintf(stderr, "usage: %s COUNT SEED\n", argv[0]);
-        return 2;
-    }
-    count = strtoull(argv[1], NULL, 10);
-    rng_state = strtoull(argv[2], NULL, 10);
-    {
-        struct kht_token t;
-        size_t len = sizeof GOOD_TOKEN - 1;
-        CHECK(kht_parse_token(GOOD_TOKEN, len, &t) == 0 && t.keyslot == 1);
-        kht_token_wipe(&t);
-    }
-    for (n = 0; n < count; n++) {
-        size_t len = generate(buf, sizeof buf);
-        LLVMFuzzerTestOneInput(buf, len);
-    }
-    printf("%llu inputs, seed %s: all invariants held\n", count, argv[2]);
-    return 0;
+    CHECK(kht_parse_token(GOOD_TOKEN, len, &t) == 0 && t.keyslot == 1);
+    kht_token_wipe(&t);
 }
 #endif

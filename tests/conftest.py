@@ -12,15 +12,26 @@ from __future__ import annotations
 import contextlib
 
 import pytest
+from hypothesis import HealthCheck, settings
 from support.passphrases import MARKER
 
 from keyhandoff import keyring
 from keyhandoff.cache import PassphraseCache, SystemdCache
 
+# Hypothesis: no per-example deadline and no too-slow health check.  The suite shares two
+# cores with a QEMU guest, so wall-clock limits measure the neighbour, not the code (a test
+# that parses a few hundred bytes would fail for the guest's load alone).  Each property
+# sets its own max_examples; this is only the default for those that do not.
+settings.register_profile("keyhandoff", deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("keyhandoff")
+
 #: pam_module, pam_gdm, checker: real PAM stacks; person, image: a LUKS2 image file;
-#: efivars: a scratch efivarfs directory; stack_guard: the Debian-stack pass's guard
+#: efivars: a scratch efivarfs directory; querier: real systemd-ask-password queriers;
+#: stack_guard: the Debian-stack pass's guard
 pytest_plugins = [
-    "support.luks_images", "support.pam_stack", "support.scratch_efi", "support.stack_guard",
+    "support.agent_process", "support.luks_images", "support.pam_stack", "support.scratch_efi",
+    "support.stack_guard",
 ]
 
 

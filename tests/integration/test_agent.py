@@ -32,10 +32,9 @@ from keyhandoff.secret import Secret
 
 
 @pytest.fixture
-def volume(tmp_path):
-    pw = make("vol")
-    img = format_image(tmp_path / "disk.img", pw)
-    return img, uuid_of(img), pw
+def volume(image, person):
+    """:func:`support.luks_images.image` with its UUID and passphrase: (path, uuid, pw)."""
+    return image, uuid_of(image), person
 
 
 @contextlib.contextmanager
@@ -131,12 +130,12 @@ def test_captures_what_the_person_typed_wrong_then_right(tmp_path, cache, volume
 
 
 @pytest.fixture
-def onetime_volume(tmp_path):
+def onetime_volume(volume):
     """A volume with its passphrase and a second keyslot standing in for a one-time keyslot."""
-    pw, otk = make("vol"), make("onetime")
-    img = format_image(tmp_path / "disk.img", pw)
+    img, vid, pw = volume
+    otk = make("onetime")
     add_key(img, pw, otk)
-    return img, uuid_of(img), pw, otk
+    return img, vid, pw, otk
 
 
 def test_answers_from_the_one_time_key_before_the_passphrase(tmp_path, cache, onetime_volume):

@@ -23,7 +23,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from support.agent_process import ask
+from support.agent_process import stop_querier
 from support.luks_images import format_image
 from support.parts import require, require_binary
 from support.passphrases import make
@@ -49,53 +49,6 @@ NOBODY = 65534
 
 
 # --- the real querier ----------------------------------------------------------------------
-
-
-@pytest.fixture
-def querier():
-    require_binary("systemd-ask-password", INSTALL)
-    # systemd-ask-password hardcodes this directory; without systemd as PID 1 nobody
-    # made it.  Created if missing, never removed: other tests may be using it.
-    os.makedirs(ASK_DIR, mode=0o755, exist_ok=True)
-    started: list[subprocess.Popen[bytes]] = []
-
-    def start(
-        id_: str | None = None,
-        message: str = "keyhandoff test prompt",
-        timeout: int = 5,
-        extra: tuple[str, ...] = (),
-    ) -> subprocess.Popen[bytes]:
-        ids = (f"--id={id_}",) if id_ is not None else ()
-        proc = ask(*extra, *ids, timeout=timeout, message=message)
-        started.append(proc)
-        return proc
-
-    yield start
-    for proc in started:
-        stop_querier(proc)
-
-
-def stop_querier(proc: subprocess.Popen[bytes]) -> None:
-    """End a querier this test started, by its own PID, without leaving its files behind.
-
-    SIGTERM, not SIGKILL: systemd-ask-password catches it (signalfd) and unlinks its ask
-    file and socket; a SIGKILLed querier leaves both in the shared directory for every
-    other agent to trip over.
-    """
-    if proc.poll() is None:
-        proc.terminate()
-    try:
-        proc.communicate(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.communicate(timeout=10)
-    for name in list_ask_files(ASK_DIR):
-        with contextlib.suppress(FileNotFoundError, HostileAskFile):
-            request = read_ask_file(ASK_DIR, name)
-            if request.pid == proc.pid:  # ours, and its owner is gone: clean up for it
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(request.socket)
-                os.unlink(os.path.join(ASK_DIR, name))
 
 
 def cancel_and_wait(proc: subprocess.Popen[bytes], name: str, request: AskRequest) -> None:

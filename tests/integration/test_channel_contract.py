@@ -19,7 +19,7 @@ from __future__ import annotations
 import pytest
 from support.luks_images import format_image, metadata, opens, uuid_of
 from support.passphrases import make
-from support.scratch_efi import run_with_efivars
+from support.scratch_efi import run_in_scratch_efivars
 
 from keyhandoff import channels, names
 
@@ -178,10 +178,8 @@ def _run(tmp_path, name: str, scenario: str, count: int = 1) -> tuple[dict, list
         args += [img, pw_file]
         images.append(img)
         passphrases.append(pw)
-    efivars = tmp_path / "efivars"
-    efivars.mkdir()
     before = [metadata(img)["keyslots"] for img in images]
-    out, _proc = run_with_efivars(SCENARIO, efivars, *args)
+    out, _proc, _efivars = run_in_scratch_efivars(SCENARIO, tmp_path, *args)
     for i in range(count):
         (tmp_path / f"pw{i}").unlink()
     # whatever happened, every volume is as it was: same keyslots, the person's passphrase opens

@@ -36,7 +36,7 @@ from support.luks_images import (
     opens,
 )
 from support.passphrases import make
-from support.scratch_efi import run_with_efivars
+from support.scratch_efi import run_in_scratch_efivars
 
 from keyhandoff import luks_scan, onetime
 from keyhandoff.luks import LuksHeader
@@ -58,9 +58,7 @@ print(json.dumps({"destroyed": destroyed}))
 
 def sweep(tmp_path, step, *paths):
     """Run one boot step (or disarm) in a fresh interpreter; what it destroyed, its log."""
-    efivars = tmp_path / "efivars"
-    efivars.mkdir(exist_ok=True)
-    out, proc = run_with_efivars(SWEEP, efivars, step, *paths)
+    out, proc, _efivars = run_in_scratch_efivars(SWEEP, tmp_path, step, *paths)
     return out["destroyed"], proc.stderr.decode(errors="replace")
 
 
@@ -317,15 +315,14 @@ def test_a_volume_in_no_crypttab_is_swept_without_chain_state(tmp_path, loss, st
     """Armed with ``--volume /dev/loopN`` (a real block device, in no crypttab)."""
     pw = make("nocrypttab")
     img = format_image(tmp_path / "v.img", pw)
-    efivars = tmp_path / "efivars"
-    efivars.mkdir()
     state = tmp_path / "state"
     state.mkdir()
     pw_file = state / "pw"
     pw_file.write_bytes(pw)
     with loop_device(img) as dev:
         try:
-            out, proc = run_with_efivars(ARMED, efivars, dev, pw_file, state, loss, step)
+            out, proc, _efivars = run_in_scratch_efivars(ARMED, tmp_path, dev, pw_file, state,
+                                                         loss, step)
         finally:
             pw_file.unlink()
         assert pw not in proc.stdout + proc.stderr

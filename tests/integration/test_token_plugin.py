@@ -159,6 +159,19 @@ class Opened:
         return "?: " + text
 
 
+def armed_with_record(tmp_path: Path, **seal_args: int) -> tuple[Armed, Path, bytes]:
+    """An armed image (``img``) and a record with its one-time key in the EFI variable of
+    the scratch directory ``efivars``, both under ``tmp_path``: (image, efivars, record).
+    ``seal_args`` go to :func:`seal`; the record key is gone, only the record has it."""
+    with record.new_record_key() as rk:
+        armed = arm_image(tmp_path / "img", rk)
+        with armed.key:
+            blob = seal([armed.entry()], rk, **seal_args)
+    efivars = tmp_path / "efivars"
+    write_variable(efivars, blob)
+    return armed, efivars, blob
+
+
 def plugin_open(plugin_dir: Path, image: Path, efivars: Path, *,
                 readonly_efivars: bool = False) -> Opened:
     """``cryptsetup open --test-passphrase --token-only`` with only our plugin loadable."""
@@ -355,12 +368,7 @@ TOKEN_CASES = {
 
 @pytest.mark.parametrize("case", sorted(TOKEN_CASES))
 def test_a_token_python_does_not_trust_gets_no_answer_in_c(plugin_dir, tmp_path, case):
-    with record.new_record_key() as rk:
-        armed = arm_image(tmp_path / "img", rk)
-        with armed.key:
-            blob = seal([armed.entry()], rk)
-    efivars = tmp_path / "efivars"
-    write_variable(efivars, blob)
+    armed, efivars, _record = armed_with_record(tmp_path)
     assert _replace_token(armed, **TOKEN_CASES[case]) is None  # Python: not one of ours
     opened = plugin_open(plugin_dir, armed.path, efivars)
     assert opened.returncode != 0
@@ -370,12 +378,7 @@ def test_a_token_python_does_not_trust_gets_no_answer_in_c(plugin_dir, tmp_path,
 
 def test_a_rewritten_token_that_python_still_trusts_still_opens(plugin_dir, tmp_path):
     """The control for the table above: rewriting the token is not what refuses it."""
-    with record.new_record_key() as rk:
-        armed = arm_image(tmp_path / "img", rk)
-        with armed.key:
-            blob = seal([armed.entry()], rk)
-    efivars = tmp_path / "efivars"
-    write_variable(efivars, blob)
+    armed, efivars, _record = armed_with_record(tmp_path)
     assert _replace_token(armed) is not None
     assert plugin_open(plugin_dir, armed.path, efivars).verdict == "ok"
 
@@ -384,12 +387,7 @@ def test_a_rewritten_token_that_python_still_trusts_still_opens(plugin_dir, tmp_
 
 
 def test_the_variable_is_gone_and_the_keyring_copy_is_strict(plugin_dir, tmp_path):
-    with record.new_record_key() as rk:
-        armed = arm_image(tmp_path / "img", rk)
-        with armed.key:
-            blob = seal([armed.entry()], rk, lifetime=3 * 3600)
-    efivars = tmp_path / "efivars"
-    write_variable(efivars, blob)
+    armed, efivars, blob = armed_with_record(tmp_path, lifetime=3 * 3600)
     assert plugin_open(plugin_dir, armed.path, efivars).verdict == "ok"
     assert not (efivars / VARIABLE).exists()
     serial = record_key_serial()
@@ -404,12 +402,8 @@ def test_the_variable_is_gone_and_the_keyring_copy_is_strict(plugin_dir, tmp_pat
 
 
 def test_the_keyring_copy_expires_with_the_record(plugin_dir, tmp_path):
-    with record.new_record_key() as rk:
-        armed = arm_image(tmp_path / "img", rk)
-        with armed.key:
-            blob = seal([armed.entry()], rk, created=int(time.time()) - 3500, lifetime=3600)
-    efivars = tmp_path / "efivars"
-    write_variable(efivars, blob)
+    armed, efivars, _record = armed_with_record(tmp_path, created=int(time.time()) - 3500,
+                                                lifetime=3600)
     assert plugin_open(plugin_dir, armed.path, efivars).verdict == "ok"
     serial = record_key_serial()
     assert serial is not None
@@ -419,12 +413,7 @@ def test_the_keyring_copy_expires_with_the_record(plugin_dir, tmp_path):
 
 
 def test_a_variable_that_cannot_be_deleted_is_not_used(plugin_dir, tmp_path):
-    with record.new_record_key() as rk:
-        armed = arm_image(tmp_path / "img", rk)
-        with armed.key:
-            blob = seal([armed.entry()], rk)
-    efivars = tmp_path / "efivars"
-    write_variable(efivars, blob)
+    armed, efivars, _record = armed_with_record(tmp_path)
     opened = plugin_open(plugin_dir, armed.path, efivars, readonly_efivars=True)
     assert opened.returncode != 0
     assert "cannot delete the EFI variable: record not used" in opened.log

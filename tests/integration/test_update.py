@@ -12,7 +12,7 @@ from support.agent_process import AgentProcess, ask, finish
 from support.luks_images import format_image, metadata, opens, uuid_of
 from support.pam_stack import pamtester
 from support.passphrases import make
-from support.scratch_efi import run_with_efivars
+from support.scratch_efi import run_in_scratch_efivars
 
 from keyhandoff import update
 from keyhandoff.cache import SystemdCache
@@ -198,13 +198,6 @@ print(json.dumps(out))
 """
 
 
-def _run_efi(tmp_path, code, *args):
-    efivars = tmp_path / "efivars"
-    efivars.mkdir(exist_ok=True)
-    out, proc = run_with_efivars(code, efivars, *args)
-    return out, proc, efivars
-
-
 def test_efi_chain_of_two_boots_with_login(tmp_path, cache):
     pw = make("full")
     img = format_image(tmp_path / "data.img", pw)
@@ -213,7 +206,7 @@ def test_efi_chain_of_two_boots_with_login(tmp_path, cache):
     state = tmp_path / "state"
     state.mkdir()
     try:
-        out, proc, efivars = _run_efi(tmp_path, SCRIPT, img, pw_file, state)
+        out, proc, efivars = run_in_scratch_efivars(SCRIPT, tmp_path, img, pw_file, state)
     finally:
         pw_file.unlink()
     assert out["armed"][0] == "efi"
@@ -270,7 +263,7 @@ def test_efi_refuses_luks1(tmp_path, cache):
     """
     pw_file = tmp_path / "pw"
     pw_file.write_bytes(pw)
-    out, _proc, efivars = _run_efi(tmp_path, code, img, pw_file)
+    out, _proc, efivars = run_in_scratch_efivars(code, tmp_path, img, pw_file)
     assert "LUKS1" in out["refused"]
     assert out["efi"] is False
     assert list(efivars.iterdir()) == []
@@ -329,7 +322,7 @@ def test_efi_arm_costs_one_pbkdf_of_the_persons_keyslot(tmp_path, cache):
     """
     pw_file = tmp_path / "pw"
     pw_file.write_bytes(pw)
-    out, _proc, _efivars = _run_efi(tmp_path, code, img, pw_file)
+    out, _proc, _efivars = run_in_scratch_efivars(code, tmp_path, img, pw_file)
     pw_file.unlink()
     assert out["opened"] == ["Trying to open LUKS2 keyslot 0."]
     assert out["derivations"] == 2  # the person's keyslot, and the new cheap one-time slot

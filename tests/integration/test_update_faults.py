@@ -17,7 +17,7 @@ import sys
 import pytest
 from support.luks_images import cryptsetup, format_image, metadata, opens
 from support.passphrases import make
-from support.scratch_efi import run_with_efivars, tiny_tmpfs
+from support.scratch_efi import run_in_scratch_efivars, run_with_efivars, tiny_tmpfs
 
 SCRIPT = """
 import json, os, sys, time, uuid
@@ -85,14 +85,12 @@ print(json.dumps({
 
 
 def run(tmp_path, img, pw, fault):
-    efivars = tmp_path / "efivars"
-    efivars.mkdir()
     state = tmp_path / "state"
     state.mkdir()
     pw_file = state / "pw"
     pw_file.write_bytes(pw)
     try:
-        out, proc = run_with_efivars(SCRIPT, efivars, img, pw_file, state, fault)
+        out, proc, _efivars = run_in_scratch_efivars(SCRIPT, tmp_path, img, pw_file, state, fault)
     finally:
         pw_file.unlink()
     log = proc.stderr.decode(errors="replace")

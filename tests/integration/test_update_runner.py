@@ -26,7 +26,7 @@ import pytest
 from support.luks_images import add_key, format_image, metadata, uuid_of
 from support.parts import require_binary
 from support.passphrases import make
-from support.scratch_efi import run_with_efivars
+from support.scratch_efi import run_in_scratch_efivars
 
 from keyhandoff import askpass, statelock, update
 from keyhandoff.host import Host
@@ -220,11 +220,9 @@ def test_a_failing_full_arm_destroys_only_its_own_keyslots(tmp_path, cache):
     (tmp_path / "pwy").write_bytes(pw_y)
     state = tmp_path / "state"
     state.mkdir()
-    efivars = tmp_path / "efivars"
-    efivars.mkdir()
     try:
-        out, _proc = run_with_efivars(EFI_TWO_ARMS, efivars, x, y, tmp_path / "pwx",
-                                      tmp_path / "pwy", state)
+        out, _proc, _efivars = run_in_scratch_efivars(EFI_TWO_ARMS, tmp_path, x, y,
+                                                      tmp_path / "pwx", tmp_path / "pwy", state)
     finally:
         for name in ("pwx", "pwy"):
             (tmp_path / name).unlink()
@@ -336,10 +334,9 @@ def test_boot_steps_are_idempotent_within_a_boot_efi(tmp_path, cache):
     (tmp_path / "pw").write_bytes(pw)
     state = tmp_path / "state"
     state.mkdir()
-    efivars = tmp_path / "efivars"
-    efivars.mkdir()
     try:
-        out, _proc = run_with_efivars(EFI_IDEMPOTENT, efivars, img, tmp_path / "pw", state)
+        out, _proc, _efivars = run_in_scratch_efivars(EFI_IDEMPOTENT, tmp_path, img,
+                                                      tmp_path / "pw", state)
     finally:
         (tmp_path / "pw").unlink()
     # the arming boot: record and keyslot are for the next boot, and stay

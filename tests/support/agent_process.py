@@ -1,7 +1,12 @@
-"""Run the real agent (``python -m keyhandoff agent``) and real queriers for tests."""
+"""Run the real agent (``python -m keyhandoff agent``) and real queriers for tests.
+
+Also a pytest plugin (tests/conftest.py): the ``querier`` fixture, real queriers that are
+ended after the test without leaving files in the shared ask directory.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -9,10 +14,14 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from support.parts import require_binary
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
 
 ASK_DIR = Path("/run/systemd/ask-password")
 INSTALL_SYSTEMD = "apt-get install systemd"
@@ -105,6 +114,58 @@ def ask(
         [exe, "--no-tty", f"--timeout={timeout}", *key, *args, message],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
+
+
+def stop_querier(proc: subprocess.Popen[bytes]) -> None:
+    """End a querier this test started, by its own PID, without leaving its files behind.
+
+    SIGTERM, not SIGKILL: systemd-ask-password catches it (signalfd) and unlinks its ask
+    file and socket; a SIGKILLed querier leaves both in the shared directory for every
+    other agent to trip over.
+    """
+    from keyhandoff.askpass import HostileAskFile, list_ask_files, read_ask_file  # noqa: PLC0415
+
+    if proc.poll() is None:
+        proc.terminate()
+    try:
+        proc.communicate(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate(timeout=10)
+    for name in list_ask_files(ASK_DIR):
+        with contextlib.suppress(FileNotFoundError, HostileAskFile):
+            request = read_ask_file(ASK_DIR, name)
+            if request.pid == proc.pid:  # ours, and its owner is gone: clean up for it
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(request.socket)
+                os.unlink(ASK_DIR / name)
+
+
+@pytest.fixture
+def querier() -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
+    """``start(id_=None, message=..., timeout=5, extra=())``: a real querier (:func:`ask`)
+    with ``--id=id_`` and the options ``extra``; each one is ended by :func:`stop_querier`
+    after the test."""
+    require_binary("systemd-ask-password", INSTALL_SYSTEMD)
+    # systemd-ask-password hardcodes this directory; without systemd as PID 1 nobody
+    # made it.  Created if missing, never removed: other tests may be using it.
+    ASK_DIR.mkdir(mode=0o755, parents=True, exist_ok=True)
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(
+        id_: str | None = None,
+        message: str = "keyhandoff test prompt",
+        timeout: int = 5,
+        extra: tuple[str, ...] = (),
+    ) -> subprocess.Popen[bytes]:
+        ids = (f"--id={id_}",) if id_ is not None else ()
+        proc = ask(*extra, *ids, timeout=timeout, message=message)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        stop_querier(proc)
 
 
 def finish(q: subprocess.Popen[bytes], timeout: float = 20) -> tuple[int, bytes]:

@@ -3,7 +3,8 @@
 libefivar picks its backend when the library is loaded, from ``LIBEFIVAR_OPS`` and
 ``EFIVARFS_PATH``: the pytest process may already have it loaded without them, so the code
 runs in a fresh interpreter.  It prints one JSON line last, which is returned.
-Also a pytest plugin (tests/conftest.py): the ``efivars`` fixture, a scratch directory.
+Also a pytest plugin (tests/conftest.py): the ``efivars`` fixture, a scratch directory
+(:func:`scratch_efivars`; :func:`run_in_scratch_efivars` for helpers that take ``tmp_path``).
 """
 
 from __future__ import annotations
@@ -64,6 +65,23 @@ def run_with_efivars(
     return last_json(proc), proc
 
 
+def scratch_efivars(tmp_path: Path) -> Path:
+    """A test's scratch efivarfs directory, ``tmp_path/efivars`` (made if it is not there)."""
+    directory = tmp_path / "efivars"
+    directory.mkdir(exist_ok=True)
+    return directory
+
+
+def run_in_scratch_efivars(
+    code: str, tmp_path: Path, *args: object,
+) -> tuple[dict[str, Any], subprocess.CompletedProcess[bytes], Path]:
+    """:func:`run_with_efivars` on the test's scratch directory (:func:`scratch_efivars`);
+    also that directory, to look into."""
+    efivars = scratch_efivars(tmp_path)
+    out, proc = run_with_efivars(code, efivars, *args)
+    return out, proc, efivars
+
+
 @contextlib.contextmanager
 def tiny_tmpfs(path: Path, size: str = "16k") -> Iterator[Path]:
     """A small tmpfs mounted at ``path`` (created) for the block: a store that fills up."""
@@ -84,8 +102,7 @@ def tiny_tmpfs(path: Path, size: str = "16k") -> Iterator[Path]:
 def efivars(tmp_path: Path) -> Iterator[Path]:
     """A scratch efivarfs directory for libefivar (see :func:`scratch_env`), emptied of
     immutable flags afterwards so pytest can remove it."""
-    directory = tmp_path / "efivars"
-    directory.mkdir()
+    directory = scratch_efivars(tmp_path)
     yield directory
     clear_immutable(directory)
 

@@ -107,7 +107,7 @@ def test_hostile_shapes_are_refused_without_raising(raw):
     assert onetime.parse_token(0, raw) is None
 
 
-@settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.binary(max_size=1200))
 def test_any_bytes_never_raise(raw):
     assert fuzz_token.one(raw) is None
@@ -121,7 +121,7 @@ _JSON = st.recursive(
 )
 
 
-@settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.sampled_from(sorted(fuzz_token.FIELDS)), _JSON)
 def test_any_field_value_is_checked(name, value):
     """One field replaced by any JSON value: refused, or accepted only if truly valid."""

@@ -1,9 +1,9 @@
 """The payload parsers of pam_keyhandoff.so (csrc/kh_payload.c) under ASan and UBSan.
 
-fuzz/pam_payload_fuzz.c is built with the driver (no libFuzzer needed): it runs the known
-answers that used to be this file's Python cases (last entry: trailing NULs, empty, NUL
-only; padded: good, bad padding, too long), then a fixed number of inputs from a seeded
-PRNG, each checked against an independent statement of the rules (output inside the
+fuzz/pam_payload_fuzz.c is built with the driver (fuzz/driver.c, no libFuzzer needed): it
+runs the known answers that used to be this file's Python cases (last entry: trailing NULs,
+empty, NUL only; padded: good, bad padding, too long), then a fixed number of inputs from a
+seeded PRNG, each checked against an independent statement of the rules (output inside the
 input, 1..2048 bytes, no NUL, exact padded rules).  Options, one-shot and keep run against
 the real module under Linux-PAM in tests/integration/test_pam.py.
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 from support.parts import require_binary
 
 REPO = Path(__file__).resolve().parents[2]
-INPUTS = 50_000
+INPUTS = 20_000
 
 
 def _build(tmp_path: Path) -> Path:
@@ -27,7 +27,8 @@ def _build(tmp_path: Path) -> Path:
         [cc, "-std=gnu11", "-O1", "-g", "-Wall", "-Wextra", "-Werror",
          "-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-DKH_FUZZ_DRIVER",
          f"-I{REPO / 'csrc'}", "-o", str(exe),
-         str(REPO / "fuzz" / "pam_payload_fuzz.c"), str(REPO / "csrc" / "kh_payload.c")],
+         str(REPO / "fuzz" / "pam_payload_fuzz.c"), str(REPO / "fuzz" / "driver.c"),
+         str(REPO / "csrc" / "kh_payload.c")],
         capture_output=True, text=True, check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -62,7 +63,7 @@ def test_the_harness_catches_a_broken_parser(tmp_path):
     subprocess.run(
         [cc, "-std=gnu11", "-O1", "-fsanitize=address,undefined", "-DKH_FUZZ_DRIVER",
          f"-I{REPO / 'csrc'}", "-o", str(exe), str(REPO / "fuzz" / "pam_payload_fuzz.c"),
-         str(broken)],
+         str(REPO / "fuzz" / "driver.c"), str(broken)],
         check=True, capture_output=True,
     )
     proc = _run(exe, str(INPUTS), "1")

@@ -1,7 +1,7 @@
 """The token plugin's parsers (csrc/token_record.c) under ASan and UBSan: the CI smoke runs.
 
-fuzz/token_record_fuzz.c is built twice: with its deterministic driver (cc, a fixed number
-of generated inputs per seed), and as the libFuzzer target (clang
+fuzz/token_record_fuzz.c is built twice: with the deterministic driver (cc, fuzz/driver.c, a
+fixed number of generated inputs per seed), and as the libFuzzer target (clang
 ``-fsanitize=fuzzer,address,undefined``) for a short bounded run.  Each input is checked
 against an independent statement of record.py's rules; the long run (>= 10 million inputs)
 is made outside CI, by hand, with the same libFuzzer build.
@@ -16,10 +16,12 @@ from pathlib import Path
 from support.parts import require_binary
 
 REPO = Path(__file__).resolve().parents[2]
-INPUTS = 30_000
+INPUTS = 10_000
 SOURCES = (REPO / "fuzz" / "token_record_fuzz.c", REPO / "csrc" / "token_record.c",
            REPO / "csrc" / "token_json.c")
 SANITIZE = ("-fsanitize=address,undefined", "-fno-sanitize-recover=all")
+#: the deterministic build: main() from fuzz/driver.c instead of libFuzzer's
+DRIVER = ("-DKH_FUZZ_DRIVER", str(REPO / "fuzz" / "driver.c"))
 
 
 def _build(compiler: str, exe: Path, *flags: str, record_c: Path = SOURCES[1]) -> None:
@@ -41,7 +43,7 @@ def _run(*argv: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str
 
 def test_the_parsers_hold_their_invariants(tmp_path):
     exe = tmp_path / "token_record_fuzz"
-    _build(require_binary("cc", "apt-get install gcc"), exe, *SANITIZE, "-DKH_FUZZ_DRIVER")
+    _build(require_binary("cc", "apt-get install gcc"), exe, *SANITIZE, *DRIVER)
     for seed in ("1", "20261201"):
         proc = _run(str(exe), str(INPUTS), seed)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
@@ -54,9 +56,9 @@ def test_the_libfuzzer_target_runs_clean(tmp_path):
            "-fsanitize=fuzzer,address,undefined", "-fno-sanitize-recover=all")
     corpus = tmp_path / "corpus"
     corpus.mkdir()
-    proc = _run(str(exe), "-runs=20000", "-max_len=4096", "-seed=1", str(corpus), cwd=tmp_path)
+    proc = _run(str(exe), "-runs=10000", "-max_len=4096", "-seed=1", str(corpus), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "Done 20000 runs" in proc.stderr
+    assert "Done 10000 runs" in proc.stderr
 
 
 def test_the_harness_catches_a_broken_parser(tmp_path):
@@ -69,7 +71,7 @@ def test_the_harness_catches_a_broken_parser(tmp_path):
                       .replace('#include "token_record.h"',
                                f'#include "{REPO}/csrc/token_record.h"'))
     exe = tmp_path / "fuzz_broken"
-    _build(require_binary("cc", "apt-get install gcc"), exe, *SANITIZE, "-DKH_FUZZ_DRIVER",
+    _build(require_binary("cc", "apt-get install gcc"), exe, *SANITIZE, *DRIVER,
            record_c=broken)
     proc = _run(str(exe), str(INPUTS), "1")
     assert proc.returncode != 0
