@@ -151,8 +151,11 @@ def mono(unit, prop):
 userspace = mono(None, "UserspaceTimestampMonotonic")
 initrd = mono(None, "InitRDTimestampMonotonic")
 target = mono("multi-user.target", "ActiveEnterTimestampMonotonic")
-print("KH-ANALYZE", f"kernel {initrd:.1f} s + initrd {userspace - initrd:.1f} s + userspace "
-      f"{target - userspace:.1f} s = multi-user.target at {target:.1f} s", flush=True)
+# a systemd initramfs has its own timestamp; initramfs-tools' time is in the kernel's
+early = (f"kernel {initrd:.1f} s + initrd {userspace - initrd:.1f} s" if initrd else
+         f"kernel + initramfs {userspace:.1f} s")
+print("KH-ANALYZE", f"{early} + userspace {target - userspace:.1f} s = multi-user.target "
+      f"at {target:.1f} s", flush=True)
 """
 CRYPTSETUP_LOG = """
 tok = subprocess.run(["journalctl", "-b", "--no-pager", "-o", "cat", "-u",
@@ -259,7 +262,9 @@ def _figures(out: Outcome, image: RunImage) -> None:
     out.notes.append(f"{image.generator} initramfs: {size:,} bytes, {plain:,} without "
                      f"keyhandoff's part (+{size - plain:,})")
     for boot in out.boots:
-        for match in re.finditer(r"KH-UNLOCK-MS ([0-9.]+)", boot.console):
+        # with initramfs-tools the real root's unit only finds the volume active
+        unlocks = re.finditer(r"KH-UNLOCK-MS ([0-9.]+)", boot.console)
+        for match in unlocks if image.generator == "dracut" else ():
             out.notes.append(f"{boot.label}: systemd-cryptsetup@{ROOT_MAPPING} start to open "
                              f"{float(match.group(1)):.0f} ms")
         for match in re.finditer(r"KH-(BLAME|ANALYZE) (.*)", boot.console):
