@@ -65,6 +65,8 @@ install-initramfs:
 		$(DESTDIR)$(INITRAMFSTOOLSDIR)/hooks/keyhandoff
 	install -D -m 0755 initramfs/initramfs-tools/scripts/local-top/keyhandoff \
 		$(DESTDIR)$(INITRAMFSTOOLSDIR)/scripts/local-top/keyhandoff
+	install -D -m 0755 initramfs/initramfs-tools/scripts/local-bottom/keyhandoff \
+		$(DESTDIR)$(INITRAMFSTOOLSDIR)/scripts/local-bottom/keyhandoff
 
 clean:
 	rm -rf build .venv keyhandoff/_bindings/*.so keyhandoff/_bindings/*.c

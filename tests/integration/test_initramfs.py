@@ -217,7 +217,8 @@ def mkinitramfs(host: Host, out: Path, *, ours: bool) -> Path:
     (conf / "initramfs.conf").write_text("MODULES=most\nBUSYBOX=auto\nKEYMAP=n\nCOMPRESS=zstd\n")
     (conf / "modules").write_text("")
     if ours:
-        for part in ("hooks/keyhandoff", "scripts/local-top/keyhandoff"):
+        for part in ("hooks/keyhandoff", "scripts/local-top/keyhandoff",
+                     "scripts/local-bottom/keyhandoff"):
             (conf / part).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(INITRAMFS / "initramfs-tools" / part, conf / part)
     result = in_namespace(host.binds, [binary, "-d", conf, "-o", out, host.kernel],
@@ -357,7 +358,7 @@ def test_no_python_and_nothing_else_of_ours(images: Images) -> None:
     plugin = str(inside(images.root, f"{images.tokendir}/{PLUGIN}").relative_to(images.root))
     expected = {plugin}
     if images.generator == "initramfs-tools":
-        expected.add("scripts/local-top/keyhandoff")
+        expected |= {"scripts/local-top/keyhandoff", "scripts/local-bottom/keyhandoff"}
     assert files_named(images.root, "keyhandoff") == expected
 
 

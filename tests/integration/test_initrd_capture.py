@@ -10,6 +10,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import uuid
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
@@ -17,8 +18,8 @@ from support.luks_images import add_key, format_image, uuid_of
 from support.parts import require_binary
 from support.passphrases import make
 
-from keyhandoff import initrd_capture, statelock
-from keyhandoff.cache import PassphraseCache, SystemdCache
+from keyhandoff import initrd_capture, keyring, statelock
+from keyhandoff.cache import SYSTEMD_PERM, PassphraseCache, SystemdCache
 from keyhandoff.errors import KeyNotFound
 from keyhandoff.host import Host
 from keyhandoff.secret import Secret
@@ -189,3 +190,59 @@ def test_the_command_hardens_itself_and_captures_once(tmp_path, cache, systemd_k
     read = next(i for i, c in enumerate(calls) if "KEYCTL_READ" in c)
     assert dump < read
     assert lock < read
+
+
+LOCAL_BOTTOM = (Path(__file__).resolve().parents[2]
+                / "initramfs/initramfs-tools/scripts/local-bottom/keyhandoff")
+
+
+def timeout_of(serial: int) -> str:
+    """The key's timeout as /proc/keys shows it (``59s``, ``2m``, ``perm``)."""
+    for line in Path("/proc/keys").read_text().splitlines():
+        fields = line.split()
+        if int(fields[0], 16) == serial:
+            return fields[3]
+    return "gone"
+
+
+def run_local_bottom(env: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(["/bin/sh", str(LOCAL_BOTTOM)], capture_output=True, check=False,
+                          env=env, timeout=30)
+
+
+def test_decrypt_keyctl_entry_outlasts_a_slow_switch_and_is_captured(
+    tmp_path, cache, systemd_key,
+):
+    """initramfs-tools: what decrypt_keyctl kept is given 150 s at local-bottom, then captured.
+
+    Debian's decrypt_keyctl (``keyscript=decrypt_keyctl``) stores what was typed as it is
+    done here, with the real keyctl: ``printf %s "$KEY_" | keyctl padd user cryptsetup @u``
+    and ``keyctl timeout 60``: one entry, no NUL.  Our local-bottom script sets the timeout
+    to systemd's 150 s and prints nothing; capture reads the entry like systemd's.
+    """
+    keyctl = require_binary("keyctl", "apt-get install keyutils")
+    pw = make("keyctl")
+    vol = format_image(tmp_path / "v.img", pw)
+    added = subprocess.run([keyctl, "padd", "user", "cryptsetup", "@u"], input=pw,
+                           capture_output=True, check=True, timeout=30)
+    serial = int(added.stdout)
+    subprocess.run([keyctl, "timeout", str(serial), "60"], check=True, timeout=30)
+    assert timeout_of(serial) in {"59s", "1m"}
+    done = run_local_bottom()
+    assert (done.returncode, done.stdout + done.stderr) == (0, b"")
+    assert timeout_of(serial) == "2m"  # 120-179 s: the 150 s set by the script
+    report = initrd_capture.capture(retain=60, volumes=[str(vol)], host=NO_CRYPTTAB)
+    assert report.captured == (uuid_of(vol),)
+    assert cached(cache, uuid_of(vol)) == pw
+
+
+def test_local_bottom_does_nothing_without_the_key_or_keyctl(systemd_key):
+    done = run_local_bottom()
+    assert (done.returncode, done.stdout + done.stderr) == (0, b"")
+    assert systemd_key.read() == []
+    typed(systemd_key, make("typed"))
+    serial = keyring.find_trusted("user", "cryptsetup", perm=SYSTEMD_PERM, within=keyring.USER)
+    before = timeout_of(serial)
+    done = run_local_bottom(env={"PATH": "/nonexistent"})  # an image without keyctl
+    assert (done.returncode, done.stdout + done.stderr) == (0, b"")
+    assert timeout_of(serial) == before

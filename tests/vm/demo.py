@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .image import REPO_ROOT, _chroot, _chroot_mounts, build_run_image, ensure_base
+from .image import REPO_ROOT, ImageBuildError, _chroot, _chroot_mounts, build_run_image, ensure_base
 from .machine import BOOTED_RE, DONE_RE, Disk, Machine, MachineError, PersonPort
 from .runner import GuestJob
 
@@ -519,25 +519,36 @@ def table(outcomes: list[Outcome]) -> str:
 
 def main(argv: list[str]) -> int:
     """Build (or reuse) the image, run the scenarios, print the table; non-zero on failure."""
+    # The encrypted-root scenarios build on this module's parts; imported here, not above,
+    # because demo_root imports this module.
+    from .demo_root import ROOT_SCENARIOS, RootImages  # noqa: PLC0415
+
     logging.basicConfig(level=logging.INFO, format="[vm] %(message)s")
-    names = argv or list(SCENARIOS)
-    unknown = [n for n in names if n not in SCENARIOS]
+    every = [*SCENARIOS, *ROOT_SCENARIOS]
+    names = argv or every
+    unknown = [n for n in names if n not in every]
     if unknown:
-        print(f"unknown scenario(s): {unknown}; choose from {list(SCENARIOS)}", file=sys.stderr)
+        print(f"unknown scenario(s): {unknown}; choose from {every}", file=sys.stderr)
         return 2
     logs = REPO_ROOT / "build" / "demo" / time.strftime("%Y%m%d-%H%M%S")
     logs.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     outcomes = []
     with tempfile.TemporaryDirectory(prefix="keyhandoff-demo-") as tmp:
-        image = demo_image(Path(tmp) / "image")
+        image = demo_image(Path(tmp) / "image") if set(names) & set(SCENARIOS) else None
+        roots = RootImages(Path(tmp) / "root-images")
         for name in names:
             log.info("scenario %s", name)
             work = Path(tmp) / name
             work.mkdir(parents=True)
             try:
-                outcome = SCENARIOS[name](image, work)
-            except (MachineError, subprocess.CalledProcessError, OSError) as exc:
+                if name in ROOT_SCENARIOS:
+                    outcome = ROOT_SCENARIOS[name](roots, work)
+                else:
+                    assert image is not None
+                    outcome = SCENARIOS[name](image, work)
+            except (MachineError, ImageBuildError, subprocess.CalledProcessError,
+                    OSError) as exc:
                 outcome = Outcome(name, expected_prompts=-1, problems=[f"aborted: {exc}"])
             outcomes.append(outcome)
             for f in sorted((work / "vm").glob("serial-*.log")):

@@ -80,6 +80,19 @@ PACKAGES: tuple[str, ...] = (
     "libpam0g-dev",
     "libpam-modules",
     "pamtester",
+    # The encrypted-root guests: both initramfs generators (initramfs-tools with Debian's
+    # cryptroot; dracut-core, a systemd initramfs) and what the token plugin builds against.
+    # dracut-core and initramfs-tools install side by side (only the "dracut" metapackage
+    # conflicts); each run image generates its initramfs with one of them.
+    "cryptsetup",
+    "cryptsetup-initramfs",
+    "initramfs-tools",
+    "busybox",
+    "dracut-core",
+    "zstd",
+    "libssl-dev",
+    "libjson-c-dev",
+    "make",
 )
 
 # Modules the initramfs loads (with their modules.dep closure) to mount a virtio-blk ext4 root.
@@ -112,12 +125,23 @@ class BaseImage:
 
 @dataclass(frozen=True)
 class RunImage:
-    """A per-run root disk image built from a base."""
+    """A per-run root disk image built from a base.
+
+    A plain image boots the base's busybox initramfs; an encrypted-root image
+    (:func:`build_root_luks_image`) brings its own initramfs, generated in the guest tree by
+    a real generator, and the kernel command line that names its root.
+    """
 
     base: BaseImage
     root_image: Path
     project_installed: bool
     project_report: str
+    own_initrd: Path | None = None
+    #: kernel command line words this image needs (``root=``, ``rd.luks.name=``, ``rw``)
+    append: str = ""
+    #: for an encrypted root: the generator, and its initramfs size without keyhandoff's part
+    generator: str = ""
+    initrd_without_keyhandoff: int = 0
 
     @property
     def kernel(self) -> Path:
@@ -127,7 +151,7 @@ class RunImage:
     @property
     def initrd(self) -> Path:
         """The initramfs to boot with ``-initrd``."""
-        return self.base.initrd
+        return self.own_initrd or self.base.initrd
 
 
 def mirror_url() -> str:
@@ -361,6 +385,10 @@ def _build_base(directory: Path) -> None:
         _chroot(rootfs, "dpkg-deb", "-x", f"/tmp/vmfetch/{gdm_deb.name}", "/tmp/vmfetch/gdm3")
         unpacked = fetch_dir / "kernel"
         shutil.copy2(unpacked / "boot" / f"vmlinuz-{kernel_version}", directory / "vmlinuz")
+        # mkinitramfs reads the kernel's config to check its compressor
+        (rootfs / "boot").mkdir(exist_ok=True)
+        shutil.copy2(unpacked / "boot" / f"config-{kernel_version}",
+                     rootfs / "boot" / f"config-{kernel_version}")
         modules_src = _first_existing(
             unpacked / "usr/lib/modules" / kernel_version, unpacked / "lib/modules" / kernel_version
         )

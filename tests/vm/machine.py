@@ -15,6 +15,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,6 +168,47 @@ class PersonPort:
         self._sock.close()
 
 
+class ConsolePort:
+    """Host end of the serial console when it takes input: QEMU's socket chardev.
+
+    What the guest writes reaches ``serial-<n>.log`` through the chardev's ``logfile``; this
+    end only reads it away (a full socket would stall the guest's serial port) and types.
+    """
+
+    def __init__(self, path: Path, *, connect_timeout: float = 10.0) -> None:
+        """Connect (QEMU waits for us before it starts the guest) and start draining."""
+        deadline = time.monotonic() + connect_timeout
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.connect(str(path))
+                break
+            except OSError:
+                sock.close()
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        self._sock = sock
+        self._drain = threading.Thread(target=self._read_away, daemon=True)
+        self._drain.start()
+
+    def _read_away(self) -> None:
+        with contextlib.suppress(OSError):
+            while self._sock.recv(65536):
+                pass
+
+    def send(self, data: bytes) -> None:
+        """Write ``data`` to the guest's ttyS0."""
+        self._sock.sendall(data)
+
+    def close(self) -> None:
+        """Close the connection; the drain thread ends with it."""
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+        self._sock.close()
+        self._drain.join(timeout=5)
+
+
 class Machine:
     """A UEFI VM under QEMU TCG with OVMF, booting the Debian kernel and a run image directly.
 
@@ -186,6 +228,7 @@ class Machine:
         cpus: int = 2,
         vars_file: Path | None = None,
         person_port: bool = True,
+        console_input: bool = False,
         extra_args: tuple[str, ...] = (),
     ) -> None:
         """Prepare (not start) a machine; copies OVMF_VARS_4M.fd unless ``vars_file`` is given."""
@@ -197,6 +240,9 @@ class Machine:
         self.memory_mb = memory_mb
         self.cpus = cpus
         self.person_port_enabled = person_port
+        #: the serial console also takes input (:meth:`type_on_console`): a socket chardev
+        #: QEMU waits on until the harness connects, logging to the same ``serial-<n>.log``
+        self.console_input = console_input
         #: more QEMU arguments (e.g. ``("-rtc", "base=...")`` to boot with the clock moved)
         self.extra_args = extra_args
         workdir.mkdir(parents=True, exist_ok=True)
@@ -229,6 +275,7 @@ class Machine:
         self.job_image: Path | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._person: PersonPort | None = None
+        self._console: ConsolePort | None = None
         self._cursor = 0
         self._started_at = 0.0
 
@@ -245,15 +292,26 @@ class Machine:
         return self.workdir / "person.sock"
 
     @property
+    def console_socket(self) -> Path:
+        """The unix socket QEMU listens on for the serial console (``console_input``)."""
+        return self.workdir / "console.sock"
+
+    @property
     def pid(self) -> int | None:
         """QEMU's pid while it runs."""
         return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
 
     def qemu_argv(self) -> list[str]:
         """The QEMU command line of the next boot."""
-        cmdline = (
-            f"console=ttyS0,115200 loglevel=4 panic=-1 systemd.firstboot=off {self.append}".strip()
-        )
+        words = f"{self.image.append} {self.append}".strip()
+        cmdline = f"console=ttyS0,115200 loglevel=4 panic=-1 systemd.firstboot=off {words}".strip()
+        if self.console_input:
+            # QEMU waits (wait=on) until the harness is connected, so no output is lost; the
+            # logfile gets everything the guest writes, as the file chardev does.
+            serial = (f"socket,id=serial0,path={self.console_socket},server=on,wait=on,"
+                      f"logfile={self.serial_log}")
+        else:
+            serial = f"file,id=serial0,path={self.serial_log}"
         argv = [
             QEMU,
             "-machine", "q35",
@@ -270,7 +328,7 @@ class Machine:
             "-kernel", str(self.image.kernel),
             "-initrd", str(self.image.initrd),
             "-append", cmdline,
-            "-chardev", f"file,id=serial0,path={self.serial_log}",
+            "-chardev", serial,
             "-serial", "chardev:serial0",
             "-device", "virtio-rng-pci",
         ]  # fmt: skip
@@ -307,6 +365,7 @@ class Machine:
         else:
             self.job_image = None
         self.person_socket.unlink(missing_ok=True)
+        self.console_socket.unlink(missing_ok=True)
         self.serial_log.write_bytes(b"")
         self._cursor = 0
         with (self.workdir / f"qemu-{self.boots}.log").open("wb") as qemu_log:
@@ -318,6 +377,13 @@ class Machine:
                 start_new_session=True,
             )
         self._started_at = time.monotonic()
+        if self.console_input:
+            try:
+                self._console = ConsolePort(self.console_socket)
+            except OSError as exc:
+                self.kill()
+                msg = f"cannot connect to the serial console: {exc}\n{self._qemu_log_tail()}"
+                raise MachineError(msg) from exc
         if self.person_port_enabled:
             try:
                 self._person = PersonPort(self.person_socket)
@@ -355,6 +421,16 @@ class Machine:
         if self._person is not None:
             self._person.close()
             self._person = None
+        if self._console is not None:
+            self._console.close()
+            self._console = None
+
+    def type_on_console(self, data: bytes) -> None:
+        """Type ``data`` on the serial console, as a person at the keyboard would."""
+        if self._console is None:
+            msg = "no console input (machine not running or console_input=False)"
+            raise MachineError(msg)
+        self._console.send(data)
 
     # -- observing -------------------------------------------------------------------------
 

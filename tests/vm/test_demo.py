@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from . import demo
+from . import demo, demo_root
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -29,6 +29,30 @@ def demo_image(vm_image_factory: Callable[..., RunImage]) -> RunImage:
 def test_scenario(name: str, demo_image: RunImage, tmp_path: Path) -> None:
     log.info("demo scenario %s", name)
     outcome = demo.SCENARIOS[name](demo_image, tmp_path)
+    summary = [demo.table([outcome]), *outcome.notes, *outcome.problems]
+    for line in summary:
+        log.info("  %s", line)
+    assert outcome.passed, "\n".join(summary)
+    assert outcome.prompts == outcome.expected_prompts
+
+
+@pytest.fixture(scope="module")
+def root_images(
+    vm_image_factory: Callable[..., RunImage], tmp_path_factory: pytest.TempPathFactory,
+) -> demo_root.RootImages:
+    """Encrypted-root images (dracut, initramfs-tools), built on first use.
+
+    ``vm_image_factory``: the same check for QEMU/OVMF (skip, or fail under CI) and base.
+    """
+    del vm_image_factory
+    return demo_root.RootImages(tmp_path_factory.mktemp("root-images"))
+
+
+@pytest.mark.vm
+@pytest.mark.parametrize("name", list(demo_root.ROOT_SCENARIOS))
+def test_root_scenario(name: str, root_images: demo_root.RootImages, tmp_path: Path) -> None:
+    log.info("demo scenario %s", name)
+    outcome = demo_root.ROOT_SCENARIOS[name](root_images, tmp_path)
     summary = [demo.table([outcome]), *outcome.notes, *outcome.problems]
     for line in summary:
         log.info("  %s", line)
