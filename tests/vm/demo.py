@@ -163,14 +163,15 @@ UUID = "{DATA_UUID}"
 """
 
 
-def job(body: str, passphrase: bytes, *, action: str) -> GuestJob:
+def job(body: str, passphrase: bytes, *, action: str, prelude: str = PRELUDE,
+        timeout: int = JOB_TIMEOUT) -> GuestJob:
     """A Python job with demo_lib and the passphrase's SHA-256 (never the passphrase)."""
     files = {
         "demo_lib.py": (GUEST_DEMO / "demo_lib.py").read_bytes(),
         "expect.sha256": hashlib.sha256(passphrase).hexdigest().encode(),
     }
-    return GuestJob.python(PRELUDE + body, files=files, action=action,  # type: ignore[arg-type]
-                           timeout=JOB_TIMEOUT)
+    return GuestJob.python(prelude + body, files=files, action=action,  # type: ignore[arg-type]
+                           timeout=timeout)
 
 
 WAIT_OPEN = """
@@ -317,6 +318,18 @@ def _security(outcome: Outcome) -> None:
         for m in re.finditer(r"KH-SECURITY (\S+) .*?exposure level for \S+: ([0-9.]+ \S+)",
                              boot.console):
             outcome.notes.append(f"systemd-analyze security {m.group(1)}: {m.group(2)}")
+
+
+def tamper(outcome: Outcome, vars_file: Path) -> None:
+    """Flip one bit of the record in the machine's flash, as someone with the disk could."""
+    blob = bytearray(vars_file.read_bytes())
+    at = blob.find(b"KHST")
+    if at < 0:
+        outcome.problems.append("no record found in OVMF_VARS after arming")
+        return
+    blob[at + 16] ^= 0x01  # a byte of not_after, in the authenticated header
+    vars_file.write_bytes(bytes(blob))
+    outcome.notes.append(f"flipped one bit of the record at OVMF_VARS offset {at + 16:#x}")
 
 
 def _scan_vars(outcome: Outcome, vars_file: Path, passphrase: bytes) -> None:
@@ -475,14 +488,7 @@ from keyhandoff import update
 r = update.arm(reboot="full", ttl=timedelta(minutes=30), ask=None)
 result("armed", r.channel == "efi", r.channel)
 """, pw, action="poweroff"), "boot 1 (typed; arm; power off)"))
-        blob = bytearray(m.vars_file.read_bytes())
-        at = blob.find(b"KHST")
-        if at < 0:
-            out.problems.append("no record found in OVMF_VARS after arming")
-        else:
-            blob[at + 16] ^= 0x01  # a byte of not_after, in the authenticated header
-            m.vars_file.write_bytes(bytes(blob))
-            out.notes.append(f"flipped one bit of the record at OVMF_VARS offset {at + 16:#x}")
+        tamper(out, m.vars_file)
         out.boots.append(run_boot(m, person, job(WAIT_OPEN + refused("authentication failed")
                                                  + NO_LEAK, pw, action="poweroff"),
                                   "boot 2 (tampered: prompted, record refused)"))

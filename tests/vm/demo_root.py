@@ -36,7 +36,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from .demo import (
-    GUEST_DEMO,
     NO_LEAK,
     Boot,
     Outcome,
@@ -45,7 +44,9 @@ from .demo import (
     _scan_vars,
     _security,
     customize,
+    job,
     refused,
+    tamper,
 )
 from .machine import BOOTED_RE, DONE_RE, Machine
 from .root_image import (
@@ -55,13 +56,13 @@ from .root_image import (
     ROOT_MAPPING,
     build_root_luks_image,
 )
-from .runner import GuestJob
 
 if TYPE_CHECKING:
     from collections.abc import Callable
     from pathlib import Path
 
     from .image import RunImage
+    from .runner import GuestJob
 
 from passphrases import make
 
@@ -167,14 +168,7 @@ print("KH-CRYPTSETUP-LOG", tok[-1500:].replace(chr(10), " | "), flush=True)
 
 def root_job(body: str, passphrase: bytes, *, action: str) -> GuestJob:
     """A Python job on the encrypted-root guest (demo_lib, the passphrase's SHA-256 only)."""
-    import hashlib  # noqa: PLC0415
-
-    files = {
-        "demo_lib.py": (GUEST_DEMO / "demo_lib.py").read_bytes(),
-        "expect.sha256": hashlib.sha256(passphrase).hexdigest().encode(),
-    }
-    return GuestJob.python(PRELUDE + body, files=files, action=action,  # type: ignore[arg-type]
-                           timeout=JOB_TIMEOUT)
+    return job(body, passphrase, action=action, prelude=PRELUDE, timeout=JOB_TIMEOUT)
 
 
 @dataclass
@@ -362,14 +356,7 @@ def scenario_root_tampered(images: RootImages, workdir: Path) -> Outcome:
         out.boots.append(run_root_boot(m, console, person, root_job(
             ROOT_OPEN + WAIT_CAPTURED + arm(1, login=False), pw, action="poweroff"),
             "boot 1 (typed in the initramfs; arm; power off)"))
-        blob = bytearray(m.vars_file.read_bytes())
-        at = blob.find(b"KHST")
-        if at < 0:
-            out.problems.append("no record found in OVMF_VARS after arming")
-        else:
-            blob[at + 16] ^= 0x01  # a byte of not_after, in the authenticated header
-            m.vars_file.write_bytes(bytes(blob))
-            out.notes.append(f"flipped one bit of the record at OVMF_VARS offset {at + 16:#x}")
+        tamper(out, m.vars_file)
         out.boots.append(run_root_boot(m, console, person, root_job(
             ROOT_OPEN + refused("authentication failed") + NO_LEAK, pw, action="poweroff"),
             "boot 2 (tampered: refused by the plugin and by restore; prompted)"))

@@ -19,7 +19,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Self
+from typing import TYPE_CHECKING, Self, TypeVar
 
 from .runner import (
     BOOTED_RE,
@@ -108,24 +108,29 @@ def _tail(text: str, lines: int = CONSOLE_TAIL_LINES) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
+def _connect(path: Path, timeout: float) -> socket.socket:
+    """Connect to the unix socket QEMU listens on at ``path``, retrying until ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(str(path))
+        except OSError:
+            sock.close()
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+        else:
+            return sock
+
+
 class PersonPort:
     """Host end of the guest's ``org.keyhandoff.person`` virtio-serial port (a unix socket)."""
 
     def __init__(self, path: Path, *, connect_timeout: float = 10.0) -> None:
         """Connect to QEMU's socket at ``path`` (QEMU listens; retried until the timeout)."""
         self._buffer = bytearray()
-        deadline = time.monotonic() + connect_timeout
-        while True:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                sock.connect(str(path))
-                break
-            except OSError:
-                sock.close()
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
-        self._sock = sock
+        self._sock = _connect(path, connect_timeout)
 
     def send(self, data: bytes) -> None:
         """Write ``data`` to the guest's port."""
@@ -177,18 +182,7 @@ class ConsolePort:
 
     def __init__(self, path: Path, *, connect_timeout: float = 10.0) -> None:
         """Connect (QEMU waits for us before it starts the guest) and start draining."""
-        deadline = time.monotonic() + connect_timeout
-        while True:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                sock.connect(str(path))
-                break
-            except OSError:
-                sock.close()
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-        self._sock = sock
+        self._sock = _connect(path, connect_timeout)
         self._drain = threading.Thread(target=self._read_away, daemon=True)
         self._drain.start()
 
@@ -207,6 +201,9 @@ class ConsolePort:
             self._sock.shutdown(socket.SHUT_RDWR)
         self._sock.close()
         self._drain.join(timeout=5)
+
+
+_Port = TypeVar("_Port", "ConsolePort", "PersonPort")
 
 
 class Machine:
@@ -377,20 +374,19 @@ class Machine:
                 start_new_session=True,
             )
         self._started_at = time.monotonic()
+        # the console first: QEMU waits for it before it opens the person port's socket
         if self.console_input:
-            try:
-                self._console = ConsolePort(self.console_socket)
-            except OSError as exc:
-                self.kill()
-                msg = f"cannot connect to the serial console: {exc}\n{self._qemu_log_tail()}"
-                raise MachineError(msg) from exc
+            self._console = self._connected(ConsolePort, self.console_socket, "serial console")
         if self.person_port_enabled:
-            try:
-                self._person = PersonPort(self.person_socket)
-            except OSError as exc:
-                self.kill()
-                msg = f"cannot connect to the person port: {exc}\n{self._qemu_log_tail()}"
-                raise MachineError(msg) from exc
+            self._person = self._connected(PersonPort, self.person_socket, "person port")
+
+    def _connected(self, port: type[_Port], path: Path, what: str) -> _Port:
+        try:
+            return port(path)
+        except OSError as exc:
+            self.kill()
+            msg = f"cannot connect to the {what}: {exc}\n{self._qemu_log_tail()}"
+            raise MachineError(msg) from exc
 
     def kill(self) -> None:
         """Stop QEMU now (SIGKILL by pid) if it still runs; safe to call any time."""

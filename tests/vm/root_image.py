@@ -70,8 +70,9 @@ def root_crypttab(generator: str) -> str:
 
     initramfs-tools: ``initramfs`` puts the entry in the image (the build runs in a chroot,
     not on the encrypted root), and Debian's ``decrypt_keyctl`` keyscript leaves what the
-    person typed in root's ``cryptsetup`` key (60 s), where ``keyhandoff capture-initrd``
-    finds it after the switch; with plain askpass cryptroot keeps nothing.  dracut: systemd's
+    person typed in root's ``cryptsetup`` key (60 s; keyhandoff's local-bottom script gives
+    it 150 s just before the switch), where ``keyhandoff capture-initrd`` finds it after it;
+    with plain askpass cryptroot keeps nothing.  dracut: systemd's
     generator in the initramfs opens the root from ``rd.luks.name=``, and systemd-cryptsetup
     keeps what was typed in the same key (150 s); the real root's entry finds it active.
     """

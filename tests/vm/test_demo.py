@@ -18,6 +18,15 @@ if TYPE_CHECKING:
 log = logging.getLogger("keyhandoff.vmtest")
 
 
+def check(outcome: demo.Outcome) -> None:
+    """Log the scenario's table, notes and problems; fail on any problem or prompt count."""
+    summary = [demo.table([outcome]), *outcome.notes, *outcome.problems]
+    for line in summary:
+        log.info("  %s", line)
+    assert outcome.passed, "\n".join(summary)
+    assert outcome.prompts == outcome.expected_prompts
+
+
 @pytest.fixture(scope="module")
 def demo_image(vm_image_factory: Callable[..., RunImage]) -> RunImage:
     """Base + this checkout, with keyhandoff's units, PAM module and the simulated person."""
@@ -29,11 +38,7 @@ def demo_image(vm_image_factory: Callable[..., RunImage]) -> RunImage:
 def test_scenario(name: str, demo_image: RunImage, tmp_path: Path) -> None:
     log.info("demo scenario %s", name)
     outcome = demo.SCENARIOS[name](demo_image, tmp_path)
-    summary = [demo.table([outcome]), *outcome.notes, *outcome.problems]
-    for line in summary:
-        log.info("  %s", line)
-    assert outcome.passed, "\n".join(summary)
-    assert outcome.prompts == outcome.expected_prompts
+    check(outcome)
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +58,4 @@ def root_images(
 def test_root_scenario(name: str, root_images: demo_root.RootImages, tmp_path: Path) -> None:
     log.info("demo scenario %s", name)
     outcome = demo_root.ROOT_SCENARIOS[name](root_images, tmp_path)
-    summary = [demo.table([outcome]), *outcome.notes, *outcome.problems]
-    for line in summary:
-        log.info("  %s", line)
-    assert outcome.passed, "\n".join(summary)
-    assert outcome.prompts == outcome.expected_prompts
+    check(outcome)
