@@ -3,6 +3,9 @@
 #   make test   lint, type checks and the whole test suite (including the UEFI VM tests), then
 #               the unit and integration suites again on Debian's own Python stack
 PY := .venv/bin/python
+# `make` alone builds (what dh_auto_build and a packager's `make` expect); it installs nothing
+# on the host, unlike `make setup`.
+.DEFAULT_GOAL := all
 LOG := build/test-output.log
 DEBIAN_LOG := build/test-output-debian-stack.log
 
@@ -76,8 +79,11 @@ all: dist pam token
 # sdist, so every install proves the sdist complete.  --no-isolation: Debian's setuptools 66,
 # wheel and cffi, no download.
 dist: $(BUILDDIR)/dist/.stamp
-$(BUILDDIR)/dist/.stamp: pyproject.toml setup.py MANIFEST.in $(wildcard keyhandoff/*.py \
-		keyhandoff/*/*.py keyhandoff/_bindings/*.pyi cffi_build/*.py)
+# (rebuilt when any file the sdist carries changes)
+SDIST_INPUTS := $(shell find keyhandoff cffi_build csrc units initramfs man completion scripts \
+	tests fuzz bench -type f ! -name '*.py[co]' ! -name '*.so' ! -name '*.o' 2>/dev/null)
+$(BUILDDIR)/dist/.stamp: pyproject.toml setup.py MANIFEST.in README.md SECURITY.md CHANGELOG.md \
+		LICENSE COPYRIGHT Makefile $(SDIST_INPUTS)
 	rm -rf $(BUILDDIR)/dist
 	$(PYTHON) -m build --no-isolation --outdir $(BUILDDIR)/dist .
 	touch $@
