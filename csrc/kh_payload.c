@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
 /* kh_payload.c - see kh_payload.h. */
 #include <string.h>
 

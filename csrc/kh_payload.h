@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
 /* kh_payload.h - find the passphrase inside a key payload (no I/O, no allocation).
  *
  * Used by pam_keyhandoff.c and by fuzz/pam_payload_fuzz.c.  Both functions take the whole

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
 /* pam_keyhandoff.c - hand a passphrase cached in the kernel keyring to PAM_AUTHTOK.
  *
  * What it does (auth stack only; it never prompts, like gdm's pam_gdm):

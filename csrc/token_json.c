@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
 /* token_json.c - the keyhandoff-onetime token's JSON, and the small encodings the plugin
  * shares with the Python side (UUID text, base64, the one-time key's hex text, the keyslot
  * binding).  See token_record.h.  Pure: no I/O, no static state.

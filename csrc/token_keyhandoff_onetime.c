@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
 /* token_keyhandoff_onetime.c - libcryptsetup token plugin for keyhandoff's one-time keyslots.
  *
  * libcryptsetup-token-keyhandoff-onetime.so answers libcryptsetup's token open for a LUKS2

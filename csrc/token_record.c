@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
 /* token_record.c - the handoff record (see token_record.h; the token is token_json.c).
  *
  * Crypto: OpenSSL's EVP only (HKDF-SHA256, ChaCha20-Poly1305, SHA-256).  Every derived key

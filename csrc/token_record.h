@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
 /* token_record.h - the handoff record and the keyhandoff-onetime token, parsed in C.
  *
  * The C side of two formats the Python code defines: the sealed handoff record

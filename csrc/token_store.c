@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
 /* token_store.c - where the token plugin finds the handoff record: our kernel keyring, else
  * the EFI variable (taken: published in the keyring, then deleted).  See
  * token_keyhandoff_onetime.c for the rules; this file is their I/O: keyring calls by

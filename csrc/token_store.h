@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
 /* token_store.h - the token plugin's I/O (token_store.c). */
 #ifndef TOKEN_STORE_H
 #define TOKEN_STORE_H

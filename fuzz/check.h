@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
 /* check.h - CHECK(cond), the fuzz targets' invariant check (both builds: libFuzzer, driver).
  *
  * A false condition prints it, its line and the input's size (a size_t `len` in scope) to

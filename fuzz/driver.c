@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
 /* driver.c - main() of the fuzz targets' deterministic builds (see driver.h). */
 #include <stdint.h>
 #include <stdio.h>

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
 /* driver.h - the deterministic driver of the fuzz targets in fuzz/ (no libFuzzer needed).
  *
  * A target built with -DKH_FUZZ_DRIVER and linked with fuzz/driver.c instead of

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
 /* pam_payload_fuzz.c - fuzz the payload parsers of pam_keyhandoff.so (csrc/kh_payload.c).
  *
  * Every input is given to kh_unpad() and kh_last_entry() in a buffer of exactly its size

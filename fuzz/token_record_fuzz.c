@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
 /* token_record_fuzz.c - fuzz the token plugin's parsers (csrc/token_record.c, token_json.c).
  *
  * The first input byte picks what the rest is (each in a buffer of exactly its size, so

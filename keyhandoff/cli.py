@@ -21,6 +21,7 @@ import sys
 from datetime import timedelta
 from typing import TYPE_CHECKING, NoReturn
 
+from keyhandoff import __version__
 from keyhandoff.errors import InvalidArgument, KeyhandoffError
 from keyhandoff.secret import MAX_PASSPHRASE, Secret
 
@@ -299,6 +300,8 @@ def _cache_timeout(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (separate so tests and docs can inspect it)."""
     parser = _Parser(prog="keyhandoff", description="Type the disk passphrase once.")
+    # the one version source (pyproject.toml reads it too); nothing compiled is imported
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("status", help="what the machine offers and what keyhandoff holds")

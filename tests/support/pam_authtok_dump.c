@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
 /* pam_authtok_dump.so: a test-only PAM module, stacked after pam_keyhandoff.so by
  * tests/integration/test_pam.py (the authtok_dump_module fixture builds it).
  *

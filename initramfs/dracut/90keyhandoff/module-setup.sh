@@ -1,4 +1,5 @@
 #!/bin/bash
+# SPDX-License-Identifier: LGPL-2.1-or-later
 # dracut module keyhandoff: keyhandoff's LUKS2 token plugin in a systemd initramfs.
 #
 # systemd-cryptsetup tries every LUKS2 token through libcryptsetup's external token plugins

@@ -1,0 +1,93 @@
+# bash completion for keyhandoff(8)                  -*- shell-script -*-
+# SPDX-License-Identifier: LGPL-2.1-or-later
+# Static: the subcommands and options of `keyhandoff --help` and of each subcommand's
+# --help.  tests/integration/test_install.py fails when the parser has one this file lacks.
+# Self-contained (COMP_WORDS, compgen): works with or without the bash-completion package.
+
+_keyhandoff()
+{
+    local cur prev cmd sub i
+    cur=${COMP_WORDS[COMP_CWORD]}
+    prev=${COMP_WORDS[COMP_CWORD-1]}
+    COMPREPLY=()
+
+    local commands="status cache arm rearm disarm restore finish capture-initrd login-handoff agent"
+    local cache_commands="put list forget"
+
+    # the first word that is not an option is the command; for cache, the next one too
+    cmd="" sub=""
+    for ((i = 1; i < COMP_CWORD; i++)); do
+        case ${COMP_WORDS[i]} in
+            -*) ;;
+            *)
+                if [[ -z $cmd ]]; then
+                    cmd=${COMP_WORDS[i]}
+                elif [[ $cmd == cache && -z $sub ]]; then
+                    sub=${COMP_WORDS[i]}
+                fi
+                ;;
+        esac
+    done
+
+    # option values
+    case $prev in
+        --reboot)
+            COMPREPLY=($(compgen -W "soft full" -- "$cur"))
+            return 0
+            ;;
+        --config)
+            COMPREPLY=($(compgen -f -- "$cur"))
+            return 0
+            ;;
+        --volume)
+            if [[ $cmd == cache || $cmd == login-handoff ]]; then
+                # a LUKS UUID
+                local uuids=""
+                [[ -d /dev/disk/by-uuid ]] && uuids=$(command ls /dev/disk/by-uuid 2>/dev/null)
+                COMPREPLY=($(compgen -W "$uuids" -- "$cur"))
+            else
+                # a LUKS source path
+                COMPREPLY=($(compgen -f -- "$cur"))
+            fi
+            return 0
+            ;;
+        --boots | --ttl | --ask-timeout | --timeout | --wait)
+            return 0
+            ;;
+    esac
+
+    local opts
+    case $cmd in
+        "")
+            if [[ $cur == -* ]]; then
+                COMPREPLY=($(compgen -W "--help --version" -- "$cur"))
+            else
+                COMPREPLY=($(compgen -W "$commands" -- "$cur"))
+            fi
+            return 0
+            ;;
+        cache)
+            case $sub in
+                "") opts="--help"
+                    [[ $cur != -* ]] && { COMPREPLY=($(compgen -W "$cache_commands" -- "$cur")); return 0; } ;;
+                put) opts="--help --volume --timeout" ;;
+                list) opts="--help --json" ;;
+                forget) opts="--help --volume --all" ;;
+                *) return 0 ;;
+            esac
+            ;;
+        status) opts="--help --json" ;;
+        arm) opts="--help --reboot --boots --ttl --login --volume --no-ask --ask-timeout --json" ;;
+        rearm) opts="--help --if-armed --json" ;;
+        disarm) opts="--help --volume" ;;
+        restore) opts="--help --volume --wait" ;;
+        finish) opts="--help" ;;
+        capture-initrd) opts="--help --volume" ;;
+        login-handoff) opts="--help --volume" ;;
+        agent) opts="--help --config" ;;
+        *) return 0 ;;
+    esac
+    COMPREPLY=($(compgen -W "$opts" -- "$cur"))
+    return 0
+}
+complete -F _keyhandoff keyhandoff
