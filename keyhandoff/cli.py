@@ -272,7 +272,7 @@ def cmd_capture_initrd(args: argparse.Namespace) -> int:
     from keyhandoff import config
     from keyhandoff.initrd_capture import capture_once
 
-    report = capture_once(retain=config.load().retain, volumes=args.volumes)
+    report = capture_once(retain=config.load().capture_timeout, volumes=args.volumes)
     sys.stderr.write(f"keyhandoff: {report.summary()}\n")
     return EXIT_OK
 
