@@ -58,6 +58,7 @@ def test_units_exist():
     assert {u.name for u in UNITS} >= {
         "keyhandoff-agent.service", "keyhandoff-restore.service", "keyhandoff-finish.service",
         "keyhandoff-login.service", "keyhandoff-rearm.service", "keyhandoff-schedule.service",
+        "keyhandoff-schedule-shutdown.service",
     }
     assert {u.name for u in PATH_UNITS} == {"keyhandoff-schedule.path"}
 
@@ -161,6 +162,13 @@ SystemCallFilter=@system-service
 CapabilityBoundingSet=
 """,
     "keyhandoff-rearm.service": SHARED + RUNTIME_DIR + """
+ReadWritePaths=/sys/firmware/efi/efivars -/run/cryptsetup
+DevicePolicy=closed
+DeviceAllow=block-* rw
+SystemCallFilter=@system-service
+CapabilityBoundingSet=CAP_LINUX_IMMUTABLE CAP_SYS_ADMIN CAP_IPC_LOCK
+""",
+    "keyhandoff-schedule-shutdown.service": SHARED + RUNTIME_DIR + """
 ReadWritePaths=/sys/firmware/efi/efivars -/run/cryptsetup
 DevicePolicy=closed
 DeviceAllow=block-* rw
