@@ -197,11 +197,10 @@ _EVENTS: Final = {"nothing-captured": (Event.NOTHING_CAPTURED, journal.NOTICE),
 
 
 def _told(report: ScheduleReport, host: Host, *, kept: bool = False) -> ScheduleReport:
-    """Journal the outcome (``armed`` was journalled by the arm itself)."""
-    if report.action != "armed":
-        event, priority = _EVENTS.get(report.action, (Event.SCHEDULE, journal.INFO))
-        journal.log(event, report.detail, priority=priority, action=report.action,
-                    volumes=" ".join(report.volumes))
+    """Journal the outcome (an arming also has the arm's own ``ARMED`` entry)."""
+    event, priority = _EVENTS.get(report.action, (Event.SCHEDULE, journal.INFO))
+    journal.log(event, report.detail, priority=priority, action=report.action,
+                volumes=" ".join(report.volumes))
     if not kept and report.action != "busy":
         with contextlib.suppress(KeyhandoffError, OSError), statelock.held("schedule", wait=0):
             _keep(report, host)

@@ -210,6 +210,8 @@ def test_scheduled_and_captured_arms_full_for_two_boots(tmp_path, cache):
     assert status["armed_automatically_in_this_boot"] is True
     assert status["last_action"] == "left-alone"
     assert b"ARMED" in proc.stderr
+    assert b"SCHEDULE an offline update is scheduled" in proc.stderr
+    assert b"action=armed volumes=data" in proc.stderr
     assert opens(img, pw)
 
 
