@@ -11,7 +11,7 @@ _keyhandoff()
     prev=${COMP_WORDS[COMP_CWORD-1]}
     COMPREPLY=()
 
-    local commands="status cache arm rearm disarm restore finish capture-initrd login-handoff agent"
+    local commands="status cache arm rearm disarm schedule restore finish capture-initrd login-handoff agent"
     local cache_commands="put list forget"
 
     # the first word that is not an option is the command; for cache, the next one too
@@ -80,6 +80,7 @@ _keyhandoff()
         arm) opts="--help --reboot --boots --ttl --login --volume --no-ask --ask-timeout --json" ;;
         rearm) opts="--help --if-armed --json" ;;
         disarm) opts="--help --volume" ;;
+        schedule) opts="--help --json" ;;
         restore) opts="--help --volume --wait" ;;
         finish) opts="--help" ;;
         capture-initrd) opts="--help --volume" ;;

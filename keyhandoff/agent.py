@@ -62,7 +62,7 @@ class Agent:
         )
         self.state = State()
         self.responder = Responder(
-            self.state, ask_dir=self.ask_dir, retain=config.retain, cache=self.cache,
+            self.state, ask_dir=self.ask_dir, retain=config.capture_timeout, cache=self.cache,
             systemd_cache=self.systemd_cache, queue=self._queue, notify=self._notify,
         )
         self._selector = selectors.DefaultSelector()

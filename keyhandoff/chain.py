@@ -77,6 +77,10 @@ class Chain:
     #: a soft-reboot chain: systemd's SoftRebootsCount when armed or last restored (None when
     #: systemd does not say): a restore with the same count is a restarted unit, not a boot
     soft_reboots: int | None = None
+    #: boot id of the boot in which ``keyhandoff schedule`` armed this chain by itself (an
+    #: offline update was scheduled); "" for a runner's arm.  A cancelled schedule disarms
+    #: only such a chain, and only in that boot (:mod:`keyhandoff.schedule`).
+    auto_boot: str = ""
     #: not stored: JSON fields of a newer keyhandoff, kept so a save does not drop them
     _extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -100,6 +104,7 @@ class Chain:
                      for p in self.pending],
             restored_boot=self.restored_boot, generation=self.generation,
             armed_generation=self.armed_generation, soft_reboots=self.soft_reboots,
+            auto_boot=self.auto_boot,
         )
         return json.dumps(data).encode()
 
@@ -121,7 +126,7 @@ class Chain:
 
 _FIELDS: Final = frozenset({
     "channel", "reboot", "not_after", "boots_left", "login", "volumes", "armed_boot",
-    "pending", "restored_boot", "generation", "armed_generation", "soft_reboots",
+    "pending", "restored_boot", "generation", "armed_generation", "soft_reboots", "auto_boot",
 })
 
 
@@ -166,6 +171,7 @@ def _parse(data: dict[str, Any]) -> Chain:
         generation=_typed(data.get("generation", 0), int),
         armed_generation=_typed(data.get("armed_generation", 0), int),
         soft_reboots=None if soft is None else _typed(soft, int),
+        auto_boot=_typed(data.get("auto_boot", ""), str),
         _extra={k: v for k, v in data.items() if k not in _FIELDS},
     )
 

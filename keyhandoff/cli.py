@@ -7,7 +7,7 @@ Passphrases are read from stdin (one line, or all of it when not a tty) or asked
 terminal without echo; never taken from the command line or the environment.
 
 Every command that touches a secret (``cache put``, ``arm``, ``rearm``, ``disarm``,
-``restore``, ``finish``, ``capture-initrd``, ``login-handoff``, ``agent``) hardens its
+``schedule``, ``restore``, ``finish``, ``capture-initrd``, ``login-handoff``, ``agent``) hardens its
 process first (:func:`keyhandoff.process.harden`: not dumpable, memory locked), before it
 reads one.
 """
@@ -219,6 +219,16 @@ def cmd_disarm(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_schedule(args: argparse.Namespace) -> int:
+    """Arm for a scheduled offline update, or disarm a cancelled one (the path unit's)."""
+    _harden()
+    from keyhandoff import schedule
+
+    report = schedule.reconcile()
+    _emit(args, report.as_dict(), f"keyhandoff: {report.summary()}\n")
+    return EXIT_OK if report.ok else EXIT_ERROR
+
+
 def cmd_restore(args: argparse.Namespace) -> int:
     """Boot time: load an armed record."""
     _harden()
@@ -273,7 +283,7 @@ def cmd_capture_initrd(args: argparse.Namespace) -> int:
     from keyhandoff import config
     from keyhandoff.initrd_capture import capture_once
 
-    report = capture_once(retain=config.load().retain, volumes=args.volumes)
+    report = capture_once(retain=config.load().capture_timeout, volumes=args.volumes)
     sys.stderr.write(f"keyhandoff: {report.summary()}\n")
     return EXIT_OK
 
@@ -354,6 +364,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("disarm", help="wipe every record, key and one-time keyslot")
     p.add_argument("--volume", action="append", metavar="PATH", dest="volumes")
     p.set_defaults(func=cmd_disarm)
+    p = sub.add_parser(
+        "schedule", help="arm for a scheduled offline update, disarm a cancelled one "
+        "(keyhandoff-schedule.path runs it)",
+        description="Look whether an offline update is scheduled (/system-update or "
+        "/etc/system-update): if so and nothing is armed, arm the full-reboot handoff for the "
+        "update boot and the one after it from the passphrases captured at boot, never "
+        "asking; if it was cancelled, disarm what this boot armed automatically.  Exits 0 "
+        "when nothing was captured (the boots then ask as usual).",
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable report")
+    p.set_defaults(func=cmd_schedule)
     _add_boot_steps(sub)
     p = sub.add_parser("agent", help="run the password agent (systemd service)")
     p.add_argument("--config", default=None, metavar="PATH",

@@ -11,6 +11,7 @@ test host): another boot id file, a clock moved forward or back, another cryptta
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 from dataclasses import dataclass
@@ -21,10 +22,22 @@ from keyhandoff import crypttab
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-__all__ = ["BOOT_ID_PATH", "THIS_HOST", "Host"]
+__all__ = ["BOOT_ID_PATH", "THIS_HOST", "UPDATE_LINKS", "Host"]
 
 #: Where the running kernel's boot id is read.
 BOOT_ID_PATH: Final = "/proc/sys/kernel/random/boot_id"
+#: The links that schedule an offline update (systemd.offline-updates(7)), below the root.
+UPDATE_LINKS: Final = ("system-update", "etc/system-update")
+
+
+def _systemd_update_target_active() -> bool:
+    """Whether ``system-update.target`` is active or being started: this is an update boot."""
+    try:
+        proc = subprocess.run(["systemctl", "is-active", "system-update.target"],
+                              capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return proc.stdout.strip() in {"active", "activating", "reloading"}
 
 
 def _systemd_soft_reboots() -> int | None:
@@ -46,6 +59,9 @@ class Host:
     clock: Callable[[], float] = time.time
     soft_reboot_count: Callable[[], int | None] = _systemd_soft_reboots
     crypttab_path: str = crypttab.DEFAULT_PATH
+    #: the file system root the offline-update links are looked for under
+    root: str = "/"
+    update_target_active: Callable[[], bool] = _systemd_update_target_active
 
     def boot_id(self) -> str:
         """The running boot's id (a soft reboot keeps it; kexec and a full reboot do not)."""
@@ -59,6 +75,22 @@ class Host:
     def soft_reboots(self) -> int | None:
         """Systemd's ``SoftRebootsCount`` (None when systemd does not say)."""
         return self.soft_reboot_count()
+
+    def scheduled_update(self) -> str | None:
+        """The link that schedules an offline update, or ``None`` when none is scheduled.
+
+        Looked for as systemd-system-update-generator does: ``/system-update``, then
+        ``/etc/system-update``, the link itself (a dangling link schedules an update too).
+        """
+        for name in UPDATE_LINKS:
+            path = os.path.join(self.root, name)
+            if os.path.lexists(path):
+                return path
+        return None
+
+    def in_update_boot(self) -> bool:
+        """Whether this boot is an update boot (``system-update.target`` is active)."""
+        return self.update_target_active()
 
     def crypttab(self) -> list[crypttab.CrypttabEntry]:
         """Every entry of crypttab (an unreadable file is an empty one)."""

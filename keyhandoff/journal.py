@@ -38,6 +38,12 @@ class Event(enum.Enum):
     ARMED = "4b7d2a0c1f3e4e6b9a51c1f0d6e2a740"
     RESTORED = "4b7d2a0c1f3e4e6b9a51c1f0d6e2a741"
     RECORD_REFUSED = "4b7d2a0c1f3e4e6b9a51c1f0d6e2a742"
+    #: an offline update is scheduled and nothing is captured: the boots will ask as usual
+    NOTHING_CAPTURED = "4b7d2a0c1f3e4e6b9a51c1f0d6e2a743"
+    #: the scheduled update was cancelled: the automatic arming of this boot is undone
+    SCHEDULE_CANCELLED = "4b7d2a0c1f3e4e6b9a51c1f0d6e2a744"
+    #: what ``keyhandoff schedule`` decided otherwise (left alone, refused, an update boot)
+    SCHEDULE = "4b7d2a0c1f3e4e6b9a51c1f0d6e2a745"
     LOGIN_HANDOFF = "4b7d2a0c1f3e4e6b9a51c1f0d6e2a750"
     ERROR = "4b7d2a0c1f3e4e6b9a51c1f0d6e2a7ff"
 

@@ -103,6 +103,12 @@ def _handoff_section() -> dict[str, Any]:
     return update.status()
 
 
+def _schedule_section() -> dict[str, Any]:
+    from keyhandoff import schedule
+
+    return schedule.status()
+
+
 def _channels_section() -> dict[str, Any]:
     from keyhandoff import update
 
@@ -139,6 +145,7 @@ SECTIONS: dict[str, Any] = {
     "keyring": _keyring_section,
     "systemd": _systemd_section,
     "handoff": _handoff_section,
+    "schedule": _schedule_section,
     "channels": _channels_section,
     "efi": _efi_section,
     "volumes": _volumes_section,

@@ -144,6 +144,7 @@ def arm(  # each is a caller's choice, all keyword-only
     progress: Progress | None = None,
     lock_wait: float = statelock.DEFAULT_WAIT,
     host: Host = THIS_HOST,
+    automatic: bool = False,
 ) -> ArmReport:
     """Arm the handoff for the next ``boots`` boots, until ``ttl`` from now.
 
@@ -158,6 +159,10 @@ def arm(  # each is a caller's choice, all keyword-only
     Passphrases are asked before the state lock is taken (:mod:`keyhandoff.statelock`);
     the rest holds it, waiting up to ``lock_wait`` seconds for another state change.  The
     process is made non-dumpable first (see :func:`_harden`: no memory locking).
+
+    ``automatic``: this is :mod:`keyhandoff.schedule`'s own arming (a scheduled offline
+    update, nobody asked); the chain state records it with this boot's id, so a cancelled
+    schedule in this boot disarms it and nothing else.  A runner leaves it ``False``.
     """
     seconds = _check_args(reboot, boots, ttl)
     channel = channels.for_reboot(reboot)
@@ -174,7 +179,8 @@ def arm(  # each is a caller's choice, all keyword-only
             now = host.now()
             chain = Chain(channel=channel.name, reboot=reboot, not_after=now + seconds,
                           boots_left=boots, login=login, volumes=tuple(chosen),
-                          armed_boot=host.boot_id())
+                          armed_boot=host.boot_id(),
+                          auto_boot=host.boot_id() if automatic else "")
             report, ours = channel.arm(work, chain, chosen, passphrases)
             _supersede(work, channel, previous, chain, ours)
     finally:
@@ -271,6 +277,7 @@ def status(*, host: Host = THIS_HOST) -> dict[str, Any]:
         "deadline": chain.not_after, "boots_left": chain.boots_left, "login": chain.login,
         "volumes": [t.uuid for t in chain.volumes],
         "rearmed_this_boot": channel is not None and channel.armed_this_boot(chain, host),
+        "armed_automatically": bool(chain.auto_boot),
     }
 
 

@@ -126,6 +126,32 @@ def test_captures_what_the_person_typed_wrong_then_right(tmp_path, cache, volume
         assert finish(ask(f"--id=cryptsetup:{img}", "--accept-cached")) == (0, pw + b"\n")
 
 
+def _proc_keys_expiry(serial: int) -> str:
+    """The expiry column of /proc/keys for ``serial``, as the kernel prints it (``89m``)."""
+    for line in Path("/proc/keys").read_text().splitlines():
+        fields = line.split()
+        if int(fields[0], 16) == serial:
+            return fields[3]
+    raise AssertionError(f"key {serial} is not in /proc/keys")
+
+
+@pytest.mark.parametrize(("retain", "wait", "expiry"), [
+    (45, '"50min"', {"48m", "49m", "50m"}),  # automatic arming: it may wait for an update
+    (45, None, {"43s", "44s", "45s"}),  # no automatic arming: retain alone
+])
+def test_capture_timeout_is_the_retention_policy(tmp_path, cache, volume, retain, wait,
+                                                 expiry):
+    img, vid, pw = volume
+    with AgentProcess(tmp_path, retain=retain, wait_for_update=wait) as agent:
+        q = ask(f"--id=cryptsetup:{img}", keyname=agent.keyname, timeout=10)
+        type_answer(ask_file_of(q), pw)
+        assert finish(q) == (0, pw + b"\n")
+        agent.wait_for_log("keyhandoff: CAPTURED")
+    [entry] = [e for e in cache.entries() if e.volume == vid]
+    # the kernel's own timeout, as /proc/keys shows it (whole minutes below an hour)
+    assert _proc_keys_expiry(entry.serial) in expiry
+
+
 # --- one-time keys: answered from first, never captured as the passphrase ----------------
 
 

@@ -39,6 +39,22 @@ def test_status_json_reports_the_keyring():
     assert report["handoff"] == {"armed": False}
     assert report["efi"]["runtime_variables"] is False  # this host has no EFI
     assert "volumes" in report
+    assert report["schedule"]["armed"] is False
+    assert report["schedule"]["auto_arm"] is True  # the default, no config file here
+
+
+def test_schedule_without_a_scheduled_update_does_nothing(cache):
+    if any(os.path.lexists(p) for p in ("/system-update", "/etc/system-update")):
+        pytest.skip("this host has an offline update scheduled")
+    r = kh("schedule", "--json")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert (report["action"], report["ok"], report["scheduled"]) == ("not-scheduled", True, None)
+    r = kh("schedule")
+    assert r.stdout == "keyhandoff: no offline update is scheduled\n"
+    status = json.loads(kh("status", "--json").stdout)["schedule"]
+    assert status["update_scheduled"] is None
+    assert status["last_action"] == "not-scheduled"
 
 
 def test_put_list_forget_round_trip(cache):

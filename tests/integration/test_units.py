@@ -21,12 +21,16 @@ if TYPE_CHECKING:
 
 REPO = Path(__file__).resolve().parents[2]
 UNITS = sorted((REPO / "units").glob("*.service"))
+PATH_UNITS = sorted((REPO / "units").glob("*.path"))
 # The prefix drop-in: systemd applies it to every unit named "keyhandoff-*".
 DROPIN_DIR = REPO / "units" / "keyhandoff-.service.d"
 
 
 def verify(unit: Path, tmp_path: Path) -> str:
-    """Warnings and errors of systemd-analyze verify (ExecStart pointed at our build)."""
+    """Warnings and errors of systemd-analyze verify (ExecStart pointed at our build).
+
+    A path unit is checked with the service it triggers beside it.
+    """
     analyze = require_binary("systemd-analyze", "apt-get install systemd")
     # the console script beside us (venv), or the Debian-stack build's (debian-stack-test)
     stack = os.environ.get("KEYHANDOFF_TEST_STACK_DIR")
@@ -34,6 +38,10 @@ def verify(unit: Path, tmp_path: Path) -> str:
     assert Path(exe).exists(), "keyhandoff is not installed in this environment"
     copy = tmp_path / unit.name
     copy.write_text(unit.read_text().replace("/usr/bin/keyhandoff", exe))
+    if unit.suffix == ".path":
+        service = unit.with_suffix(".service")
+        (tmp_path / service.name).write_text(
+            service.read_text().replace("/usr/bin/keyhandoff", exe))
     # verify reads drop-ins from the unit's directory: check the unit as it is installed
     shutil.copytree(DROPIN_DIR, tmp_path / DROPIN_DIR.name, dirs_exist_ok=True)
     proc = subprocess.run([analyze, "verify", "--man=no", str(copy)],
@@ -49,11 +57,13 @@ def verify(unit: Path, tmp_path: Path) -> str:
 def test_units_exist():
     assert {u.name for u in UNITS} >= {
         "keyhandoff-agent.service", "keyhandoff-restore.service", "keyhandoff-finish.service",
-        "keyhandoff-login.service", "keyhandoff-rearm.service",
+        "keyhandoff-login.service", "keyhandoff-rearm.service", "keyhandoff-schedule.service",
+        "keyhandoff-schedule-shutdown.service",
     }
+    assert {u.name for u in PATH_UNITS} == {"keyhandoff-schedule.path"}
 
 
-@pytest.mark.parametrize("unit", UNITS, ids=lambda u: u.name)
+@pytest.mark.parametrize("unit", UNITS + PATH_UNITS, ids=lambda u: u.name)
 def test_unit_verifies_cleanly(unit, tmp_path):
     assert verify(unit, tmp_path) == ""
 
@@ -152,6 +162,20 @@ SystemCallFilter=@system-service
 CapabilityBoundingSet=
 """,
     "keyhandoff-rearm.service": SHARED + RUNTIME_DIR + """
+ReadWritePaths=/sys/firmware/efi/efivars -/run/cryptsetup
+DevicePolicy=closed
+DeviceAllow=block-* rw
+SystemCallFilter=@system-service
+CapabilityBoundingSet=CAP_LINUX_IMMUTABLE CAP_SYS_ADMIN CAP_IPC_LOCK
+""",
+    "keyhandoff-schedule-shutdown.service": SHARED + RUNTIME_DIR + """
+ReadWritePaths=/sys/firmware/efi/efivars -/run/cryptsetup
+DevicePolicy=closed
+DeviceAllow=block-* rw
+SystemCallFilter=@system-service
+CapabilityBoundingSet=CAP_LINUX_IMMUTABLE CAP_SYS_ADMIN CAP_IPC_LOCK
+""",
+    "keyhandoff-schedule.service": SHARED + RUNTIME_DIR + """
 ReadWritePaths=/sys/firmware/efi/efivars -/run/cryptsetup
 DevicePolicy=closed
 DeviceAllow=block-* rw

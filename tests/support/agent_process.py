@@ -35,15 +35,20 @@ class AgentProcess:
         tmp_path: Path,
         *,
         retain: int = 60,
+        wait_for_update: str | None = None,
         ask_dir: Path | None = None,
         env: dict[str, str] | None = None,
     ) -> None:
+        """``retain`` is the capture timeout exactly: automatic arming is off unless
+        ``wait_for_update`` (a TOML value, e.g. ``'"2h"'``) is given, which turns it on."""
         self.keyname = f"kh-test-cryptsetup-{uuid.uuid4().hex[:12]}"
         self.config = tmp_path / "keyhandoff.conf"
         ask = f'ask_dir = "{ask_dir}"\n' if ask_dir is not None else ""
+        wait = "" if wait_for_update is None else f"wait_for_update = {wait_for_update}\n"
+        auto = "false" if wait_for_update is None else "true"
         self.config.write_text(
-            f'[capture]\nretain = {retain}\n[agent]\nsystemd_keyname = "{self.keyname}"\n'
-            + ask,
+            f"[capture]\nretain = {retain}\n{wait}[update]\nauto_arm = {auto}\n"
+            f'[agent]\nsystemd_keyname = "{self.keyname}"\n' + ask,
         )
         self.ask_dir = ask_dir or ASK_DIR
         self.log = tmp_path / "agent.log"

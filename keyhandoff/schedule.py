@@ -1,0 +1,254 @@
+"""Automatic arming: an offline update is scheduled, so the handoff is armed for it.
+
+No runner has to call :func:`keyhandoff.update.arm`.  systemd's offline-update protocol
+(``systemd.offline-updates(7)``) has the runner create ``/system-update`` (or
+``/etc/system-update``) before it reboots, and remove it in the update boot before the
+final reboot.  ``keyhandoff-schedule.path`` starts ``keyhandoff schedule`` whenever that
+link appears or goes, and :func:`reconcile` looks at the machine as it is then:
+
+* an update is scheduled and nothing is armed (``[update] auto_arm``, on by default):
+  arm the ``full`` channel for ``boots=2`` (the update boot and the boot after it) from the
+  passphrases captured at boot, never asking anyone and waiting at most
+  :data:`LOCK_WAIT` seconds for the state lock.  The captured passphrases are then removed
+  from the cache (the record carries what the boots need).  The chain state records that
+  the arming was automatic and in which boot (:attr:`keyhandoff.chain.Chain.auto_boot`);
+* scheduled, but a volume's passphrase is not captured (or its capture expired): nothing
+  is armed and nothing fails; the journal says so (``NOTHING_CAPTURED``, naming the
+  volumes) and the boots will ask as usual;
+* something is armed already (a runner's arm, or an earlier reconcile): left alone;
+* not scheduled any more (the link removed: cancelled): disarm, but only a chain armed
+  automatically in *this* boot.  A chain restored from an earlier boot is never touched:
+  in the update boot the runner removes the link before its final reboot, and the chain's
+  second boot must survive;
+* an update boot (``system-update.target`` active, or the chain was restored in this
+  boot): nothing at all.
+
+Every outcome is kept, not secret, in ``/run/keyhandoff/schedule`` for ``keyhandoff
+status``.  The time the chain may live is the retention policy's
+(:attr:`keyhandoff.config.Config.capture_timeout`): the passphrase waits in the record
+no longer than it could have waited in the cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any, Final
+
+from keyhandoff import chain as chain_mod
+from keyhandoff import config as config_mod
+from keyhandoff import journal, statelock, update
+from keyhandoff.cache import PassphraseCache
+from keyhandoff.errors import ArmRefused, ChannelUnavailable, KeyhandoffError
+from keyhandoff.host import THIS_HOST, Host
+from keyhandoff.journal import Event
+
+if TYPE_CHECKING:
+    from keyhandoff.chain import Chain
+
+__all__ = ["BOOTS", "LOCK_WAIT", "REBOOT", "ScheduleReport", "last_report", "reconcile",
+           "status"]
+
+#: Seconds to wait for another state change (a runner arming): never block for long.
+LOCK_WAIT: Final = 5.0
+#: The channel and boots of an automatic arming: the update boot and the one after it.
+REBOOT: Final = "full"
+BOOTS: Final = 2
+#: The file, beside the state lock, that keeps the last outcome (no secret).
+REPORT_NAME: Final = "schedule"
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduleReport:
+    """What one :func:`reconcile` found and did; never a secret.
+
+    ``action``: ``armed``, ``nothing-captured``, ``left-alone``, ``disarmed``,
+    ``not-scheduled``, ``update-boot``, ``disabled``, ``no-volumes``, ``unavailable``
+    (the channel, e.g. no EFI), ``refused`` or ``busy``; ``ok`` is False only for the last
+    two (a passphrase that does not open its volume, the state lock held too long).
+    """
+
+    action: str
+    detail: str
+    scheduled: str | None = None
+    volumes: tuple[str, ...] = ()
+    ok: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-friendly form."""
+        return {"action": self.action, "detail": self.detail, "scheduled": self.scheduled,
+                "volumes": list(self.volumes), "ok": self.ok, **self.extra}
+
+    def summary(self) -> str:
+        """In words."""
+        return self.detail
+
+
+def reconcile(*, host: Host = THIS_HOST, config: config_mod.Config | None = None,
+              lock_wait: float = LOCK_WAIT) -> ScheduleReport:
+    """Make what is armed match whether an offline update is scheduled (see module doc)."""
+    conf = config if config is not None else config_mod.load()
+    link = host.scheduled_update()
+    if host.in_update_boot():
+        return _told(ScheduleReport("update-boot", "this is an update boot "
+                                    "(system-update.target is active): nothing to do",
+                                    link), host)
+    try:
+        with statelock.held("schedule", wait=lock_wait):
+            report = _decide(host, conf, link, lock_wait)
+            _keep(report, host)
+    except statelock.Busy as exc:
+        report = ScheduleReport("busy", f"not looked at: {exc}", link, ok=False)
+    return _told(report, host, kept=report.action != "busy")
+
+
+def _decide(host: Host, conf: config_mod.Config, link: str | None,
+            lock_wait: float) -> ScheduleReport:
+    cache = PassphraseCache()
+    chain = chain_mod.load(cache)
+    boot = host.boot_id()
+    if chain is not None and chain.restored_boot == boot:
+        return ScheduleReport("update-boot", "the armed chain was restored in this boot "
+                              "(an update boot): it is left as it is", link)
+    if link is None:
+        return _cancelled(chain, boot, host, lock_wait)
+    if chain is not None and chain.not_after > host.now():
+        how = ("automatically in this boot" if chain.auto_boot == boot
+               else "automatically in an earlier boot" if chain.auto_boot
+               else "by an update runner")
+        return ScheduleReport("left-alone", f"an offline update is scheduled ({link}) and a "
+                              f"handoff is armed already ({how}): left as it is", link,
+                              tuple(t.name for t in chain.volumes),
+                              extra={"armed_automatically": bool(chain.auto_boot)})
+    if not conf.auto_arm:
+        return ScheduleReport("disabled", f"an offline update is scheduled ({link}); automatic "
+                              "arming is off ([update] auto_arm = false): the boots will ask",
+                              link)
+    return _arm(host, conf, link, cache, lock_wait)
+
+
+def _cancelled(chain: Chain | None, boot: str, host: Host, lock_wait: float) -> ScheduleReport:
+    if chain is None or chain.auto_boot != boot:
+        detail = "no offline update is scheduled"
+        if chain is not None:
+            detail += "; the armed handoff was not armed automatically in this boot: left alone"
+        return ScheduleReport("not-scheduled", detail)
+    names = tuple(t.name for t in chain.volumes)
+    counts = update.disarm(quiet=True, volumes=chain.paths(), lock_wait=lock_wait, host=host)
+    return ScheduleReport("disarmed", "the scheduled offline update was cancelled: the handoff "
+                          f"armed automatically in this boot is disarmed ({counts['keyslots']} "
+                          "one-time keyslot(s) destroyed); the next boot asks as usual",
+                          None, names, extra={"counts": counts})
+
+
+def _arm(host: Host, conf: config_mod.Config, link: str, cache: PassphraseCache,
+         lock_wait: float) -> ScheduleReport:
+    try:
+        chosen = update.targets(host=host)
+    except (KeyhandoffError, OSError) as exc:
+        return ScheduleReport("refused", f"an offline update is scheduled ({link}); the "
+                              f"volumes could not be read: {exc}", link, ok=False)
+    if not chosen:
+        return ScheduleReport("no-volumes", f"an offline update is scheduled ({link}); no "
+                              "prompting volume in crypttab: nothing to arm", link)
+    captured = {e.volume for e in cache.entries()}
+    missing = tuple(t.name for t in chosen if t.uuid not in captured)
+    names = tuple(t.name for t in chosen)
+    if missing:
+        return ScheduleReport("nothing-captured", f"an offline update is scheduled ({link}), "
+                              "but no passphrase is captured for "
+                              f"{', '.join(missing)} (never typed at this boot, or its "
+                              "capture expired): nothing is armed, the update's boots will "
+                              "ask for the passphrase as usual", link, missing)
+    ttl = max(60, min(conf.capture_timeout, int(update.MAX_TTL.total_seconds())))
+    try:
+        report = update.arm(reboot=REBOOT, boots=BOOTS, ttl=timedelta(seconds=ttl),
+                            login=conf.login_enabled, ask=None, lock_wait=lock_wait,
+                            host=host, automatic=True)
+    except ChannelUnavailable as exc:
+        return ScheduleReport("unavailable", f"an offline update is scheduled ({link}); the "
+                              f"full-reboot channel is unavailable here ({exc}): the boots "
+                              "will ask as usual", link, names)
+    except ArmRefused as exc:
+        return ScheduleReport("refused", f"an offline update is scheduled ({link}); arming "
+                              f"was refused: {exc}; the boots will ask as usual", link, names,
+                              ok=False)
+    consumed = sum(cache.forget(t.uuid) for t in chosen)  # the record carries it now
+    return ScheduleReport("armed", f"an offline update is scheduled ({link}): armed "
+                          f"{len(chosen)} volume(s) for the update boot and the boot after "
+                          f"it via {report.channel}, until {_when(report.deadline)}; the captured "
+                          "passphrase was taken out of the cache", link, names,
+                          extra={"channel": report.channel, "boots": BOOTS,
+                                 "deadline": report.deadline, "consumed": consumed})
+
+
+def _when(unix: int) -> str:
+    return datetime.fromtimestamp(unix, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+_EVENTS: Final = {"nothing-captured": (Event.NOTHING_CAPTURED, journal.NOTICE),
+                  "disarmed": (Event.SCHEDULE_CANCELLED, journal.NOTICE),
+                  "refused": (Event.SCHEDULE, journal.WARNING),
+                  "busy": (Event.SCHEDULE, journal.WARNING)}
+
+
+def _told(report: ScheduleReport, host: Host, *, kept: bool = False) -> ScheduleReport:
+    """Journal the outcome (an arming also has the arm's own ``ARMED`` entry)."""
+    event, priority = _EVENTS.get(report.action, (Event.SCHEDULE, journal.INFO))
+    journal.log(event, report.detail, priority=priority, action=report.action,
+                volumes=" ".join(report.volumes))
+    if not kept and report.action != "busy":
+        with contextlib.suppress(KeyhandoffError, OSError), statelock.held("schedule", wait=0):
+            _keep(report, host)
+    return report
+
+
+def _path() -> str:
+    return os.path.join(statelock.LOCK_DIR, REPORT_NAME)
+
+
+def _keep(report: ScheduleReport, host: Host) -> None:
+    """Store the outcome with this boot's id and the time (under the state lock)."""
+    data = {"boot": host.boot_id(), "at": host.now(), **report.as_dict()}
+    path = _path()
+    tmp = path + ".new"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(data, f)
+    os.replace(tmp, path)
+
+
+def last_report(*, host: Host = THIS_HOST) -> dict[str, Any] | None:
+    """The last outcome of :func:`reconcile` in this boot, or ``None``."""
+    try:
+        with open(_path(), encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("boot") != host.boot_id():
+        return None
+    return data
+
+
+def status(*, host: Host = THIS_HOST, config: config_mod.Config | None = None) -> dict[str, Any]:
+    """For ``keyhandoff status``: scheduled or not, the policy, armed automatically or not."""
+    conf = config if config is not None else config_mod.load()
+    chain = chain_mod.load(PassphraseCache())
+    last = last_report(host=host)
+    out: dict[str, Any] = {
+        "update_scheduled": host.scheduled_update(),
+        "auto_arm": conf.auto_arm,
+        "capture_timeout": conf.capture_timeout,
+        "armed": chain is not None,
+        "armed_automatically": chain is not None and bool(chain.auto_boot),
+        "last_action": None if last is None else last.get("action"),
+        "last_detail": None if last is None else last.get("detail"),
+    }
+    if chain is not None and chain.auto_boot:
+        out["armed_automatically_in_this_boot"] = chain.auto_boot == host.boot_id()
+    return out
