@@ -43,7 +43,19 @@ def test_status_json_reports_the_keyring():
     assert report["schedule"]["auto_arm"] is True  # the default, no config file here
 
 
-def test_schedule_without_a_scheduled_update_does_nothing(cache):
+@pytest.fixture
+def schedule_report_removed():
+    """The real command keeps its last outcome in /run/keyhandoff/schedule: leave none behind."""
+    path = Path("/run/keyhandoff/schedule")
+    before = path.read_bytes() if path.exists() else None
+    yield
+    if before is None:
+        path.unlink(missing_ok=True)
+    else:
+        path.write_bytes(before)
+
+
+def test_schedule_without_a_scheduled_update_does_nothing(cache, schedule_report_removed):
     if any(os.path.lexists(p) for p in ("/system-update", "/etc/system-update")):
         pytest.skip("this host has an offline update scheduled")
     r = kh("schedule", "--json")
