@@ -81,7 +81,10 @@ all: dist pam token
 dist: $(BUILDDIR)/dist/.stamp
 # (rebuilt when any file the sdist carries changes)
 SDIST_INPUTS := $(shell find keyhandoff cffi_build csrc units initramfs man completion scripts \
-	tests fuzz bench -type f ! -name '*.py[co]' ! -name '*.so' ! -name '*.o' 2>/dev/null)
+	tests fuzz bench rpm -type f ! -name '*.py[co]' ! -name '*.so' ! -name '*.o' 2>/dev/null) \
+	$(shell find debian -type f ! -path 'debian/tmp/*' ! -path 'debian/.debhelper/*' \
+	! -path 'debian/*keyhandoff/*' ! -name '*.substvars' ! -name '*.debhelper*' \
+	! -name files ! -name debhelper-build-stamp 2>/dev/null)
 $(BUILDDIR)/dist/.stamp: pyproject.toml setup.py MANIFEST.in README.md SECURITY.md CHANGELOG.md \
 		LICENSE COPYRIGHT Makefile $(SDIST_INPUTS)
 	rm -rf $(BUILDDIR)/dist

@@ -1,0 +1,283 @@
+"""The Debian packages and the Fedora spec, built and checked with the distributions' tools.
+
+One ``dpkg-buildpackage -us -uc -b`` in a scratch copy of the tracked files (``git
+ls-files``, as a clean clone has them: no build products, no venv) builds keyhandoff,
+libpam-keyhandoff and cryptsetup-keyhandoff.  Then: each .deb holds exactly the files
+listed here, under Debian 12's paths; its control fields and maintainer scripts are what
+debian/ promises (the boot steps are never started, stopped or restarted); lintian finds
+nothing, not even at ``-I --pedantic`` (every override in debian/ carries its reason).
+The source package (``dpkg-source -b`` of the same copy) is linted too.  The Fedora spec
+expands with Fedora's macros (rpm/fedora.macros) and rpmlint passes it.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from support.parts import require, require_binary
+
+import keyhandoff
+
+REPO = Path(__file__).resolve().parents[2]
+VERSION = keyhandoff.__version__
+# HOME: lintian and python3-build write caches there; a scratch one, not root's
+ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C.UTF-8",
+       "HOME": tempfile.gettempdir()}
+BOOT_STEPS = ("keyhandoff-restore.service", "keyhandoff-capture-initrd.service",
+              "keyhandoff-finish.service", "keyhandoff-login.service",
+              "keyhandoff-rearm.service")
+APT = "apt-get install debhelper dh-python lintian fakeroot"
+
+
+def run(*argv: str | Path, **kwargs: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(a) for a in argv], capture_output=True, text=True,
+                          check=False, timeout=1200, **kwargs)  # type: ignore[call-overload]
+
+
+def multiarch() -> str:
+    return run("dpkg-architecture", "-qDEB_HOST_MULTIARCH", env=ENV).stdout.strip()
+
+
+def arch() -> str:
+    return run("dpkg-architecture", "-qDEB_HOST_ARCH", env=ENV).stdout.strip()
+
+
+@dataclass(frozen=True)
+class Build:
+    out: Path
+    src: Path
+    seconds: float
+
+    def deb(self, package: str) -> Path:
+        return self.out / f"{package}_{VERSION}_{arch()}.deb"
+
+
+def copy_tracked(dest: Path) -> None:
+    """The tracked files only, as a clean clone has them."""
+    git = require_binary("git", "apt-get install git")
+    require((REPO / ".git").exists(), "a git checkout", "git clone")
+    files = run(git, "-C", REPO, "ls-files", "-z", env=ENV).stdout.split("\0")
+    dest.mkdir()
+    for name in filter(None, files):
+        source = REPO / name
+        if not source.exists():  # deleted in the work tree, not yet committed
+            continue
+        target = dest / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source, target)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> Build:
+    for tool, package in (("dpkg-buildpackage", "dpkg-dev"), ("dh", "debhelper"),
+                          ("dh_python3", "dh-python"), ("lintian", "lintian")):
+        require_binary(tool, f"apt-get install {package}")
+    proc = run("dpkg-checkbuilddeps", cwd=REPO, env=ENV)
+    require(proc.returncode == 0, f"the build dependencies ({proc.stderr.strip()})",
+            "scripts/setup-host")
+    out = tmp_path_factory.mktemp("debs")
+    src = out / "keyhandoff"
+    copy_tracked(src)
+    start = time.monotonic()
+    proc = run("dpkg-buildpackage", "-us", "-uc", "-b", cwd=src, env=ENV)
+    seconds = time.monotonic() - start
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    print(f"dpkg-buildpackage -us -uc -b: {seconds:.1f} s")
+    return Build(out=out, src=src, seconds=seconds)
+
+
+def contents(deb: Path) -> set[str]:
+    """The regular files and symlinks of a .deb, as absolute paths."""
+    proc = run("dpkg-deb", "-c", deb, env=ENV)
+    assert proc.returncode == 0, proc.stderr
+    listing = proc.stdout.splitlines()
+    return {line.split(None, 5)[5].split(" -> ")[0].removeprefix(".")
+            for line in listing if not line.startswith("d")}
+
+
+def field(deb: Path, name: str) -> str:
+    return run("dpkg-deb", "-f", deb, name, env=ENV).stdout.strip()
+
+
+def control_file(deb: Path, name: str, tmp_path: Path) -> str:
+    where = tmp_path / deb.name
+    assert run("dpkg-deb", "-e", deb, where, env=ENV).returncode == 0
+    path = where / name
+    return path.read_text() if path.exists() else ""
+
+
+def test_the_build_makes_the_three_packages_and_their_debug_symbols(built):
+    debs = sorted(p.name for p in built.out.glob("*.deb"))
+    a = arch()
+    assert debs == sorted(f"{p}_{VERSION}_{a}.deb" for p in (
+        "keyhandoff", "keyhandoff-dbgsym", "libpam-keyhandoff", "libpam-keyhandoff-dbgsym",
+        "cryptsetup-keyhandoff", "cryptsetup-keyhandoff-dbgsym"))
+    for deb in sorted(built.out.glob("*.deb")):
+        print(f"{deb.name} {deb.stat().st_size} bytes")
+
+
+def test_keyhandoff_holds_the_command_library_units_config_and_docs(built):
+    files = contents(built.deb("keyhandoff"))
+    site = "/usr/lib/python3/dist-packages"
+    expected = {
+        "/usr/bin/keyhandoff", "/etc/keyhandoff/keyhandoff.conf",
+        "/lib/systemd/system/keyhandoff-agent.service",
+        *(f"/lib/systemd/system/{u}" for u in BOOT_STEPS),
+        "/lib/systemd/system/keyhandoff-.service.d/10-sandbox.conf",
+        "/lib/systemd/system/packagekit-offline-update.service.d/keyhandoff.conf",
+        "/lib/systemd/system-preset/80-keyhandoff.preset",
+        "/usr/share/man/man8/keyhandoff.8.gz", "/usr/share/man/man5/keyhandoff.conf.5.gz",
+        "/usr/share/bash-completion/completions/keyhandoff",
+        "/usr/share/doc/keyhandoff/copyright", "/usr/share/doc/keyhandoff/changelog.gz",
+        "/usr/share/doc/keyhandoff/NEWS.md.gz", "/usr/share/doc/keyhandoff/README.md.gz",
+        "/usr/share/doc/keyhandoff/SECURITY.md.gz", "/usr/share/doc/keyhandoff/COPYRIGHT",
+        "/usr/share/doc/keyhandoff/README.initramfs.md.gz",
+        "/usr/share/lintian/overrides/keyhandoff",
+        *(f"/usr/share/doc/keyhandoff/examples/pam/{p.name}"
+          for p in (REPO / "units/pam").iterdir()),
+        *(f"{site}/keyhandoff/_bindings/_{n}.abi3.so"
+          for n in ("keyutils", "linux", "efivar", "cryptsetup")),
+        f"{site}/keyhandoff-{VERSION}.dist-info/METADATA",
+        f"{site}/keyhandoff-{VERSION}.dist-info/RECORD",
+    }
+    assert sorted(expected - files) == []
+    # every module of the package, no bytecode (py3compile makes it on the machine)
+    modules = {f"{site}/{p.relative_to(REPO)}" for p in (REPO / "keyhandoff").rglob("*.py")}
+    assert sorted(modules - files) == []
+    assert [f for f in files if f.endswith((".pyc", ".pyo"))] == []
+    # nothing of the other two packages, nothing under /usr/local
+    python_files = {f for f in files if f.startswith(f"{site}/")}
+    assert sorted(files - expected - python_files) == []
+
+
+def test_libpam_keyhandoff_holds_the_module_where_debian_12_keeps_them(built):
+    assert contents(built.deb("libpam-keyhandoff")) == {
+        f"/lib/{multiarch()}/security/pam_keyhandoff.so",
+        "/usr/share/man/man8/pam_keyhandoff.8.gz",
+        "/usr/share/lintian/overrides/libpam-keyhandoff",
+        "/usr/share/doc/libpam-keyhandoff/copyright",
+        "/usr/share/doc/libpam-keyhandoff/changelog.gz",
+    }
+
+
+def test_cryptsetup_keyhandoff_holds_the_plugin_and_the_initramfs_parts(built):
+    tokendir = re.search(r"^LUKS2 external token plugin path: (.*)\.$",
+                         run("cryptsetup", "--help", env=ENV).stdout, re.MULTILINE)
+    assert tokendir is not None
+    assert contents(built.deb("cryptsetup-keyhandoff")) == {
+        f"{tokendir[1]}/libcryptsetup-token-keyhandoff-onetime.so",
+        "/usr/lib/dracut/modules.d/90keyhandoff/module-setup.sh",
+        "/usr/share/initramfs-tools/hooks/keyhandoff",
+        "/usr/share/initramfs-tools/scripts/local-top/keyhandoff",
+        "/usr/share/initramfs-tools/scripts/local-bottom/keyhandoff",
+        "/usr/share/doc/cryptsetup-keyhandoff/copyright",
+        "/usr/share/doc/cryptsetup-keyhandoff/changelog.gz",
+    }
+
+
+def test_control_fields(built):
+    keyhandoff_deb = built.deb("keyhandoff")
+    assert field(keyhandoff_deb, "Version") == VERSION
+    depends = field(keyhandoff_deb, "Depends")
+    # ${python3:Depends} from the wheel's metadata, ${shlibs:Depends} from the bindings,
+    # systemd for systemctl and systemd-ask-password
+    for dep in ("python3-cryptography", "python3-pyudev", "python3-systemd",
+                "python3-cffi-backend", "libcryptsetup12", "libkeyutils1", "libefivar1",
+                "systemd"):
+        assert dep in depends, depends
+    assert field(keyhandoff_deb, "Recommends") == "cryptsetup-keyhandoff"
+    pam = built.deb("libpam-keyhandoff")
+    assert "libpam0g" in field(pam, "Depends")
+    assert field(pam, "Multi-Arch") == "same"
+    token = built.deb("cryptsetup-keyhandoff")
+    assert "libcryptsetup12" in field(token, "Depends")
+    assert "libjson-c5" in field(token, "Depends")
+
+
+def test_maintainer_scripts_never_start_stop_or_restart_the_boot_steps(built, tmp_path):
+    deb = built.deb("keyhandoff")
+    scripts = {name: control_file(deb, name, tmp_path)
+               for name in ("preinst", "postinst", "prerm", "postrm")}
+    for unit in (*BOOT_STEPS, "keyhandoff-agent.service"):
+        # enabled for the next boot (deb-systemd-helper, as the preset says)
+        assert f"deb-systemd-helper enable '{unit}'" in scripts["postinst"]
+    invoked = re.findall(r"deb-systemd-invoke [^\n]*", "\n".join(scripts.values()))
+    assert invoked, "the agent is started and restarted"
+    for line in invoked:
+        assert all(unit not in line for unit in BOOT_STEPS), line
+    # the agent: started on install, restarted once the new files are in place,
+    # stopped only when the package is removed
+    assert "deb-systemd-invoke $_dh_action 'keyhandoff-agent.service'" in scripts["postinst"]
+    assert "deb-systemd-invoke stop 'keyhandoff-agent.service'" in scripts["prerm"]
+    assert control_file(deb, "conffiles", tmp_path).split() == [
+        "/etc/keyhandoff/keyhandoff.conf"]
+
+
+def test_the_token_package_regenerates_the_initramfs(built, tmp_path):
+    triggers = control_file(built.deb("cryptsetup-keyhandoff"), "triggers", tmp_path)
+    assert [line for line in triggers.splitlines() if not line.startswith("#")] == [
+        "activate-noawait update-initramfs"]
+
+
+def test_lintian_finds_nothing(built):
+    proc = run("lintian", "-I", "--pedantic", "--tag-display-limit", "0",
+               built.out / f"keyhandoff_{VERSION}_{arch()}.changes", env=ENV)
+    tags = [line for line in proc.stdout.splitlines() if re.match(r"[EWIPXO]: ", line)]
+    assert tags == [], proc.stdout
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_lintian_finds_nothing_in_the_source_package(tmp_path):
+    require_binary("lintian", APT)
+    src = tmp_path / "keyhandoff"
+    copy_tracked(src)
+    proc = run("dpkg-source", "-b", src.name, cwd=tmp_path, env=ENV)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = run("lintian", "-I", "--pedantic", "--tag-display-limit", "0",
+               tmp_path / f"keyhandoff_{VERSION}.dsc", env=ENV)
+    tags = [line for line in proc.stdout.splitlines() if re.match(r"[EWIPXO]: ", line)]
+    assert tags == [], proc.stdout
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_the_changelog_and_the_spec_carry_the_package_version():
+    first = (REPO / "debian/changelog").read_text().splitlines()[0]
+    assert first.startswith(f"keyhandoff ({VERSION}) "), first
+    spec = (REPO / "rpm/keyhandoff.spec").read_text()
+    assert re.search(rf"^Version:\s+{re.escape(VERSION)}$", spec, re.MULTILINE)
+
+
+def test_the_fedora_spec_expands_with_fedoras_macros():
+    rpmspec = require_binary("rpmspec", "apt-get install rpm")
+    proc = run(rpmspec, "--load", REPO / "rpm/fedora.macros", "-P", REPO / "rpm/keyhandoff.spec",
+               env=ENV)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    body = [line for line in proc.stdout.splitlines() if not line.lstrip().startswith("#")]
+    assert [line for line in body if "%{" in line] == []
+    text = "\n".join(body)
+    assert "PAMDIR=/usr/lib64/security TOKENDIR=/usr/lib64/cryptsetup" in text
+    assert "/usr/lib64/python3.13/site-packages/keyhandoff/" in text
+    assert "%config(noreplace) /etc/keyhandoff/keyhandoff.conf" in text
+    # only the agent is marked for restart after an upgrade, or stopped on erase
+    for verb in ("mark-restart-system-units", "remove-system-units"):
+        lines = [line for line in body if verb in line]
+        assert lines
+        assert all(u not in line for line in lines for u in BOOT_STEPS), lines
+        assert all("keyhandoff-agent.service" in line for line in lines)
+    assert "--now" not in text
+
+
+def test_rpmlint_passes_the_spec():
+    rpmlint = require_binary("rpmlint", "apt-get install rpmlint")
+    proc = run(rpmlint, "-r", REPO / "rpm/keyhandoff.rpmlintrc", REPO / "rpm/keyhandoff.spec",
+               env=ENV)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "0 errors, 0 warnings" in proc.stdout, proc.stdout
