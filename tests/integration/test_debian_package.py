@@ -32,7 +32,11 @@ ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C.UTF-8",
        "HOME": tempfile.gettempdir()}
 BOOT_STEPS = ("keyhandoff-restore.service", "keyhandoff-capture-initrd.service",
               "keyhandoff-finish.service", "keyhandoff-login.service",
-              "keyhandoff-rearm.service")
+              "keyhandoff-rearm.service", "keyhandoff-schedule-shutdown.service")
+# started by keyhandoff-schedule.path only: no [Install], never enabled, never invoked
+TRIGGERED = ("keyhandoff-schedule.service",)
+# started on install, restarted on upgrade, stopped on removal
+WATCHERS = ("keyhandoff-agent.service", "keyhandoff-schedule.path")
 APT = "apt-get install debhelper dh-python lintian fakeroot"
 
 
@@ -128,8 +132,7 @@ def test_keyhandoff_holds_the_command_library_units_config_and_docs(built):
     site = "/usr/lib/python3/dist-packages"
     expected = {
         "/usr/bin/keyhandoff", "/etc/keyhandoff/keyhandoff.conf",
-        "/lib/systemd/system/keyhandoff-agent.service",
-        *(f"/lib/systemd/system/{u}" for u in BOOT_STEPS),
+        *(f"/lib/systemd/system/{u}" for u in (*WATCHERS, *BOOT_STEPS, *TRIGGERED)),
         "/lib/systemd/system/keyhandoff-.service.d/10-sandbox.conf",
         "/lib/systemd/system/packagekit-offline-update.service.d/keyhandoff.conf",
         "/lib/systemd/system-preset/80-keyhandoff.preset",
@@ -205,17 +208,21 @@ def test_maintainer_scripts_never_start_stop_or_restart_the_boot_steps(built, tm
     deb = built.deb("keyhandoff")
     scripts = {name: control_file(deb, name, tmp_path)
                for name in ("preinst", "postinst", "prerm", "postrm")}
-    for unit in (*BOOT_STEPS, "keyhandoff-agent.service"):
+    for unit in (*BOOT_STEPS, *WATCHERS):
         # enabled for the next boot (deb-systemd-helper, as the preset says)
         assert f"deb-systemd-helper enable '{unit}'" in scripts["postinst"]
     invoked = re.findall(r"deb-systemd-invoke [^\n]*", "\n".join(scripts.values()))
     assert invoked, "the agent is started and restarted"
     for line in invoked:
-        assert all(unit not in line for unit in BOOT_STEPS), line
+        assert all(unit not in line for unit in (*BOOT_STEPS, *TRIGGERED)), line
+    assert all(f"'{unit}'" not in scripts["postinst"] for unit in TRIGGERED)
     # the agent: started on install, restarted once the new files are in place,
     # stopped only when the package is removed
-    assert "deb-systemd-invoke $_dh_action 'keyhandoff-agent.service'" in scripts["postinst"]
-    assert "deb-systemd-invoke stop 'keyhandoff-agent.service'" in scripts["prerm"]
+    started = [ln for ln in invoked if ln.startswith("deb-systemd-invoke $_dh_action ")]
+    stopped = re.findall(r"deb-systemd-invoke stop [^\n]*", scripts["prerm"])
+    for unit in WATCHERS:
+        assert any(f"'{unit}'" in ln for ln in started), started
+        assert any(f"'{unit}'" in ln for ln in stopped), stopped
     assert control_file(deb, "conffiles", tmp_path).split() == [
         "/etc/keyhandoff/keyhandoff.conf"]
 
@@ -270,8 +277,8 @@ def test_the_fedora_spec_expands_with_fedoras_macros():
     for verb in ("mark-restart-system-units", "remove-system-units"):
         lines = [line for line in body if verb in line]
         assert lines
-        assert all(u not in line for line in lines for u in BOOT_STEPS), lines
-        assert all("keyhandoff-agent.service" in line for line in lines)
+        assert all(u not in line for line in lines for u in (*BOOT_STEPS, *TRIGGERED)), lines
+        assert all(all(w in line for w in WATCHERS) for line in lines)
     assert "--now" not in text
 
 
