@@ -126,6 +126,14 @@ RuntimeDirectory=keyhandoff
 RuntimeDirectoryMode=0700
 RuntimeDirectoryPreserve=yes
 """
+# what the units that arm share: the EFI store, the disks, the immutable flag
+ARMING = """
+ReadWritePaths=/sys/firmware/efi/efivars -/run/cryptsetup
+DevicePolicy=closed
+DeviceAllow=block-* rw
+SystemCallFilter=@system-service
+CapabilityBoundingSet=CAP_LINUX_IMMUTABLE CAP_SYS_ADMIN CAP_IPC_LOCK
+"""
 INTENDED = {
     "keyhandoff-agent.service": SHARED + """
 ReadWritePaths=-/run/cryptsetup
@@ -161,27 +169,9 @@ ProtectKernelTunables=yes
 SystemCallFilter=@system-service
 CapabilityBoundingSet=
 """,
-    "keyhandoff-rearm.service": SHARED + RUNTIME_DIR + """
-ReadWritePaths=/sys/firmware/efi/efivars -/run/cryptsetup
-DevicePolicy=closed
-DeviceAllow=block-* rw
-SystemCallFilter=@system-service
-CapabilityBoundingSet=CAP_LINUX_IMMUTABLE CAP_SYS_ADMIN CAP_IPC_LOCK
-""",
-    "keyhandoff-schedule-shutdown.service": SHARED + RUNTIME_DIR + """
-ReadWritePaths=/sys/firmware/efi/efivars -/run/cryptsetup
-DevicePolicy=closed
-DeviceAllow=block-* rw
-SystemCallFilter=@system-service
-CapabilityBoundingSet=CAP_LINUX_IMMUTABLE CAP_SYS_ADMIN CAP_IPC_LOCK
-""",
-    "keyhandoff-schedule.service": SHARED + RUNTIME_DIR + """
-ReadWritePaths=/sys/firmware/efi/efivars -/run/cryptsetup
-DevicePolicy=closed
-DeviceAllow=block-* rw
-SystemCallFilter=@system-service
-CapabilityBoundingSet=CAP_LINUX_IMMUTABLE CAP_SYS_ADMIN CAP_IPC_LOCK
-""",
+    "keyhandoff-rearm.service": SHARED + RUNTIME_DIR + ARMING,
+    "keyhandoff-schedule-shutdown.service": SHARED + RUNTIME_DIR + ARMING,
+    "keyhandoff-schedule.service": SHARED + RUNTIME_DIR + ARMING,
     "keyhandoff-restore.service": SHARED + RUNTIME_DIR + """
 ReadWritePaths=/sys/firmware/efi/efivars -/run/cryptsetup
 RestrictAddressFamilies=AF_UNIX AF_NETLINK
