@@ -18,7 +18,7 @@ import pytest
 from support.luks_images import format_image, metadata, opens, uuid_of
 from support.parts import require_binary
 from support.passphrases import make
-from support.scratch_efi import chattr_immutable, last_json, run_in_child
+from support.scratch_efi import chattr_immutable, clear_immutable, last_json, run_in_child
 
 from keyhandoff import efi, keyring, keys, names
 from keyhandoff.cache import PassphraseCache
@@ -266,8 +266,14 @@ def test_a_stale_variable_that_cannot_be_deleted_stops_both(boots):
     stale = boots.variable_file()
     stale.write_bytes(efi.RECORD_ATTRIBUTES_NV.to_bytes(4, "little") + b"stale, not a record")
     chattr_immutable(stale)
-    out = boots.run("restore", prefix=[setpriv, "--bounding-set=-linux_immutable",
-                                        "--inh-caps=-linux_immutable"])
+    try:
+        out = boots.run("restore", prefix=[setpriv, "--bounding-set=-linux_immutable",
+                                            "--inh-caps=-linux_immutable"])
+        assert stale.exists()
+    finally:
+        # left immutable, it made pytest give up removing the whole session's directory
+        # (the VM images too): gigabytes left in /tmp after every run
+        clear_immutable(stale.parent)
     assert out["record_key_before"] == "there"
     assert out["restore"][0] is None
     assert out["restore"][1] == []
