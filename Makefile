@@ -175,6 +175,8 @@ install-initramfs:
 		$(DESTDIR)$(INITRAMFSTOOLSDIR)/hooks/keyhandoff
 	install -D -m 0755 initramfs/initramfs-tools/scripts/local-top/keyhandoff \
 		$(DESTDIR)$(INITRAMFSTOOLSDIR)/scripts/local-top/keyhandoff
+	install -D -m 0755 initramfs/initramfs-tools/scripts/local-premount/keyhandoff \
+		$(DESTDIR)$(INITRAMFSTOOLSDIR)/scripts/local-premount/keyhandoff
 	install -D -m 0755 initramfs/initramfs-tools/scripts/local-bottom/keyhandoff \
 		$(DESTDIR)$(INITRAMFSTOOLSDIR)/scripts/local-bottom/keyhandoff
 

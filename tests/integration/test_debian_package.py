@@ -179,6 +179,7 @@ def test_cryptsetup_keyhandoff_holds_the_plugin_and_the_initramfs_parts(built):
         "/usr/lib/dracut/modules.d/90keyhandoff/module-setup.sh",
         "/usr/share/initramfs-tools/hooks/keyhandoff",
         "/usr/share/initramfs-tools/scripts/local-top/keyhandoff",
+        "/usr/share/initramfs-tools/scripts/local-premount/keyhandoff",
         "/usr/share/initramfs-tools/scripts/local-bottom/keyhandoff",
         "/usr/share/doc/cryptsetup-keyhandoff/copyright",
         "/usr/share/doc/cryptsetup-keyhandoff/changelog.gz",

@@ -218,7 +218,7 @@ def mkinitramfs(host: Host, out: Path, *, ours: bool) -> Path:
     (conf / "modules").write_text("")
     if ours:
         for part in ("hooks/keyhandoff", "scripts/local-top/keyhandoff",
-                     "scripts/local-bottom/keyhandoff"):
+                     "scripts/local-premount/keyhandoff", "scripts/local-bottom/keyhandoff"):
             (conf / part).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(INITRAMFS / "initramfs-tools" / part, conf / part)
     result = in_namespace(host.binds, [binary, "-d", conf, "-o", out, host.kernel],
@@ -358,7 +358,8 @@ def test_no_python_and_nothing_else_of_ours(images: Images) -> None:
     plugin = str(inside(images.root, f"{images.tokendir}/{PLUGIN}").relative_to(images.root))
     expected = {plugin}
     if images.generator == "initramfs-tools":
-        expected |= {"scripts/local-top/keyhandoff", "scripts/local-bottom/keyhandoff"}
+        expected |= {"scripts/local-top/keyhandoff", "scripts/local-premount/keyhandoff",
+                     "scripts/local-bottom/keyhandoff"}
     assert files_named(images.root, "keyhandoff") == expected
 
 

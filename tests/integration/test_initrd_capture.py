@@ -192,8 +192,9 @@ def test_the_command_hardens_itself_and_captures_once(tmp_path, cache, systemd_k
     assert lock < read
 
 
-LOCAL_BOTTOM = (Path(__file__).resolve().parents[2]
-                / "initramfs/initramfs-tools/scripts/local-bottom/keyhandoff")
+SCRIPTS = Path(__file__).resolve().parents[2] / "initramfs/initramfs-tools/scripts"
+# the same step twice: once the root is unlocked (local-premount), and before the switch
+TIMEOUT_SCRIPTS = ["local-premount", "local-bottom"]
 
 
 def timeout_of(serial: int) -> str:
@@ -205,19 +206,22 @@ def timeout_of(serial: int) -> str:
     return "gone"
 
 
-def run_local_bottom(env: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run(["/bin/sh", str(LOCAL_BOTTOM)], capture_output=True, check=False,
-                          env=env, timeout=30)
+def run_script(where: str, env: dict[str, str] | None = None,
+               ) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(["/bin/sh", str(SCRIPTS / where / "keyhandoff")], capture_output=True,
+                          check=False, env=env, timeout=30)
 
 
+@pytest.mark.parametrize("where", TIMEOUT_SCRIPTS)
 def test_decrypt_keyctl_entry_outlasts_a_slow_switch_and_is_captured(
-    tmp_path, cache, systemd_key,
+    where, tmp_path, cache, systemd_key,
 ):
-    """initramfs-tools: what decrypt_keyctl kept is given 150 s at local-bottom, then captured.
+    """initramfs-tools: what decrypt_keyctl kept is given 150 s (local-premount, local-bottom),
+    then captured.
 
     Debian's decrypt_keyctl (``keyscript=decrypt_keyctl``) stores what was typed as it is
     done here, with the real keyctl: ``printf %s "$KEY_" | keyctl padd user cryptsetup @u``
-    and ``keyctl timeout 60``: one entry, no NUL.  Our local-bottom script sets the timeout
+    and ``keyctl timeout 60``: one entry, no NUL.  Each of our two scripts sets the timeout
     to systemd's 150 s and prints nothing; capture reads the entry like systemd's.
     """
     keyctl = require_binary("keyctl", "apt-get install keyutils")
@@ -228,7 +232,7 @@ def test_decrypt_keyctl_entry_outlasts_a_slow_switch_and_is_captured(
     serial = int(added.stdout)
     subprocess.run([keyctl, "timeout", str(serial), "60"], check=True, timeout=30)
     assert timeout_of(serial) in {"59s", "1m"}
-    done = run_local_bottom()
+    done = run_script(where)
     assert (done.returncode, done.stdout + done.stderr) == (0, b"")
     assert timeout_of(serial) == "2m"  # 120-179 s: the 150 s set by the script
     report = initrd_capture.capture(retain=60, volumes=[str(vol)], host=NO_CRYPTTAB)
@@ -236,13 +240,14 @@ def test_decrypt_keyctl_entry_outlasts_a_slow_switch_and_is_captured(
     assert cached(cache, uuid_of(vol)) == pw
 
 
-def test_local_bottom_does_nothing_without_the_key_or_keyctl(systemd_key):
-    done = run_local_bottom()
+@pytest.mark.parametrize("where", TIMEOUT_SCRIPTS)
+def test_the_timeout_scripts_do_nothing_without_the_key_or_keyctl(where, systemd_key):
+    done = run_script(where)
     assert (done.returncode, done.stdout + done.stderr) == (0, b"")
     assert systemd_key.read() == []
     typed(systemd_key, make("typed"))
     serial = keyring.find_trusted("user", "cryptsetup", perm=SYSTEMD_PERM, within=keyring.USER)
     before = timeout_of(serial)
-    done = run_local_bottom(env={"PATH": "/nonexistent"})  # an image without keyctl
+    done = run_script(where, env={"PATH": "/nonexistent"})  # an image without keyctl
     assert (done.returncode, done.stdout + done.stderr) == (0, b"")
     assert timeout_of(serial) == before

@@ -134,6 +134,7 @@ def expected_files(inst: Install) -> set[str]:
               "/usr/lib/dracut/modules.d/90keyhandoff/module-setup.sh",
               "/usr/share/initramfs-tools/hooks/keyhandoff",
               "/usr/share/initramfs-tools/scripts/local-top/keyhandoff",
+              "/usr/share/initramfs-tools/scripts/local-premount/keyhandoff",
               "/usr/share/initramfs-tools/scripts/local-bottom/keyhandoff",
               "/usr/share/man/man8/keyhandoff.8",
               "/usr/share/man/man8/pam_keyhandoff.8",

@@ -70,8 +70,9 @@ def root_crypttab(generator: str) -> str:
 
     initramfs-tools: ``initramfs`` puts the entry in the image (the build runs in a chroot,
     not on the encrypted root), and Debian's ``decrypt_keyctl`` keyscript leaves what the
-    person typed in root's ``cryptsetup`` key (60 s; keyhandoff's local-bottom script gives
-    it 150 s just before the switch), where ``keyhandoff capture-initrd`` finds it after it;
+    person typed in root's ``cryptsetup`` key (60 s; keyhandoff's local-premount script gives
+    it 150 s once the root is unlocked, local-bottom again just before the switch), where
+    ``keyhandoff capture-initrd`` finds it after the switch;
     with plain askpass cryptroot keeps nothing.  dracut: systemd's
     generator in the initramfs opens the root from ``rd.luks.name=``, and systemd-cryptsetup
     keeps what was typed in the same key (150 s); the real root's entry finds it active.
@@ -119,7 +120,7 @@ def _generate_initramfs(
         # [[:alnum:]._-]* (a renamed copy would still run) and copies the script directories.
         parts = [rootfs / "usr/share/initramfs-tools" / part for part in
                  ("hooks/keyhandoff", "scripts/local-top/keyhandoff",
-                  "scripts/local-bottom/keyhandoff")]
+                  "scripts/local-premount/keyhandoff", "scripts/local-bottom/keyhandoff")]
         aside = [rootfs / f"tmp/kh-aside-{n}" for n in range(len(parts))]
         try:
             if not with_keyhandoff:
