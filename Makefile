@@ -23,9 +23,15 @@ lint: setup
 	$(PY) -m ruff check keyhandoff tests bench cffi_build fuzz
 	$(PY) -m mypy
 
+# The UEFI VM tests run on VM_WORKERS pytest-xdist workers, one QEMU each: a guest is one
+# single-threaded TCG process (tests/vm/machine.py), so two of them use both cores for the
+# 40-odd minutes the VM suite takes in a row.  VM_WORKERS=0 runs them in this process.
+VM_WORKERS ?= 2
+
 test: setup-vm lint
 	mkdir -p build
-	bash -o pipefail -c "$(PY) -m pytest $(PYTEST_ARGS) 2>&1 | tee $(LOG)"
+	bash -o pipefail -c "$(PY) -m pytest -m 'not vm' $(PYTEST_ARGS) 2>&1 | tee $(LOG)"
+	bash -o pipefail -c "$(PY) -m pytest -m vm -n $(VM_WORKERS) --dist loadgroup $(PYTEST_ARGS) tests/vm 2>&1 | tee -a $(LOG)"
 	scripts/scan-leaks $(LOG)
 	$(MAKE) --no-print-directory debian-stack
 

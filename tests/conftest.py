@@ -31,7 +31,7 @@ settings.load_profile("keyhandoff")
 #: stack_guard: the Debian-stack pass's guard
 pytest_plugins = [
     "support.agent_process", "support.luks_images", "support.pam_stack", "support.scratch_efi",
-    "support.stack_guard",
+    "support.stack_guard", "support.vm_progress",
 ]
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from support.vm_progress import worker_sink, write_line
 
 from .image import RunImage, build_run_image, ensure_base
 from .machine import INSTALL_HINT, Machine, missing_parts
@@ -39,14 +40,21 @@ def _require_vm_parts() -> None:
 
 
 class _TerminalHandler(logging.Handler):
-    """Shows harness progress (the cold build takes minutes) even while output is captured."""
+    """Shows harness progress (the cold build takes minutes) even while output is captured.
+
+    On a pytest-xdist worker the lines go to the controller (tests/support/vm_progress.py).
+    """
 
     def __init__(self, config: pytest.Config) -> None:
         super().__init__(logging.INFO)
         self._reporter: Any = config.pluginmanager.get_plugin("terminalreporter")
         self._capture: Any = config.pluginmanager.get_plugin("capturemanager")
+        self._sink = worker_sink()
 
     def emit(self, record: logging.LogRecord) -> None:
+        if self._sink is not None:
+            write_line(self._sink, record.getMessage())
+            return
         if self._reporter is None:
             return
         line = f"[vm] {record.getMessage()}"

@@ -373,3 +373,10 @@ ROOT_SCENARIOS: dict[str, Callable[[RootImages, Path], Outcome]] = {
     "root-initramfs-tools": scenario_root_initramfs_tools,
     "root-tampered": scenario_root_tampered,
 }
+# The generator whose image each scenario boots: tests/vm puts the scenarios of one image on one
+# pytest-xdist worker, so each image is built once.
+ROOT_GENERATOR: dict[str, str] = {
+    "root-full-reboot": "dracut",
+    "root-initramfs-tools": "initramfs-tools",
+    "root-tampered": "dracut",
+}

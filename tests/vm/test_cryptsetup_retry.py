@@ -29,7 +29,8 @@ from passphrases import MARKER
 
 log = logging.getLogger("keyhandoff.vmtest")
 
-pytestmark = pytest.mark.vm
+# the two tests share one boot (the module's retry_boot): one worker runs both
+pytestmark = [pytest.mark.vm, pytest.mark.xdist_group("cryptsetup-retry")]
 
 GUEST_SCRIPT = Path(__file__).parent / "guest" / "cryptsetup_retry.py"
 JOB_TIMEOUT = 300  # the guest's own bounds are 60 s per event; TCG

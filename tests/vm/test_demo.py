@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -53,8 +53,17 @@ def root_images(
     return demo_root.RootImages(tmp_path_factory.mktemp("root-images"))
 
 
+def _root_params() -> list[Any]:
+    """One parameter per root scenario, grouped by the image it boots (one build per worker)."""
+    assert set(demo_root.ROOT_GENERATOR) == set(demo_root.ROOT_SCENARIOS)
+    return [
+        pytest.param(name, marks=pytest.mark.xdist_group(f"root-{demo_root.ROOT_GENERATOR[name]}"))
+        for name in demo_root.ROOT_SCENARIOS
+    ]
+
+
 @pytest.mark.vm
-@pytest.mark.parametrize("name", list(demo_root.ROOT_SCENARIOS))
+@pytest.mark.parametrize("name", _root_params())
 def test_root_scenario(name: str, root_images: demo_root.RootImages, tmp_path: Path) -> None:
     log.info("demo scenario %s", name)
     outcome = demo_root.ROOT_SCENARIOS[name](root_images, tmp_path)
