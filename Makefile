@@ -31,7 +31,7 @@ VM_WORKERS ?= 2
 test: setup-vm lint
 	mkdir -p build
 	bash -o pipefail -c "$(PY) -m pytest -m 'not vm' $(PYTEST_ARGS) 2>&1 | tee $(LOG)"
-	bash -o pipefail -c "$(PY) -m pytest -m vm -n $(VM_WORKERS) --dist loadgroup $(PYTEST_ARGS) tests/vm 2>&1 | tee -a $(LOG)"
+	bash -o pipefail -c "$(PY) -m pytest -m vm -n $(VM_WORKERS) --dist loadgroup --no-loadscope-reorder $(PYTEST_ARGS) tests/vm 2>&1 | tee -a $(LOG)"
 	scripts/scan-leaks $(LOG)
 	$(MAKE) --no-print-directory debian-stack
 

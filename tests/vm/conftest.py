@@ -66,6 +66,25 @@ class _TerminalHandler(logging.Handler):
             self._reporter.write_line(line)
 
 
+# Longest first, so that two xdist workers finish together (Makefile: --no-loadscope-reorder
+# keeps this order): a root scenario builds its image (minutes) and boots three times; a demo
+# scenario boots one to three times; the firmware tests once or twice each.
+_COST_RANK = {"test_root_scenario": 0, "test_scenario": 1}
+_CHEAP = len(_COST_RANK)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    here = Path(__file__).parent
+
+    def rank(item: pytest.Item) -> tuple[int, int]:
+        if here not in item.path.parents:
+            return (0, 0)  # the rest of the suite keeps its place, ahead of tests/vm
+        name = getattr(item, "originalname", item.name)
+        return (1, _COST_RANK.get(name, _CHEAP))
+
+    items.sort(key=rank)  # stable: the order within a rank is the collection's
+
+
 @pytest.fixture(autouse=True)
 def fresh_session_keyring() -> None:
     """Replaces the suite-wide host keyring guard for VM tests.
