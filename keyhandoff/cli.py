@@ -2,7 +2,10 @@
 
 Exit codes: 0 success; 1 a refusal or error (one line on stderr); 2 usage error (also an
 :class:`~keyhandoff.errors.InvalidArgument` from the library, one line on stderr);
-3 nothing found (``cache forget`` of a volume we hold nothing for).
+3 nothing found (``cache forget`` of a volume we hold nothing for); 4 not permitted: not
+root (checked before anything else), or root's user keyring not possessed (every command
+but ``status`` and ``agent``).  Messages go through :func:`keyhandoff.errors.describe`: no
+``[Errno N]``, the file named; no argument ends in a traceback.
 Passphrases are read from stdin (one line, or all of it when not a tty) or asked on the
 terminal without echo; never taken from the command line or the environment.
 
@@ -19,10 +22,16 @@ import json
 import os
 import sys
 from datetime import timedelta
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Final, NoReturn
 
 from keyhandoff import __version__
-from keyhandoff.errors import InvalidArgument, KeyhandoffError
+from keyhandoff.errors import (
+    InvalidArgument,
+    KeyhandoffError,
+    KeyringNotPossessed,
+    NotRoot,
+    describe,
+)
 from keyhandoff.secret import MAX_PASSPHRASE, Secret
 
 if TYPE_CHECKING:
@@ -33,6 +42,11 @@ EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_NOT_FOUND = 3
+EXIT_NOT_PERMITTED = 4
+EXIT_INTERRUPTED = 130
+
+#: The longest span any option takes (a day: the longest a key or a chain may live).
+_MAX_SPAN: Final = 86400
 
 
 class _Parser(argparse.ArgumentParser):
@@ -161,11 +175,23 @@ def cmd_cache_forget(args: argparse.Namespace) -> int:
 def _duration(text: str) -> int:
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
     try:
-        if text and text[-1] in units:
-            return int(text[:-1]) * units[text[-1]]
-        return int(text)
+        unit = units.get(text[-1:], 1)
+        value = int(text[:-1] if unit != 1 or text[-1:] == "s" else text) * unit
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a duration: {text!r} (e.g. 90s, 30m, 2h)") from None
+    if not 0 <= value <= _MAX_SPAN:
+        raise argparse.ArgumentTypeError(f"{text!r} is out of range (at most one day)")
+    return value
+
+
+def _wait_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 <= value <= _MAX_SPAN:  # also NaN and infinity
+        raise argparse.ArgumentTypeError(f"{text!r}: 0 to {_MAX_SPAN} seconds")
+    return value
 
 
 def _progress(message: str) -> None:
@@ -186,8 +212,7 @@ def cmd_arm(args: argparse.Namespace) -> int:
             progress=_progress,
         )
     except ValueError as exc:
-        sys.stderr.write(f"keyhandoff: {exc}\n")
-        return EXIT_USAGE
+        return _fail(EXIT_USAGE, describe(exc))
     _emit(args, report.as_dict(), report.summary() + "\n")
     return EXIT_OK
 
@@ -202,8 +227,7 @@ def cmd_rearm(args: argparse.Namespace) -> int:
     except update.NotArmed as exc:
         if args.if_armed:
             return EXIT_OK
-        sys.stderr.write(f"keyhandoff: {exc}\n")
-        return EXIT_NOT_FOUND
+        return _fail(EXIT_NOT_FOUND, describe(exc))
     _emit(args, report.as_dict(), report.summary() + "\n")
     return EXIT_OK
 
@@ -298,6 +322,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _ask_timeout(text: str) -> int:
+    value = _positive_int(text)
+    if value > _MAX_SPAN:
+        raise argparse.ArgumentTypeError(f"at most {_MAX_SPAN} seconds (one day)")
+    return value
+
+
 def _cache_timeout(text: str) -> int:
     from keyhandoff.cache import MAX_TIMEOUT
 
@@ -352,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a LUKS source path (repeatable; default: /etc/crypttab)")
     p.add_argument("--no-ask", action="store_true",
                    help="use only cached passphrases; never prompt")
-    p.add_argument("--ask-timeout", type=_positive_int, default=90, metavar="S",
+    p.add_argument("--ask-timeout", type=_ask_timeout, default=90, metavar="S",
                    help="give up asking the password agents after S seconds (default 90)")
     p.add_argument("--json", action="store_true", help="machine-readable report")
     p.set_defaults(func=cmd_arm)
@@ -387,7 +418,7 @@ def _add_boot_steps(sub: argparse._SubParsersAction[_Parser]) -> None:
     """The subcommands the units run at boot."""
     p = sub.add_parser("restore", help="early boot: load an armed handoff (unit use)")
     p.add_argument("--volume", action="append", metavar="PATH", dest="volumes")
-    p.add_argument("--wait", type=float, default=0, metavar="S",
+    p.add_argument("--wait", type=_wait_seconds, default=0, metavar="S",
                    help="when a record is there, wait up to S seconds for the devices")
     p.set_defaults(func=cmd_restore)
     p = sub.add_parser("finish", help="after the volumes opened: destroy one-time keyslots, "
@@ -419,22 +450,47 @@ def cmd_agent(args: argparse.Namespace) -> int:
     return Agent(conf).run()
 
 
+#: Commands that work without root's user keyring possessed (status reports whether it is;
+#: the agent's own cache refuses without it, see :class:`keyhandoff.errors.KeyringNotPossessed`)
+_NO_KEYRING_CHECK: Final = frozenset({"status", "agent"})
+
+
+def _preflight(args: argparse.Namespace) -> None:
+    """Before anything else a command does: root, and root's user keyring possessed."""
+    if os.geteuid() != 0:
+        name = " ".join(filter(None, (args.command, getattr(args, "cache_command", None))))
+        raise NotRoot(f"must run as root (`keyhandoff {name}` uses root's kernel keyring, "
+                      "LUKS headers and the state under /run/keyhandoff)")
+    if args.command not in _NO_KEYRING_CHECK:
+        from keyhandoff import keyring
+
+        if not keyring.possesses_user_keyring():
+            raise KeyringNotPossessed
+
+
+def _fail(code: int, message: str) -> int:
+    """The one way an error leaves the command line: one line on stderr, ``code``."""
+    sys.stderr.write(f"keyhandoff: {message}\n")
+    return code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``keyhandoff`` console script."""
     args = build_parser().parse_args(argv)
     try:
+        _preflight(args)
         return int(args.func(args))
+    except (NotRoot, KeyringNotPossessed) as exc:
+        return _fail(EXIT_NOT_PERMITTED, describe(exc))
     except InvalidArgument as exc:  # a value the call does not accept: a usage error
-        sys.stderr.write(f"keyhandoff: {exc}\n")
-        return EXIT_USAGE
-    except KeyhandoffError as exc:
-        sys.stderr.write(f"keyhandoff: {exc}\n")
-        return EXIT_ERROR
-    except OSError as exc:
-        sys.stderr.write(f"keyhandoff: {exc.strerror or exc}\n")
-        return EXIT_ERROR
+        return _fail(EXIT_USAGE, describe(exc))
+    except (KeyhandoffError, OSError) as exc:
+        return _fail(EXIT_ERROR, describe(exc))
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # noqa: BLE001  # a bug: still one line, never a traceback
+        return _fail(EXIT_ERROR, f"internal error (please report it): {type(exc).__name__}: "
+                     f"{describe(exc)}")
 
 
 if __name__ == "__main__":

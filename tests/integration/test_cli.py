@@ -276,12 +276,14 @@ def test_cache_put_is_not_dumpable_while_it_waits_for_the_passphrase():
     Run as uid 65534 (CAP_DAC_READ_SEARCH only to import us from a 0700 checkout): the
     kernel gives a non-dumpable process's /proc files to root, a dumpable one's stay its
     own (ptrace is refused to everyone in this sandbox, so it cannot tell the two apart).
-    The process waits for a passphrase that never comes and is ended by its PID.
+    ``keyhandoff cache put`` itself refuses uid 65534 before anything else (must run as
+    root), so the child runs what it runs before it reads: ``_harden()``, then
+    ``read_passphrase()``; it waits for a passphrase that never comes and is ended by its
+    PID.  The strace test above shows the real command as root doing the same, in order.
     """
     proc = subprocess.Popen(
-        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-         "--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search",
-         sys.executable, "-m", "keyhandoff", "cache", "put", "--volume", str(uuid.uuid4())],
+        [*NOBODY, sys.executable, "-c",
+         "from keyhandoff import cli; cli._harden(); cli.read_passphrase()"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
     try:
@@ -290,3 +292,113 @@ def test_cache_put_is_not_dumpable_while_it_waits_for_the_passphrase():
     finally:
         proc.kill()
         proc.wait()
+
+
+# --- messages people can act on (issue 14, item 4) -----------------------------------------
+
+#: uid 65534; CAP_DAC_READ_SEARCH (ambient) only to import us from a 0700 checkout
+NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+          "--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search"]
+
+#: one invocation of every command (parsed fine, so only the root check can stop it)
+EVERY_COMMAND = [
+    ("status",), ("cache", "put", "--volume", "00000000-0000-4000-8000-000000000000"),
+    ("cache", "list"), ("cache", "forget", "--all"), ("arm", "--reboot", "soft"),
+    ("rearm",), ("disarm",), ("schedule",), ("restore",), ("finish",), ("capture-initrd",),
+    ("login-handoff",), ("agent",),
+]
+
+
+def test_every_command_refuses_a_user_other_than_root_before_anything_else(cache):
+    vid = str(uuid.uuid4())
+    cache.put(vid, Secret.passphrase(make("root's")), timeout=60)
+    for args in EVERY_COMMAND:
+        proc = subprocess.run([*NOBODY, sys.executable, "-m", "keyhandoff", *args],
+                              input=make("never read") + b"\n", capture_output=True,
+                              timeout=60, check=False)
+        err = proc.stderr.decode()
+        assert proc.returncode == 4, (args, err)
+        name = " ".join(a for a in args[:2] if not a.startswith("-"))
+        assert err == (f"keyhandoff: must run as root (`keyhandoff {name}` uses root's kernel "
+                       "keyring, LUKS headers and the state under /run/keyhandoff)\n"), args
+        assert proc.stdout == b""
+    assert [e.volume for e in cache.entries()] == [vid]
+
+
+def test_an_unpossessed_user_keyring_is_refused_and_the_cache_survives(cache):
+    """``keyctl session -``: a new session keyring without @u (KeyringMode=private).
+
+    Before this was checked, the search of @u found nothing and the ``keyhandoff`` keyring
+    was created anew in @u, unlinking the one that held every cached passphrase.
+    """
+    keyctl = require_binary("keyctl", "apt-get install keyutils")
+    vid = str(uuid.uuid4())
+    cache.put(vid, Secret.passphrase(make("kept")), timeout=60)
+    serial = cache.keyring_serial
+    for args in [a for a in EVERY_COMMAND if a[0] not in {"status", "agent"}]:
+        proc = subprocess.run([keyctl, "session", "-", sys.executable, "-m", "keyhandoff",
+                               *args], input=make("never read") + b"\n", capture_output=True,
+                              timeout=60, check=False)
+        err = proc.stderr.decode().splitlines()
+        assert proc.returncode == 4, (args, err)
+        assert err[-1] == ("keyhandoff: root's user keyring is not possessed (run from a unit "
+                           "with KeyringMode=shared, or `keyctl link @u @s`)"), args
+    assert PassphraseCache().keyring_serial == serial  # the same keyring, still in @u
+    assert [e.volume for e in cache.entries()] == [vid]
+    # with @u linked into that new session it works
+    proc = subprocess.run([keyctl, "session", "-", "sh", "-c",
+                           f'{keyctl} link @u @s && exec "$@"', "sh",
+                           sys.executable, "-m", "keyhandoff", "cache", "list"],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert vid in proc.stdout
+
+
+def test_a_system_error_names_the_file_without_errno(cache):
+    # os.stat of a path through a regular file: NotADirectoryError, a plain OSError
+    r = kh("arm", "--reboot", "soft", "--no-ask", "--volume", "/etc/passwd/volume")
+    assert (r.returncode, r.stdout) == (1, "")
+    assert r.stderr == "keyhandoff: /etc/passwd/volume: Not a directory\n"
+
+
+#: (arguments, exit code): odd values of every option; 2 for what the parser refuses
+HOSTILE = [
+    (("status", "--json", "extra"), 2),
+] + [
+    (("cache", "put", "--volume", "00000000-0000-4000-8000-000000000000", "--timeout", t), 2)
+    for t in ("100000", "0", "-1", "1e3", "", "9" * 5000, "nan", "86401", "0x10")
+] + [
+    (("cache", "put", "--volume", v), 1) for v in ("", "x" * 5000, "\udcff", "../../etc")
+] + [
+    (("cache", "put"), 2), (("cache", "list", "--json", "--all"), 2), (("cache",), 2),
+    (("cache", "forget", "--all", "--volume", "x"), 2), (("cache", "forget", "--volume", ""), 1),
+    (("arm",), 2), (("arm", "--reboot", ""), 2), (("arm", "--reboot", "soft", "--boots", "0"), 2),
+    (("arm", "--reboot", "soft", "--boots", "9" * 40), 2),
+    (("arm", "--reboot", "soft", "--boots", "17"), 2),
+] + [
+    (("arm", "--reboot", "soft", "--ttl", t), 2)
+    for t in ("999999999999999d", "", "-5m", "30 parsecs", "10s", "2d", "nan")
+] + [
+    (("arm", "--reboot", "soft", "--ask-timeout", t), 2) for t in ("0", "99999999999", "1.5")
+] + [
+    (("arm", "--reboot", "soft", "--no-ask", "--volume", v), 1)
+    for v in ("", "/dev/null", "/etc", "/nonexistent", "\udcff")
+] + [
+    (("rearm", "--if-armed", "--now"), 2), (("disarm", "--volume"), 2), (("schedule", "x"), 2),
+] + [
+    (("restore", "--wait", w), 2) for w in ("nan", "inf", "-1", "1e400", "", "86401")
+] + [
+    (("finish", "--json", "--x"), 2), (("capture-initrd", "--volume"), 2),
+    (("login-handoff", "--volume"), 2), (("agent", "--config"), 2), (("bogus",), 2), ((), 2),
+]
+
+
+@pytest.mark.arms
+def test_no_argument_makes_a_traceback(cache):
+    for args, code in HOSTILE:
+        r = kh(*args)
+        assert "Traceback" not in r.stderr, (args, r.stderr)
+        assert "internal error" not in r.stderr, (args, r.stderr)
+        assert "[Errno" not in r.stderr, (args, r.stderr)
+        assert r.returncode == code, (args, r.stderr)
+        assert r.stderr.splitlines()[-1].startswith("keyhandoff: "), (args, r.stderr)
