@@ -40,14 +40,13 @@ _keyhandoff()
             return 0
             ;;
         --volume)
-            if [[ $cmd == cache || $cmd == login-handoff ]]; then
-                # a LUKS UUID
-                local uuids=""
-                [[ -d /dev/disk/by-uuid ]] && uuids=$(command ls /dev/disk/by-uuid 2>/dev/null)
-                COMPREPLY=($(compgen -W "$uuids" -- "$cur"))
-            else
-                # a LUKS source path
+            # every command: a crypttab name, a LUKS UUID or a source path
+            local names=""
+            [[ -r /etc/crypttab ]] && names=$(awk '$1 !~ /^#/ && NF >= 2 {print $1}' /etc/crypttab 2>/dev/null)
+            if [[ $cur == /* || $cur == .* ]]; then
                 COMPREPLY=($(compgen -f -- "$cur"))
+            else
+                COMPREPLY=($(compgen -W "$names" -- "$cur"))
             fi
             return 0
             ;;

@@ -37,6 +37,8 @@ from keyhandoff.secret import MAX_PASSPHRASE, Secret
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
+    from keyhandoff.chain import Target
+
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -130,9 +132,9 @@ def _harden() -> None:
 
 def cmd_cache_put(args: argparse.Namespace) -> int:
     """Store a passphrase for a volume, read from stdin or the terminal."""
-    from keyhandoff.cache import PassphraseCache, normalize_uuid
+    from keyhandoff.cache import PassphraseCache
 
-    volume = normalize_uuid(args.volume)  # refuse a bad UUID before asking for a passphrase
+    volume = _volume(args.volume).uuid  # refuse a bad volume before asking for a passphrase
     _harden()
     with read_passphrase(f"Passphrase for {volume}: ") as secret:
         PassphraseCache().put(volume, secret, timeout=args.timeout)
@@ -165,11 +167,27 @@ def cmd_cache_forget(args: argparse.Namespace) -> int:
         count = cache.forget_all()
         sys.stderr.write(f"keyhandoff: forgot {count} cached passphrase(s)\n")
         return EXIT_OK
-    if not cache.forget(args.volume):
-        sys.stderr.write(f"keyhandoff: nothing cached for {args.volume}\n")
+    volume = _volume(args.volume)
+    if not cache.forget(volume.uuid):
+        sys.stderr.write(f"keyhandoff: nothing cached for {_named(volume)}\n")
         return EXIT_NOT_FOUND
-    sys.stderr.write(f"keyhandoff: forgot the passphrase for {args.volume}\n")
+    sys.stderr.write(f"keyhandoff: forgot the passphrase for {_named(volume)}\n")
     return EXIT_OK
+
+
+def _volume(spec: str) -> Target:
+    """What ``--volume`` names, resolved the same way in every command.
+
+    A crypttab name, a LUKS UUID with or without ``UUID=``, or a source path
+    (:func:`keyhandoff.asking.resolve_volume`).
+    """
+    from keyhandoff.asking import resolve_volume
+
+    return resolve_volume(spec)
+
+
+def _named(t: Target) -> str:
+    return t.uuid if t.name == t.uuid else f"{t.name} ({t.uuid})"
 
 
 def _duration(text: str) -> int:
@@ -204,15 +222,12 @@ def cmd_arm(args: argparse.Namespace) -> int:
     _harden()
     from keyhandoff import update
 
-    try:
-        report = update.arm(
-            reboot=args.reboot, boots=args.boots, ttl=timedelta(seconds=args.ttl),
-            login=args.login, volumes=args.volumes,
-            ask=None if args.no_ask else update.SystemdAsk(args.ask_timeout),
-            progress=_progress,
-        )
-    except ValueError as exc:
-        return _fail(EXIT_USAGE, describe(exc))
+    report = update.arm(  # an InvalidArgument (a --ttl out of range...) is a usage error
+        reboot=args.reboot, boots=args.boots, ttl=timedelta(seconds=args.ttl),
+        login=args.login, volumes=args.volumes,
+        ask=None if args.no_ask else update.SystemdAsk(args.ask_timeout),
+        progress=_progress,
+    )
     _emit(args, report.as_dict(), report.summary() + "\n")
     return EXIT_OK
 
@@ -237,7 +252,10 @@ def cmd_disarm(args: argparse.Namespace) -> int:
     _harden()
     from keyhandoff import update
 
-    counts = update.disarm(volumes=args.volumes)
+    try:
+        counts = update.disarm(volumes=args.volumes, must_match=True)
+    except update.NotArmed as exc:
+        return _fail(EXIT_NOT_FOUND, describe(exc))
     sys.stderr.write("keyhandoff: disarmed (" + ", ".join(
         f"{v} {k}" for k, v in counts.items()) + ")\n")
     return EXIT_OK
@@ -258,7 +276,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
     _harden()
     from keyhandoff import update
 
-    report = update.restore(volumes=args.volumes, wait=args.wait)
+    paths = None if args.volumes is None else [_volume(v).path for v in args.volumes]
+    report = update.restore(volumes=paths, wait=args.wait)
     if report.refused:
         sys.stderr.write(f"keyhandoff: record refused: {report.refused}\n")
     sys.stderr.write(f"keyhandoff: restored {len(report.restored)} volume(s) "
@@ -289,7 +308,7 @@ def cmd_login_handoff(args: argparse.Namespace) -> int:
         sys.stderr.write("keyhandoff: login hand-off is disabled ([login] enabled = false)\n")
         return EXIT_OK
     cache = PassphraseCache()
-    volumes = [args.volume] if args.volume else [e.volume for e in cache.entries()]
+    volumes = [_volume(args.volume).uuid] if args.volume else [e.volume for e in cache.entries()]
     if not volumes:
         sys.stderr.write("keyhandoff: no cached passphrase to hand to the login\n")
         return EXIT_NOT_FOUND
@@ -307,7 +326,8 @@ def cmd_capture_initrd(args: argparse.Namespace) -> int:
     from keyhandoff import config
     from keyhandoff.initrd_capture import capture_once
 
-    report = capture_once(retain=config.load().capture_timeout, volumes=args.volumes)
+    paths = None if args.volumes is None else [_volume(v).path for v in args.volumes]
+    report = capture_once(retain=config.load().capture_timeout, volumes=paths)
     sys.stderr.write(f"keyhandoff: {report.summary()}\n")
     return EXIT_OK
 
@@ -338,6 +358,9 @@ def _cache_timeout(text: str) -> int:
     return value
 
 
+_VOLUME_HELP: Final = "a crypttab name, a LUKS UUID (or UUID=<uuid>) or a source path"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (separate so tests and docs can inspect it)."""
     parser = _Parser(prog="keyhandoff", description="Type the disk passphrase once.")
@@ -357,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
         "from stdin (one line) or asked on the terminal without echo; never from the command "
         "line or the environment, where other processes could see it.",
     )
-    p.add_argument("--volume", required=True, metavar="UUID", help="LUKS UUID of the volume")
+    p.add_argument("--volume", required=True, metavar="VOLUME", help=_VOLUME_HELP)
     p.add_argument("--timeout", type=_cache_timeout, default=600, metavar="S",
                    help="seconds until the kernel expires it (default 600, at most 86400)")
     p.set_defaults(func=cmd_cache_put)
@@ -366,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_cache_list)
     p = csub.add_parser("forget", help="destroy cached passphrases")
     g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--volume", metavar="UUID", help="LUKS UUID of the volume")
+    g.add_argument("--volume", metavar="VOLUME", help=_VOLUME_HELP)
     g.add_argument("--all", action="store_true", help="every cached passphrase")
     p.set_defaults(func=cmd_cache_forget)
 
@@ -379,8 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="deadline from now: 90s, 30m, 2h (default 30m, at most 1d)")
     p.add_argument("--login", action="store_true",
                    help="also hand the passphrase to the login path on the last boot")
-    p.add_argument("--volume", action="append", metavar="PATH", dest="volumes",
-                   help="a LUKS source path (repeatable; default: /etc/crypttab)")
+    p.add_argument("--volume", action="append", metavar="VOLUME", dest="volumes",
+                   help=_VOLUME_HELP + " (repeatable; default: /etc/crypttab)")
     p.add_argument("--no-ask", action="store_true",
                    help="use only cached passphrases; never prompt")
     p.add_argument("--ask-timeout", type=_ask_timeout, default=90, metavar="S",
@@ -393,7 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable report")
     p.set_defaults(func=cmd_rearm)
     p = sub.add_parser("disarm", help="wipe every record, key and one-time keyslot")
-    p.add_argument("--volume", action="append", metavar="PATH", dest="volumes")
+    p.add_argument("--volume", action="append", metavar="VOLUME", dest="volumes",
+                   help=_VOLUME_HELP + " (repeatable): an error when nothing is armed or "
+                   "cached for it")
     p.set_defaults(func=cmd_disarm)
     p = sub.add_parser(
         "schedule", help="arm for a scheduled offline update, disarm a cancelled one "
@@ -417,7 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_boot_steps(sub: argparse._SubParsersAction[_Parser]) -> None:
     """The subcommands the units run at boot."""
     p = sub.add_parser("restore", help="early boot: load an armed handoff (unit use)")
-    p.add_argument("--volume", action="append", metavar="PATH", dest="volumes")
+    p.add_argument("--volume", action="append", metavar="VOLUME", dest="volumes",
+                   help=_VOLUME_HELP + " (repeatable)")
     p.add_argument("--wait", type=_wait_seconds, default=0, metavar="S",
                    help="when a record is there, wait up to S seconds for the devices")
     p.set_defaults(func=cmd_restore)
@@ -427,13 +453,14 @@ def _add_boot_steps(sub: argparse._SubParsersAction[_Parser]) -> None:
     p = sub.add_parser("capture-initrd",
                        help="after the initramfs: cache the passphrases typed there, verified "
                        "(unit use)")
-    p.add_argument("--volume", action="append", metavar="PATH", dest="volumes",
-                   help="a LUKS source path to check (repeatable; default: /etc/crypttab "
+    p.add_argument("--volume", action="append", metavar="VOLUME", dest="volumes",
+                   help=_VOLUME_HELP + " to check (repeatable; default: /etc/crypttab "
                    "and every LUKS device)")
     p.set_defaults(func=cmd_capture_initrd)
     p = sub.add_parser("login-handoff",
                        help="hand a cached passphrase to the login path (unit use)")
-    p.add_argument("--volume", metavar="UUID", help="whose passphrase (default: the first)")
+    p.add_argument("--volume", metavar="VOLUME",
+                   help="whose passphrase: " + _VOLUME_HELP + " (default: the first)")
     p.set_defaults(func=cmd_login_handoff)
 
 

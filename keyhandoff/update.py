@@ -47,6 +47,7 @@ from keyhandoff.asking import (
     ask_with_systemd,
     gather,
 )
+from keyhandoff.asking import resolve_volume as _resolve_volume
 from keyhandoff.asking import targets as _targets
 from keyhandoff.cache import PassphraseCache
 from keyhandoff.chain import Chain, Reboot, Target
@@ -89,6 +90,7 @@ __all__ = [
     "finish",
     "first_in_boot",
     "rearm",
+    "resolve_volume",
     "restore",
     "status",
     "targets",
@@ -100,7 +102,7 @@ MAX_BOOTS: Final = 16
 
 
 def targets(sources: Sequence[str] | None = None, *, host: Host = THIS_HOST) -> list[Target]:
-    """The volumes to hand over: ``sources`` (paths), else the prompting crypttab entries."""
+    """The volumes to hand over: ``sources`` (:func:`resolve_volume`), else crypttab's."""
     return _targets(sources, host.crypttab_path)
 
 
@@ -235,19 +237,33 @@ def rearm(*, progress: Progress | None = None, lock_wait: float = statelock.DEFA
 
 
 def disarm(*, quiet: bool = False, volumes: Sequence[str] | None = None,
-           lock_wait: float = statelock.DEFAULT_WAIT, host: Host = THIS_HOST) -> dict[str, int]:
+           lock_wait: float = statelock.DEFAULT_WAIT, host: Host = THIS_HOST,
+           must_match: bool = False) -> dict[str, int]:
     """Wipe everything armed.
 
     Every channel's record, our state keys, the one-time keyslots on every LUKS volume of
     the machine (:func:`keyhandoff.sweep.sweep_paths`: also those no chain state names any
     more), and the cached passphrases of the armed volumes (``volumes``, else crypttab and
-    the chain's).  Holds the state lock.
+    the chain's).  ``volumes`` are what ``--volume`` takes (:func:`resolve_volume`: a
+    crypttab name, a LUKS UUID, a path); a volume need not be plugged in.
+    ``must_match``: raise :class:`NotArmed` before anything is touched when one of
+    ``volumes`` is neither in the armed chain nor in the cache (the command line: a
+    ``disarm --volume`` that would do nothing for it says so).  Holds the state lock.
     """
+    named = ([resolve_volume(v, host=host) for v in volumes]
+             if volumes is not None else None)
     with statelock.held("disarm", wait=lock_wait):
         cache = PassphraseCache()
         chain = chain_mod.load(cache)
+        if must_match and named:
+            held = ((chain.uuids() if chain else set())
+                    | {e.volume for e in cache.entries()}
+                    | {e.volume for e in cache.onetime_entries()})
+            for t in named:
+                if t.uuid not in held:
+                    raise NotArmed(f"nothing is armed or cached for {t.name} ({t.uuid})")
         known = sweep.known_paths(chain, host)
-        paths = list(volumes) if volumes is not None else known
+        paths = [t.path for t in named] if named is not None else known
         counts = {"records": sum(c.discard() for c in channels.REGISTRY.values()),
                   "keys": 0, "keyslots": 0}
         # keyslots: on every LUKS volume of the machine; passphrases: only the named volumes'
@@ -257,13 +273,22 @@ def disarm(*, quiet: bool = False, volumes: Sequence[str] | None = None,
             counts["keys"] += each.forget_keys(cache, seen)
         counts["keys"] += cache.forget_key(CHAIN_KEY)
         uuids = chain.uuids() if chain else set()
-        with contextlib.suppress(KeyhandoffError, OSError):
-            uuids |= {t.uuid for t in targets(paths, host=host)}
+        if named is not None:
+            uuids |= {t.uuid for t in named}
+        else:
+            with contextlib.suppress(KeyhandoffError, OSError):
+                uuids |= {t.uuid for t in targets(paths, host=host)}
         for u in uuids:
             counts["keys"] += cache.forget(u) + cache.forget_onetime(u)
     if not quiet:
         journal.log(Event.WIPED, "disarmed", **counts)
     return counts
+
+
+def resolve_volume(spec: str, *, need_header: bool = False,
+                   host: Host = THIS_HOST) -> Target:
+    """What a ``--volume`` names (crypttab name, LUKS UUID, path), in ``host``'s crypttab."""
+    return _resolve_volume(spec, host.crypttab_path, need_header=need_header)
 
 
 def status(*, host: Host = THIS_HOST) -> dict[str, Any]:

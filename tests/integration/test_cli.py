@@ -142,24 +142,31 @@ _SECRET = re.compile(r"(readv?\(0, |keyctl\(KEYCTL_READ, |add_key\()")
 
 
 @contextlib.contextmanager
-def _login_enabled():
-    """A mount namespace whose /etc has ``[login] enabled = true`` (an overlay over /etc).
+def _etc(files: dict[str, str]):
+    """A mount namespace whose /etc has these ``files`` (an overlay over /etc).
 
-    The machine's /etc is not touched; only the command run inside sees the file.  Its
+    The machine's /etc is not touched; only the command run inside sees the files.  Its
     /run/keyhandoff is a private tmpfs too: ``login-handoff`` marks itself done once per boot
     there, and a mark left on the machine would turn every later run into a no-op.
     """
     with tempfile.TemporaryDirectory(prefix="kh-cli-etc-") as d:
         upper, work = Path(d, "upper"), Path(d, "work")
-        (upper / "keyhandoff").mkdir(parents=True)
+        upper.mkdir()
         work.mkdir()
-        (upper / "keyhandoff" / "keyhandoff.conf").write_text("[login]\nenabled = true\n")
+        for name, text in files.items():
+            (upper / name).parent.mkdir(parents=True, exist_ok=True)
+            (upper / name).write_text(text)
         unshare = require_binary("unshare", "apt-get install util-linux")
         script = ("mkdir -p -m 0700 /run/keyhandoff && "
                   "mount -t tmpfs -o mode=0700 keyhandoff-test /run/keyhandoff && "
                   f"mount -t overlay overlay -o lowerdir=/etc,upperdir={upper},workdir={work} "
                   '/etc && exec "$@"')
         yield [unshare, "--mount", "--propagation", "private", "sh", "-c", script, "sh"]
+
+
+def _login_enabled():
+    """:func:`_etc` with ``[login] enabled = true``."""
+    return _etc({"keyhandoff/keyhandoff.conf": "[login]\nenabled = true\n"})
 
 
 def _traced(tmp_path: Path, *args: str, stdin: bytes = b"",
@@ -402,3 +409,53 @@ def test_no_argument_makes_a_traceback(cache):
         assert "[Errno" not in r.stderr, (args, r.stderr)
         assert r.returncode == code, (args, r.stderr)
         assert r.stderr.splitlines()[-1].startswith("keyhandoff: "), (args, r.stderr)
+
+
+def _in(prefix: list[str], *args: str, stdin: bytes = b"") -> tuple[int, str, str]:
+    proc = subprocess.run([*prefix, sys.executable, "-m", "keyhandoff", *args], input=stdin,
+                          capture_output=True, timeout=120, check=False)
+    return proc.returncode, proc.stdout.decode(), proc.stderr.decode()
+
+
+@pytest.mark.arms
+def test_volume_is_a_crypttab_name_a_uuid_or_a_path_in_every_command(tmp_path, cache):
+    from keyhandoff import update  # noqa: PLC0415
+
+    pw = make("volume")
+    img = format_image(tmp_path / "data.img", pw)
+    vid = uuid_of(img)
+    absent = str(uuid.uuid4())
+    crypttab = f"data {img} none luks\nelsewhere UUID={absent} none luks\n"
+    with _etc({"crypttab": crypttab}) as etc:
+        for spec in ("data", vid, f"UUID={vid}", vid.upper(), str(img)):
+            rc, _out, err = _in(etc, "cache", "put", "--volume", spec, "--timeout", "60",
+                                stdin=pw + b"\n")
+            assert rc == 0, (spec, err)
+            assert [e.volume for e in cache.entries()] == [vid], spec
+            rc, _out, err = _in(etc, "cache", "forget", "--volume", spec)
+            assert (rc, err) == (0, f"keyhandoff: forgot the passphrase for data ({vid})\n")
+            assert cache.entries() == []
+        # a UUID= entry whose device is not plugged in: its name still says which volume
+        rc, _out, err = _in(etc, "cache", "put", "--volume", "elsewhere", stdin=pw + b"\n")
+        assert rc == 0, err
+        assert [e.volume for e in cache.entries()] == [absent]
+        assert cache.forget(absent)
+        rc, _out, err = _in(etc, "cache", "put", "--volume", "nosuch", stdin=pw + b"\n")
+        assert (rc, err) == (1, ("keyhandoff: no volume 'nosuch': not a name in /etc/crypttab, "
+                                "a LUKS UUID or a path\n"))
+        # arm by name: the report names the crypttab entry
+        assert _in(etc, "cache", "put", "--volume", "data", stdin=pw + b"\n")[0] == 0
+        rc, out, err = _in(etc, "arm", "--reboot", "soft", "--no-ask", "--volume", "data",
+                           "--json")
+        assert rc == 0, err
+        armed = json.loads(out)["volumes"]
+        assert [(v["name"], v["uuid"]) for v in armed] == [("data", vid)]
+        # disarm of a volume nothing is armed or cached for: an error, nothing disarmed
+        rc, _out, err = _in(etc, "disarm", "--volume", absent)
+        assert (rc, err) == (3, (f"keyhandoff: nothing is armed or cached for elsewhere "
+                                f"({absent})\n"))
+        assert update.status()["armed"] is True
+        rc, _out, err = _in(etc, "disarm", "--volume", f"UUID={vid}")
+        assert rc == 0, err
+        assert update.status()["armed"] is False
+        assert cache.entries() == []
