@@ -186,6 +186,13 @@ def _volume(spec: str) -> Target:
     return resolve_volume(spec)
 
 
+def _volume_paths(specs: list[str] | None) -> list[str] | None:
+    """For the boot steps, which may wait for a device: a path as given, else resolved."""
+    if specs is None:
+        return None
+    return [s if s.startswith("/") else _volume(s).path for s in specs]
+
+
 def _named(t: Target) -> str:
     return t.uuid if t.name == t.uuid else f"{t.name} ({t.uuid})"
 
@@ -276,8 +283,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
     _harden()
     from keyhandoff import update
 
-    paths = None if args.volumes is None else [_volume(v).path for v in args.volumes]
-    report = update.restore(volumes=paths, wait=args.wait)
+    report = update.restore(volumes=_volume_paths(args.volumes), wait=args.wait)
     if report.refused:
         sys.stderr.write(f"keyhandoff: record refused: {report.refused}\n")
     sys.stderr.write(f"keyhandoff: restored {len(report.restored)} volume(s) "
@@ -326,8 +332,8 @@ def cmd_capture_initrd(args: argparse.Namespace) -> int:
     from keyhandoff import config
     from keyhandoff.initrd_capture import capture_once
 
-    paths = None if args.volumes is None else [_volume(v).path for v in args.volumes]
-    report = capture_once(retain=config.load().capture_timeout, volumes=paths)
+    report = capture_once(retain=config.load().capture_timeout,
+                          volumes=_volume_paths(args.volumes))
     sys.stderr.write(f"keyhandoff: {report.summary()}\n")
     return EXIT_OK
 
