@@ -21,10 +21,11 @@ import argparse
 import json
 import os
 import sys
+import time
 from datetime import timedelta
 from typing import TYPE_CHECKING, Final, NoReturn
 
-from keyhandoff import __version__
+from keyhandoff import __version__, timefmt
 from keyhandoff.errors import (
     InvalidArgument,
     KeyhandoffError,
@@ -35,7 +36,7 @@ from keyhandoff.errors import (
 from keyhandoff.secret import MAX_PASSPHRASE, Secret
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
 
     from keyhandoff.chain import Target
 
@@ -47,7 +48,8 @@ EXIT_NOT_FOUND = 3
 EXIT_NOT_PERMITTED = 4
 EXIT_INTERRUPTED = 130
 
-#: The longest span any option takes (a day: the longest a key or a chain may live).
+#: The longest span any option takes: a day, the longest a cache entry
+#: (:data:`keyhandoff.cache.MAX_TIMEOUT`) or a chain may live.
 _MAX_SPAN: Final = 86400
 
 
@@ -134,11 +136,13 @@ def cmd_cache_put(args: argparse.Namespace) -> int:
     """Store a passphrase for a volume, read from stdin or the terminal."""
     from keyhandoff.cache import PassphraseCache
 
-    volume = _volume(args.volume).uuid  # refuse a bad volume before asking for a passphrase
+    volume = _volume(args.volume)  # refuse a bad volume before asking for a passphrase
     _harden()
-    with read_passphrase(f"Passphrase for {volume}: ") as secret:
-        PassphraseCache().put(volume, secret, timeout=args.timeout)
-    sys.stderr.write(f"keyhandoff: cached passphrase for {volume} for {args.timeout} s\n")
+    with read_passphrase(f"Passphrase for {_named(volume)}: ") as secret:
+        PassphraseCache().put(volume.uuid, secret, timeout=args.timeout)
+    now = int(time.time())
+    until = timefmt.timestamp(now + args.timeout, now=now)
+    sys.stderr.write(f"keyhandoff: cached the passphrase for {_named(volume)} until {until}\n")
     return EXIT_OK
 
 
@@ -155,7 +159,8 @@ def cmd_cache_list(args: argparse.Namespace) -> int:
 def _left(seconds: int | None) -> str:
     if seconds is None:
         return "no expiry"
-    return "expired" if seconds == 0 else f"{seconds} s left"
+    now = int(time.time())
+    return timefmt.timestamp(now + seconds, now=now) if seconds else "expired"
 
 
 def cmd_cache_forget(args: argparse.Namespace) -> int:
@@ -197,26 +202,18 @@ def _named(t: Target) -> str:
     return t.uuid if t.name == t.uuid else f"{t.name} ({t.uuid})"
 
 
-def _duration(text: str) -> int:
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    try:
-        unit = units.get(text[-1:], 1)
-        value = int(text[:-1] if unit != 1 or text[-1:] == "s" else text) * unit
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (e.g. 90s, 30m, 2h)") from None
-    if not 0 <= value <= _MAX_SPAN:
-        raise argparse.ArgumentTypeError(f"{text!r} is out of range (at most one day)")
-    return value
-
-
-def _wait_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not 0 <= value <= _MAX_SPAN:  # also NaN and infinity
-        raise argparse.ArgumentTypeError(f"{text!r}: 0 to {_MAX_SPAN} seconds")
-    return value
+def _span(*, least: int, most: int, whole: bool = True) -> Callable[[str], float]:
+    """An argparse type: a systemd time span (``90``, ``30min``, ``1h 30min``) in seconds."""
+    def parse(text: str) -> float:
+        try:
+            if whole:
+                return timefmt.parse_span_seconds(text, least=least, most=most)
+            return timefmt.parse_span(text, least=least, most=most)
+        except ValueError as exc:
+            hint = "" if "out of range" in str(exc) else " (a time span: 90, 10min, 1h 30min)"
+            raise argparse.ArgumentTypeError(f"{exc}{hint}") from None
+    parse.__name__ = "time span"  # argparse names the type in its messages
+    return parse
 
 
 def _progress(message: str) -> None:
@@ -348,22 +345,6 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _ask_timeout(text: str) -> int:
-    value = _positive_int(text)
-    if value > _MAX_SPAN:
-        raise argparse.ArgumentTypeError(f"at most {_MAX_SPAN} seconds (one day)")
-    return value
-
-
-def _cache_timeout(text: str) -> int:
-    from keyhandoff.cache import MAX_TIMEOUT
-
-    value = _positive_int(text)
-    if value > MAX_TIMEOUT:
-        raise argparse.ArgumentTypeError(f"at most {MAX_TIMEOUT} seconds (one day)")
-    return value
-
-
 _VOLUME_HELP: Final = "a crypttab name, a LUKS UUID (or UUID=<uuid>) or a source path"
 
 
@@ -387,8 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
         "line or the environment, where other processes could see it.",
     )
     p.add_argument("--volume", required=True, metavar="VOLUME", help=_VOLUME_HELP)
-    p.add_argument("--timeout", type=_cache_timeout, default=600, metavar="S",
-                   help="seconds until the kernel expires it (default 600, at most 86400)")
+    p.add_argument("--timeout", type=_span(least=1, most=_MAX_SPAN), default=600,
+                   metavar="SPAN", help="time span until the kernel expires it: 90, 10min, "
+                   "1h 30min (default 10min, at most 1d)")
     p.set_defaults(func=cmd_cache_put)
     p = csub.add_parser("list", help="volumes with a cached passphrase and their time left")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -404,16 +386,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="soft: systemctl soft-reboot (kernel keyring); full: EFI record")
     p.add_argument("--boots", type=_positive_int, default=1, metavar="N",
                    help="how many boots the handoff covers (default 1)")
-    p.add_argument("--ttl", type=_duration, default=1800, metavar="DURATION",
-                   help="deadline from now: 90s, 30m, 2h (default 30m, at most 1d)")
+    p.add_argument("--ttl", type=_span(least=60, most=_MAX_SPAN), default=1800,
+                   metavar="SPAN", help="deadline from now, a time span: 90s, 30min, "
+                   "1h 30min (default 30min, 1min to 1d)")
     p.add_argument("--login", action="store_true",
                    help="also hand the passphrase to the login path on the last boot")
     p.add_argument("--volume", action="append", metavar="VOLUME", dest="volumes",
                    help=_VOLUME_HELP + " (repeatable; default: /etc/crypttab)")
     p.add_argument("--no-ask", action="store_true",
                    help="use only cached passphrases; never prompt")
-    p.add_argument("--ask-timeout", type=_ask_timeout, default=90, metavar="S",
-                   help="give up asking the password agents after S seconds (default 90)")
+    p.add_argument("--ask-timeout", type=_span(least=1, most=_MAX_SPAN), default=90,
+                   metavar="SPAN", help="give up asking the password agents after this time "
+                   "span (default 90s, at most 1d)")
     p.add_argument("--json", action="store_true", help="machine-readable report")
     p.set_defaults(func=cmd_arm)
     p = sub.add_parser("rearm", help="inside an update boot: arm the chain's next boot")
@@ -450,8 +434,9 @@ def _add_boot_steps(sub: argparse._SubParsersAction[_Parser]) -> None:
     p = sub.add_parser("restore", help="early boot: load an armed handoff (unit use)")
     p.add_argument("--volume", action="append", metavar="VOLUME", dest="volumes",
                    help=_VOLUME_HELP + " (repeatable)")
-    p.add_argument("--wait", type=_wait_seconds, default=0, metavar="S",
-                   help="when a record is there, wait up to S seconds for the devices")
+    p.add_argument("--wait", type=_span(least=0, most=_MAX_SPAN, whole=False), default=0,
+                   metavar="SPAN", help="when a record is there, wait up to this time span "
+                   "for the devices (default 0)")
     p.set_defaults(func=cmd_restore)
     p = sub.add_parser("finish", help="after the volumes opened: destroy one-time keyslots, "
                        "login hand-off on the last boot (unit use)")

@@ -459,3 +459,36 @@ def test_volume_is_a_crypttab_name_a_uuid_or_a_path_in_every_command(tmp_path, c
         assert rc == 0, err
         assert update.status()["armed"] is False
         assert cache.entries() == []
+
+
+#: a time as systemd shows it: ``Tue 2026-12-01 14:41:18 UTC; 9min left``
+_SYSTEMD_TIME = r"[A-Z][a-z]{2} \d{4}-\d\d-\d\d \d\d:\d\d:\d\d \S+; "
+
+
+@pytest.mark.arms
+def test_durations_are_systemd_time_spans_and_times_read_as_systemd_shows_them(tmp_path, cache):
+    pw = make("spans")
+    img = format_image(tmp_path / "v.img", pw)
+    vid = uuid_of(img)
+    r = kh("cache", "put", "--volume", vid, "--timeout", "1h 30min", stdin=pw + b"\n")
+    assert r.returncode == 0, r.stderr
+    assert re.fullmatch(rf"keyhandoff: cached the passphrase for {vid} until "
+                        rf"{_SYSTEMD_TIME}1h 30min left\n", r.stderr), r.stderr
+    (entry,) = cache.entries()
+    assert entry.seconds_left is not None
+    assert 5390 <= entry.seconds_left <= 5400  # the kernel's own timeout: 1h 30min
+    listed = kh("cache", "list").stdout
+    assert re.fullmatch(rf"{vid}  {_SYSTEMD_TIME}1h (29|30)min left\n", listed), listed
+    before = int(time.time())
+    r = kh("arm", "--reboot", "soft", "--no-ask", "--volume", str(img), "--ttl", "1h 15min",
+           "--ask-timeout", "2min")
+    assert r.returncode == 0, r.stderr
+    assert re.search(rf"until {_SYSTEMD_TIME}1h 1[45]min left\.", r.stdout), r.stdout
+    status = kh("status").stdout
+    assert re.search(rf"  deadline: {_SYSTEMD_TIME}1h 1[45]min left\n", status), status
+    assert not re.search(rf"\b{before // 100000}\d{{5}}\b", r.stdout + status)  # no epoch
+    for args in (("cache", "put", "--volume", vid, "--timeout", "1h 30x"),
+                 ("arm", "--reboot", "soft", "--ttl", "30 parsecs")):
+        r = kh(*args, stdin=pw + b"\n")
+        assert r.returncode == 2, args
+        assert "is not a time span (a time span: 90, 10min, 1h 30min)" in r.stderr, r.stderr
