@@ -78,10 +78,10 @@ _keyhandoff()
         status) opts="--help --json" ;;
         arm) opts="--help --reboot --boots --ttl --login --volume --no-ask --ask-timeout --json" ;;
         rearm) opts="--help --if-armed --json" ;;
-        disarm) opts="--help --volume" ;;
+        disarm) opts="--help --volume --json" ;;
         schedule) opts="--help --json" ;;
-        restore) opts="--help --volume --wait" ;;
-        finish) opts="--help" ;;
+        restore) opts="--help --volume --wait --json" ;;
+        finish) opts="--help --json" ;;
         capture-initrd) opts="--help --volume" ;;
         login-handoff) opts="--help --volume" ;;
         agent) opts="--help --config" ;;

@@ -56,7 +56,7 @@ _MAX_SPAN: Final = 86400
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.print_usage(sys.stderr)
-        self.exit(EXIT_USAGE, f"keyhandoff: {message}\n")
+        self.exit(_fail(EXIT_USAGE, message))
 
 
 def read_passphrase(prompt: str = "Passphrase: ") -> Secret:
@@ -104,6 +104,7 @@ def _read_fd(fd: int, limit: int, *, stop_at_newline: bool) -> bytearray:
 
 
 def _emit(args: argparse.Namespace, data: object, text: str) -> None:
+    """``data`` (:mod:`keyhandoff.jsonout`'s vocabulary) with ``--json``, else ``text``."""
     if getattr(args, "json", False):
         json.dump(data, sys.stdout, indent=2, sort_keys=True)
         sys.stdout.write("\n")
@@ -113,10 +114,11 @@ def _emit(args: argparse.Namespace, data: object, text: str) -> None:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """Report what the machine offers and what we hold (never a payload)."""
+    from keyhandoff import jsonout
     from keyhandoff.status import collect
 
     report = collect()
-    _emit(args, report.as_dict(), report.as_text())
+    _emit(args, jsonout.status(report.as_dict(), int(time.time())), report.as_text())
     return EXIT_OK
 
 
@@ -148,11 +150,13 @@ def cmd_cache_put(args: argparse.Namespace) -> int:
 
 def cmd_cache_list(args: argparse.Namespace) -> int:
     """List cached volumes with the time the kernel leaves them."""
+    from keyhandoff import jsonout
     from keyhandoff.cache import PassphraseCache
 
     entries = PassphraseCache().entries()
     lines = [f"{e.volume}  {_left(e.seconds_left)}\n" for e in entries]
-    _emit(args, [e.as_dict() for e in entries], "".join(lines) or "no cached passphrases\n")
+    _emit(args, jsonout.cache_list(entries, int(time.time())),
+          "".join(lines) or "no cached passphrases\n")
     return EXIT_OK
 
 
@@ -174,8 +178,7 @@ def cmd_cache_forget(args: argparse.Namespace) -> int:
         return EXIT_OK
     volume = _volume(args.volume)
     if not cache.forget(volume.uuid):
-        sys.stderr.write(f"keyhandoff: nothing cached for {_named(volume)}\n")
-        return EXIT_NOT_FOUND
+        return _fail(EXIT_NOT_FOUND, f"nothing cached for {_named(volume)}")
     sys.stderr.write(f"keyhandoff: forgot the passphrase for {_named(volume)}\n")
     return EXIT_OK
 
@@ -224,7 +227,7 @@ def _progress(message: str) -> None:
 def cmd_arm(args: argparse.Namespace) -> int:
     """Arm the handoff and print what the next boot will do."""
     _harden()
-    from keyhandoff import update
+    from keyhandoff import jsonout, update
 
     report = update.arm(  # an InvalidArgument (a --ttl out of range...) is a usage error
         reboot=args.reboot, boots=args.boots, ttl=timedelta(seconds=args.ttl),
@@ -232,14 +235,14 @@ def cmd_arm(args: argparse.Namespace) -> int:
         ask=None if args.no_ask else update.SystemdAsk(args.ask_timeout),
         progress=_progress,
     )
-    _emit(args, report.as_dict(), report.summary() + "\n")
+    _emit(args, jsonout.arm(report), report.summary() + "\n")
     return EXIT_OK
 
 
 def cmd_rearm(args: argparse.Namespace) -> int:
     """Re-arm an armed chain for its next boot."""
     _harden()
-    from keyhandoff import update
+    from keyhandoff import jsonout, update
 
     try:
         report = update.rearm(progress=_progress)
@@ -247,14 +250,14 @@ def cmd_rearm(args: argparse.Namespace) -> int:
         if args.if_armed:
             return EXIT_OK
         return _fail(EXIT_NOT_FOUND, describe(exc))
-    _emit(args, report.as_dict(), report.summary() + "\n")
+    _emit(args, jsonout.arm(report), report.summary() + "\n")
     return EXIT_OK
 
 
 def cmd_disarm(args: argparse.Namespace) -> int:
     """Wipe everything armed."""
     _harden()
-    from keyhandoff import update
+    from keyhandoff import jsonout, update
 
     try:
         counts = update.disarm(volumes=args.volumes, must_match=True)
@@ -262,23 +265,24 @@ def cmd_disarm(args: argparse.Namespace) -> int:
         return _fail(EXIT_NOT_FOUND, describe(exc))
     sys.stderr.write("keyhandoff: disarmed (" + ", ".join(
         f"{v} {k}" for k, v in counts.items()) + ")\n")
+    _emit(args, jsonout.disarm(counts), "")
     return EXIT_OK
 
 
 def cmd_schedule(args: argparse.Namespace) -> int:
     """Arm for a scheduled offline update, or disarm a cancelled one (the path unit's)."""
     _harden()
-    from keyhandoff import schedule
+    from keyhandoff import jsonout, schedule
 
     report = schedule.reconcile()
-    _emit(args, report.as_dict(), f"keyhandoff: {report.summary()}\n")
+    _emit(args, jsonout.schedule(report.as_dict()), f"keyhandoff: {report.summary()}\n")
     return EXIT_OK if report.ok else EXIT_ERROR
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
     """Boot time: load an armed record."""
     _harden()
-    from keyhandoff import update
+    from keyhandoff import jsonout, update
 
     report = update.restore(volumes=_volume_paths(args.volumes), wait=args.wait)
     if report.refused:
@@ -286,17 +290,19 @@ def cmd_restore(args: argparse.Namespace) -> int:
     sys.stderr.write(f"keyhandoff: restored {len(report.restored)} volume(s) "
                      f"(channel {report.channel or 'none'}), destroyed "
                      f"{report.keyslots_destroyed} stale one-time keyslot(s)\n")
+    _emit(args, jsonout.restore(report), "")
     return EXIT_OK
 
 
-def cmd_finish(args: argparse.Namespace) -> int:  # noqa: ARG001
+def cmd_finish(args: argparse.Namespace) -> int:
     """Boot time, after the volumes opened."""
     _harden()
-    from keyhandoff import config, update
+    from keyhandoff import config, jsonout, update
 
     report = update.finish(login_timeout=config.load().login_timeout)
     sys.stderr.write(f"keyhandoff: destroyed {report.keyslots_destroyed} one-time "
                      f"keyslot(s); login: {report.login}\n")
+    _emit(args, jsonout.finish(report), "")
     return EXIT_OK
 
 
@@ -409,6 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--volume", action="append", metavar="VOLUME", dest="volumes",
                    help=_VOLUME_HELP + " (repeatable): an error when nothing is armed or "
                    "cached for it")
+    p.add_argument("--json", action="store_true", help="machine-readable report")
     p.set_defaults(func=cmd_disarm)
     p = sub.add_parser(
         "schedule", help="arm for a scheduled offline update, disarm a cancelled one "
@@ -437,9 +444,11 @@ def _add_boot_steps(sub: argparse._SubParsersAction[_Parser]) -> None:
     p.add_argument("--wait", type=_span(least=0, most=_MAX_SPAN, whole=False), default=0,
                    metavar="SPAN", help="when a record is there, wait up to this time span "
                    "for the devices (default 0)")
+    p.add_argument("--json", action="store_true", help="machine-readable report")
     p.set_defaults(func=cmd_restore)
     p = sub.add_parser("finish", help="after the volumes opened: destroy one-time keyslots, "
                        "login hand-off on the last boot (unit use)")
+    p.add_argument("--json", action="store_true", help="machine-readable report")
     p.set_defaults(func=cmd_finish)
     p = sub.add_parser("capture-initrd",
                        help="after the initramfs: cache the passphrases typed there, verified "
@@ -486,15 +495,30 @@ def _preflight(args: argparse.Namespace) -> None:
             raise KeyringNotPossessed
 
 
+#: set by main() when the command was given --json: errors then also go to stdout as JSON
+_json_errors = False
+
+
 def _fail(code: int, message: str) -> int:
-    """The one way an error leaves the command line: one line on stderr, ``code``."""
+    """The one way an error leaves the command line: one line on stderr, ``code``.
+
+    With ``--json`` also ``{"error": {"message": ..., "code": ...}}`` on stdout.
+    """
     sys.stderr.write(f"keyhandoff: {message}\n")
+    if _json_errors:
+        from keyhandoff import jsonout
+
+        json.dump(jsonout.error(message, code), sys.stdout, indent=2, sort_keys=True)
+        sys.stdout.write("\n")
     return code
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``keyhandoff`` console script."""
+    global _json_errors  # noqa: PLW0603  # one command per process
+    _json_errors = any(a == "--json" for a in (sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
+    _json_errors = bool(getattr(args, "json", False))
     try:
         _preflight(args)
         return int(args.func(args))

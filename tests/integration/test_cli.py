@@ -11,6 +11,7 @@ import sys
 import tempfile
 import time
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -61,7 +62,8 @@ def test_schedule_without_a_scheduled_update_does_nothing(cache, schedule_report
     r = kh("schedule", "--json")
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
-    assert (report["action"], report["ok"], report["scheduled"]) == ("not-scheduled", True, None)
+    assert (report["action"], report["ok"], report["update_scheduled"]) == ("not-scheduled", True,
+                                                                           None)
     r = kh("schedule")
     assert r.stdout == "keyhandoff: no offline update is scheduled\n"
     status = json.loads(kh("status", "--json").stdout)["schedule"]
@@ -124,7 +126,7 @@ def test_list_status_and_forget_all_with_an_expired_entry(cache):
     listed = json.loads(kh("cache", "list", "--json").stdout)
     assert [e["volume"] for e in listed] == [live]  # not shown with "seconds_left": 0
     status = json.loads(kh("status", "--json").stdout)
-    assert [e["volume"] for e in status["keyring"]["cached_volumes"]] == [live]
+    assert [e["uuid"] for e in status["keyring"]["cached"]] == [live]
     r = kh("cache", "forget", "--all")
     assert r.returncode == 0, r.stderr
     assert r.stderr == "keyhandoff: forgot 1 cached passphrase(s)\n"
@@ -492,3 +494,73 @@ def test_durations_are_systemd_time_spans_and_times_read_as_systemd_shows_them(t
         r = kh(*args, stdin=pw + b"\n")
         assert r.returncode == 2, args
         assert "is not a time span (a time span: 90, 10min, 1h 30min)" in r.stderr, r.stderr
+
+
+def _documented_keys() -> set[str]:
+    """The keys of README.md's "JSON output" table (its first column)."""
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    table = text.split("### JSON output", 1)[1].split("\n\n| key |", 1)[1].split("\n\n", 1)[0]
+    keys: set[str] = set()
+    for row in table.splitlines()[2:]:
+        keys |= set(re.findall(r"`([a-z_]+)`", row.split(" | ")[0]))
+    return keys
+
+
+def _keys_and_types(data: object, found: dict[str, set[str]]) -> None:
+    if isinstance(data, list):
+        for item in data:
+            _keys_and_types(item, found)
+    elif isinstance(data, dict):
+        for key, value in data.items():
+            if value is not None:
+                found.setdefault(key, set()).add(type(value).__name__)
+            _keys_and_types(value, found)
+
+
+@pytest.mark.arms
+def test_every_command_speaks_the_one_documented_json_vocabulary(tmp_path, cache,
+                                                                  schedule_report_removed):
+    documented = _documented_keys()
+    assert {"uuid", "name", "source", "deadline", "deadline_usec", "error", "code"} <= documented
+    pw = make("vocabulary")
+    img = format_image(tmp_path / "v.img", pw)
+    vid = uuid_of(img)
+    assert kh("cache", "put", "--volume", vid, stdin=pw + b"\n").returncode == 0
+    outputs: dict[tuple[str, ...], object] = {}
+    runs = [
+        (("cache", "list", "--json"), 0),
+        (("arm", "--reboot", "soft", "--no-ask", "--volume", str(img), "--json"), 0),
+        (("status", "--json"), 0),
+        (("rearm", "--json"), 3),  # armed in this boot already: the error object
+        (("disarm", "--volume", str(uuid.uuid4()), "--json"), 3),
+        (("disarm", "--json"), 0),
+        (("restore", "--json"), 0),
+        (("finish", "--json"), 0),
+        (("arm", "--reboot", "warm", "--json"), 2),
+    ]
+    if not any(os.path.lexists(p) for p in ("/system-update", "/etc/system-update")):
+        runs.append((("schedule", "--json"), 0))
+    for args, code in runs:
+        r = kh(*args)
+        assert r.returncode == code, (args, r.stderr)
+        outputs[args] = json.loads(r.stdout)
+        if code:
+            message = r.stderr.strip().splitlines()[-1].removeprefix("keyhandoff: ")
+            assert outputs[args] == {"error": {"message": message, "code": code}}, args
+    found: dict[str, set[str]] = {}
+    for data in outputs.values():
+        _keys_and_types(data, found)
+    assert sorted(set(found) - documented) == []
+    # one type per name, whichever command printed it
+    assert {k: t for k, t in found.items() if len(t) > 1} == {}
+    armed = outputs[("arm", "--reboot", "soft", "--no-ask", "--volume", str(img), "--json")]
+    assert isinstance(armed, dict)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", armed["deadline"])
+    assert armed["deadline_usec"] // 1_000_000 == int(
+        datetime.strptime(armed["deadline"], "%Y-%m-%dT%H:%M:%SZ").replace(
+            tzinfo=UTC).timestamp())
+    assert [(v["uuid"], v["armed"]) for v in armed["volumes"]] == [(vid, True)]
+    status = outputs[("status", "--json")]
+    assert isinstance(status, dict)
+    assert status["handoff"]["deadline_usec"] == armed["deadline_usec"]
+    assert [v["uuid"] for v in status["handoff"]["volumes"]] == [vid]
