@@ -1,11 +1,25 @@
 """The ``keyhandoff`` command line.
 
-Exit codes: 0 success; 1 a refusal or error (one line on stderr); 2 usage error (also an
-:class:`~keyhandoff.errors.InvalidArgument` from the library, one line on stderr);
-3 nothing found (``cache forget`` of a volume we hold nothing for); 4 not permitted: not
-root (checked before anything else), or root's user keyring not possessed (every command
-but ``status`` and ``agent``).  Messages go through :func:`keyhandoff.errors.describe`: no
-``[Errno N]``, the file named; no argument ends in a traceback.
+Exit codes (the same table is in README.md and keyhandoff(8); tests/integration/test_cli.py
+checks that the three agree and that each row happens):
+
+====  =====================================================================================
+code  meaning
+====  =====================================================================================
+0     success; also ``rearm`` in the boot that armed (already armed: nothing to do),
+      ``rearm --if-armed`` with nothing armed, ``schedule`` with nothing captured
+1     refused or failed: one line on stderr says why (``schedule``: arming refused, lock busy)
+2     usage error: a bad option or value (also an :class:`~keyhandoff.errors.InvalidArgument`)
+3     nothing found: nothing armed (``rearm``), nothing armed or cached for a
+      ``disarm --volume``, nothing cached (``cache forget``, ``login-handoff``)
+4     not permitted: not root (checked before anything else), or root's user keyring not
+      possessed (every command but ``status`` and ``agent``)
+130   interrupted
+====  =====================================================================================
+
+Messages go through :func:`keyhandoff.errors.describe`: no ``[Errno N]``, the file named;
+no argument ends in a traceback.  With ``--json`` an error is also ``{"error": {"message":
+..., "code": <exit code>}}`` on stdout (:mod:`keyhandoff.jsonout`).
 Passphrases are read from stdin (one line, or all of it when not a tty) or asked on the
 terminal without echo; never taken from the command line or the environment.
 
@@ -246,6 +260,11 @@ def cmd_rearm(args: argparse.Namespace) -> int:
 
     try:
         report = update.rearm(progress=_progress)
+    except update.AlreadyArmed as exc:  # armed (or re-armed) in this boot: nothing to do
+        if args.if_armed:
+            return EXIT_OK
+        sys.stderr.write(f"keyhandoff: {describe(exc)}\n")
+        report = exc.report
     except update.NotArmed as exc:
         if args.if_armed:
             return EXIT_OK

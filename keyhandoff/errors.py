@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from keyhandoff.reports import ArmReport
 
 __all__ = [
+    "AlreadyArmed",
     "ArmRefused",
     "AskPasswordError",
     "Busy",
@@ -370,6 +371,18 @@ class ChannelUnavailable(UpdateError):
 
 class NotArmed(UpdateError):
     """``rearm`` without an armed chain (disarmed, expired, or exhausted)."""
+
+
+class AlreadyArmed(NotArmed):
+    """``rearm`` in the boot that armed (or re-armed) the chain: nothing to do.
+
+    A :class:`NotArmed` for callers of 0.1; ``report`` is what is armed (the command line
+    shows it and exits 0).
+    """
+
+    def __init__(self, message: str, report: ArmReport) -> None:
+        super().__init__(message)
+        self.report = report
 
 
 class Busy(KeyhandoffError):

@@ -52,6 +52,7 @@ from keyhandoff.asking import targets as _targets
 from keyhandoff.cache import PassphraseCache
 from keyhandoff.chain import Chain, Reboot, Target
 from keyhandoff.errors import (
+    AlreadyArmed,
     ArmRefused,
     ChannelUnavailable,
     InvalidArgument,
@@ -70,6 +71,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ASK_TIMEOUT",
+    "AlreadyArmed",
     "ArmRefused",
     "ArmReport",
     "ChannelUnavailable",
@@ -229,11 +231,20 @@ def rearm(*, progress: Progress | None = None, lock_wait: float = statelock.DEFA
         if channel is None:
             raise NotArmed(f"armed through a channel this keyhandoff lacks: {chain.channel}")
         if channel.armed_this_boot(chain, host):
-            raise NotArmed("already armed in this boot")
+            raise AlreadyArmed("already armed in this boot for the next one: nothing to re-arm",
+                               _armed(chain))
         report = channel.rearm(work, chain)
     journal.log(Event.ARMED, f"re-armed for {chain.boots_left} more boot(s)",
                 channel=chain.channel, boots=chain.boots_left, deadline=chain.not_after)
     return report
+
+
+def _armed(chain: Chain) -> ArmReport:
+    """What ``chain`` has armed, as the report of the arming that made it."""
+    return ArmReport(chain.channel, chain.reboot, chain.not_after, chain.boots_left,
+                     "on the last boot" if chain.login else "not requested",
+                     tuple(VolumeReport(t.uuid, t.name, armed=True, how="armed already")
+                           for t in chain.volumes))
 
 
 def disarm(*, quiet: bool = False, volumes: Sequence[str] | None = None,

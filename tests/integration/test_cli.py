@@ -531,7 +531,8 @@ def test_every_command_speaks_the_one_documented_json_vocabulary(tmp_path, cache
         (("cache", "list", "--json"), 0),
         (("arm", "--reboot", "soft", "--no-ask", "--volume", str(img), "--json"), 0),
         (("status", "--json"), 0),
-        (("rearm", "--json"), 3),  # armed in this boot already: the error object
+        (("rearm", "--json"), 0),  # armed in this boot already: what is armed
+        (("cache", "forget", "--volume", str(uuid.uuid4()), "--json"), 2),  # no --json there
         (("disarm", "--volume", str(uuid.uuid4()), "--json"), 3),
         (("disarm", "--json"), 0),
         (("restore", "--json"), 0),
@@ -564,3 +565,49 @@ def test_every_command_speaks_the_one_documented_json_vocabulary(tmp_path, cache
     assert isinstance(status, dict)
     assert status["handoff"]["deadline_usec"] == armed["deadline_usec"]
     assert [v["uuid"] for v in status["handoff"]["volumes"]] == [vid]
+
+
+def _codes_in(text: str, pattern: str) -> list[int]:
+    return [int(c) for c in re.findall(pattern, text, re.MULTILINE)]
+
+
+def test_the_exit_code_table_is_the_same_in_the_docstring_readme_and_man_page():
+    from keyhandoff import cli  # noqa: PLC0415
+
+    repo = Path(__file__).resolve().parents[2]
+    assert cli.__doc__ is not None
+    doc = cli.__doc__.split("Exit codes", 1)[1].split("\n\n", 2)[1]
+    readme = (repo / "README.md").read_text().split("| exit code | meaning |", 1)[1]
+    readme = readme.split("\n\n", 1)[0]
+    man = (repo / "man" / "keyhandoff.8").read_text().split('.SH "EXIT STATUS"', 1)[1]
+    man = man.split(".SH ", 1)[0]
+    codes = sorted(v for k, v in vars(cli).items() if k.startswith("EXIT_"))
+    assert codes == [0, 1, 2, 3, 4, 130]
+    assert _codes_in(doc, r"^(\d+) {2,}\S") == codes
+    assert _codes_in(readme, r"^\| (\d+) \|") == codes
+    assert _codes_in(man, r"^\.B (\d+)$") == codes
+
+
+@pytest.mark.arms
+def test_exit_codes_are_as_documented(tmp_path, cache):
+    pw = make("codes")
+    img = format_image(tmp_path / "v.img", pw)
+    vid = uuid_of(img)
+    r = kh("rearm")
+    assert (r.returncode, r.stderr) == (3, ("keyhandoff: nothing is armed (disarmed, expired, "
+                                           "or never armed)\n"))
+    assert kh("rearm", "--if-armed").returncode == 0
+    assert kh("cache", "forget", "--volume", vid).returncode == 3
+    assert kh("disarm", "--volume", vid).returncode == 3
+    assert kh("arm", "--reboot", "soft", "--no-ask", "--volume", str(img)).returncode == 1
+    assert kh("cache", "put", "--volume", vid, stdin=pw + b"\n").returncode == 0
+    assert kh("arm", "--reboot", "soft", "--no-ask", "--volume", str(img)).returncode == 0
+    r = kh("rearm")  # right after arming: already armed, not "nothing armed"
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == ("keyhandoff: already armed in this boot for the next one: nothing to "
+                        "re-arm\n")
+    assert r.stdout.startswith("Armed 1 volume(s) through the keyring channel")
+    r = kh("rearm", "--if-armed")
+    assert (r.returncode, r.stdout, r.stderr) == (0, "", "")
+    assert kh("disarm", "--volume", vid).returncode == 0
+    assert kh("rearm").returncode == 3
