@@ -36,20 +36,55 @@ Passphrases = dict[str, tuple[Secret, str]]
 ASK_TIMEOUT: Final = 90
 
 
+#: crypttab options of volumes that are not LUKS (systemd-cryptsetup's other types)
+_NOT_LUKS_TYPES: Final = ("plain", "tcrypt", "bitlk", "tcrypt-veracrypt")
+
+
 def targets(sources: Sequence[str] | None = None,
-            crypttab_path: str = crypttab.DEFAULT_PATH) -> list[Target]:
+            crypttab_path: str = crypttab.DEFAULT_PATH, *,
+            skipped: list[tuple[str, str]] | None = None) -> list[Target]:
     """The volumes to hand over: ``sources`` (:func:`resolve_volume`), else crypttab's.
 
-    The prompting crypttab entries by default.  Each one's LUKS header is read: the volume
-    must be there.
+    Named ``sources`` must each be there (their LUKS header is read), or this raises.  By
+    default, the prompting crypttab entries: an entry that is ``noauto``, of another type
+    than LUKS, not plugged in or without a LUKS header is skipped and does not stop the
+    others; ``skipped`` receives ``(name, why)`` for each.  ``header=`` is honoured: the
+    detached header is where the UUID is read and the keyslots are made.
     """
     if sources is not None:
         return [resolve_volume(s, crypttab_path, need_header=True) for s in sources]
     out = []
     for e in crypttab.read(crypttab_path):
-        volume = resolve_source(e.source_path, require_header=True)
-        out.append(Target(normalize_uuid(volume), e.source_path, e.name))
+        why = _skip_reason(e)
+        if why is None:
+            try:
+                volume = resolve_source(e.luks_path, require_header=True)
+            except (KeyhandoffError, OSError) as exc:
+                why = _unavailable(e, exc)
+            else:
+                out.append(Target(normalize_uuid(volume), e.luks_path, e.name))
+                continue
+        if skipped is not None:
+            skipped.append((e.name, why))
     return out
+
+
+def _skip_reason(e: crypttab.CrypttabEntry) -> str | None:
+    if e.option("noauto"):
+        return "noauto: the boot does not open it"
+    kind = next((o for o in e.options if o in _NOT_LUKS_TYPES), None)
+    if kind is not None:
+        return f"not LUKS ({kind})"
+    return None
+
+
+def _unavailable(e: crypttab.CrypttabEntry, exc: BaseException) -> str:
+    from keyhandoff.errors import describe
+
+    if isinstance(exc, NotLuks):
+        return f"not LUKS: {e.luks_path} has no LUKS header"
+    flag = " (nofail)" if e.option("nofail") else ""
+    return f"not plugged in{flag}: {describe(exc)}"
 
 
 def _all_entries(crypttab_path: str) -> list[crypttab.CrypttabEntry]:
@@ -103,25 +138,26 @@ def resolve_volume(spec: str, crypttab_path: str = crypttab.DEFAULT_PATH, *,
     if uuid is not None:
         entry = next((e for e in entries if _uuid_spec_or_none(e.source) == uuid), None)
         if entry is None:
-            entry = next((e for e in entries if e.source.startswith("/")
-                          and _header_uuid_or_none(e.source_path) == uuid), None)
-        path = entry.source_path if entry is not None else BY_UUID + uuid
+            entry = next((e for e in entries if (e.source.startswith("/") or e.header)
+                          and _header_uuid_or_none(e.luks_path) == uuid), None)
+        path = entry.luks_path if entry is not None else BY_UUID + uuid
         target = Target(uuid, path, entry.name if entry is not None else uuid)
     elif "/" in spec or (os.path.lexists(spec)
                          and not any(e.name == spec for e in entries)):
         entry = next((e for e in entries if spec in (e.source, e.source_path)), None)
-        found = normalize_uuid(resolve_source(spec, require_header=True))
-        return Target(found, spec, entry.name if entry is not None else os.path.basename(spec))
+        path = entry.luks_path if entry is not None else spec
+        found = normalize_uuid(resolve_source(path, require_header=True))
+        return Target(found, path, entry.name if entry is not None else os.path.basename(spec))
     else:
         entry = next((e for e in entries if e.name == spec), None)
         if entry is None:
             raise InvalidVolume(f"no volume {spec!r}: not a name in {crypttab_path}, a LUKS "
                                 "UUID or a path")
-        known = _uuid_spec_or_none(entry.source)
+        known = _uuid_spec_or_none(entry.source) if entry.header is None else None
         if known is not None and not need_header:
-            return Target(known, entry.source_path, entry.name)
-        found = normalize_uuid(resolve_source(entry.source_path, require_header=True))
-        target = Target(found, entry.source_path, entry.name)
+            return Target(known, entry.luks_path, entry.name)
+        found = normalize_uuid(resolve_source(entry.luks_path, require_header=True))
+        target = Target(found, entry.luks_path, entry.name)
     if need_header:
         found = normalize_uuid(resolve_source(target.path, require_header=True))
         if found != target.uuid:

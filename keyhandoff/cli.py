@@ -234,7 +234,8 @@ def _span(*, least: int, most: int, whole: bool = True) -> Callable[[str], float
 
 
 def _progress(message: str) -> None:
-    sys.stderr.write(f"keyhandoff: {message}...\n")
+    ellipsis = "" if message.startswith("skipping ") else "..."
+    sys.stderr.write(f"keyhandoff: {message}{ellipsis}\n")
     sys.stderr.flush()
 
 

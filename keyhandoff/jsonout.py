@@ -95,7 +95,8 @@ def arm(report: ArmReport) -> dict[str, Any]:
         "channel": report.channel, "reboot": report.reboot, "boots": report.boots,
         **when("deadline", report.deadline),
         "login": report.login != "not requested", "login_detail": report.login,
-        "volumes": [{**_by_uuid(v.uuid), "name": v.name if v.name != v.uuid else None,
+        "volumes": [{**(_by_uuid(v.uuid) if v.uuid else _by_name(v.name)),
+                     "name": v.name if v.name != v.uuid else None,
                      "armed": v.armed, "detail": v.how} for v in report.volumes],
     }
 

@@ -43,7 +43,8 @@ class ArmReport:
             (f"Armed {len(armed)} volume(s) through the {self.channel} channel for "
              f"{self.boots} boot(s) of a {self.reboot} reboot, until {when}."),
         ]
-        lines += [f"  {v.name} ({v.uuid}): {v.how}" for v in self.volumes]
+        lines += [f"  {v.name} ({v.uuid}): {v.how}" if v.uuid else f"  {v.name}: {v.how}"
+                  for v in self.volumes]
         lines.append(f"  login: {self.login}")
         lines.append(
             "The next boot unlocks these volumes without asking; after the deadline, or "

@@ -143,7 +143,7 @@ def _volumes_section() -> dict[str, Any]:
     out: dict[str, Any] = {}
     for entry in crypttab.read():
         try:
-            with LuksHeader.open(entry.source_path) as header:
+            with LuksHeader.open(entry.luks_path) as header:
                 out[entry.name] = {
                     "uuid": header.uuid, "luks": header.luks_version,
                     "keyslots": header.keyslots, "onetime_keyslots": len(onetime.slots(header)),

@@ -31,6 +31,7 @@ the clock and crypttab come from; the running machine by default.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Final
@@ -103,9 +104,14 @@ MAX_TTL: Final = timedelta(days=1)
 MAX_BOOTS: Final = 16
 
 
-def targets(sources: Sequence[str] | None = None, *, host: Host = THIS_HOST) -> list[Target]:
-    """The volumes to hand over: ``sources`` (:func:`resolve_volume`), else crypttab's."""
-    return _targets(sources, host.crypttab_path)
+def targets(sources: Sequence[str] | None = None, *, host: Host = THIS_HOST,
+            skipped: list[tuple[str, str]] | None = None) -> list[Target]:
+    """The volumes to hand over: ``sources`` (:func:`resolve_volume`), else crypttab's.
+
+    By default the prompting crypttab entries, less those skipped (``noauto``, not LUKS,
+    not plugged in): ``skipped`` receives ``(name, why)`` for each.
+    """
+    return _targets(sources, host.crypttab_path, skipped=skipped)
 
 
 def _harden() -> None:
@@ -172,9 +178,14 @@ def arm(  # each is a caller's choice, all keyword-only
     channel = channels.for_reboot(reboot)
     work = _work(host, progress)
     _harden()
-    chosen = targets(volumes, host=host)
+    skipped: list[tuple[str, str]] = []
+    chosen = targets(volumes, host=host, skipped=skipped)
+    for name, why in skipped:
+        work.say(f"skipping {name}: {why}")
     if not chosen:
-        raise ArmRefused("no volume to arm (no prompting entry in /etc/crypttab)")
+        raise ArmRefused("no volume to arm (no prompting entry in /etc/crypttab"
+                         + (f"; skipped: {', '.join(n for n, _ in skipped)})" if skipped
+                            else ")"))
     channel.refuse(chosen)  # before anyone is asked for anything
     passphrases = gather(chosen, work.cache, ask, work.say)
     try:
@@ -192,6 +203,9 @@ def arm(  # each is a caller's choice, all keyword-only
             secret.wipe()
     journal.log(Event.ARMED, f"armed {len(chosen)} volume(s) via {report.channel}",
                 channel=report.channel, boots=boots, deadline=chain.not_after)
+    if skipped:
+        report = dataclasses.replace(report, volumes=report.volumes + tuple(
+            VolumeReport("", name, armed=False, how=f"skipped: {why}") for name, why in skipped))
     return report
 
 
