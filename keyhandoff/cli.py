@@ -32,6 +32,7 @@ reads one.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -149,17 +150,45 @@ def _harden() -> None:
 
 
 def cmd_cache_put(args: argparse.Namespace) -> int:
-    """Store a passphrase for a volume, read from stdin or the terminal."""
+    """Store a passphrase for a volume, read from stdin or the terminal.
+
+    When the volume is plugged in, the passphrase is checked against its LUKS header first
+    (one PBKDF, as the agent checks what it captures): one that does not open it is refused
+    and nothing is stored.
+    """
     from keyhandoff.cache import PassphraseCache
 
     volume = _volume(args.volume)  # refuse a bad volume before asking for a passphrase
     _harden()
+    present = os.path.exists(volume.path)
     with read_passphrase(f"Passphrase for {_named(volume)}: ") as secret:
+        secret.check_passphrase()
+        if present:
+            _verify(volume, secret)
         PassphraseCache().put(volume.uuid, secret, timeout=args.timeout)
+    if not present:
+        sys.stderr.write(f"keyhandoff: not verified: {_named(volume)} is not plugged in "
+                         f"({volume.path} does not exist)\n")
     now = int(time.time())
     until = timefmt.timestamp(now + args.timeout, now=now)
     sys.stderr.write(f"keyhandoff: cached the passphrase for {_named(volume)} until {until}\n")
     return EXIT_OK
+
+
+def _verify(volume: Target, secret: Secret) -> None:
+    """One PBKDF: ``secret`` opens the LUKS header at ``volume.path``, which is that volume."""
+    from keyhandoff.errors import NotLuks, WrongPassphrase
+    from keyhandoff.luks import LuksHeader
+
+    with LuksHeader.open(volume.path) as header:
+        if header.uuid != volume.uuid:
+            raise NotLuks(errno.EINVAL, f"{volume.path} holds LUKS volume {header.uuid}, "
+                          f"not {volume.uuid}")
+        try:
+            header.verify(secret)
+        except WrongPassphrase:
+            raise WrongPassphrase(errno.EPERM, f"the passphrase does not open "
+                                  f"{_named(volume)}: nothing was cached") from None
 
 
 def cmd_cache_list(args: argparse.Namespace) -> int:

@@ -474,8 +474,9 @@ def test_durations_are_systemd_time_spans_and_times_read_as_systemd_shows_them(t
     vid = uuid_of(img)
     r = kh("cache", "put", "--volume", vid, "--timeout", "1h 30min", stdin=pw + b"\n")
     assert r.returncode == 0, r.stderr
+    last = r.stderr.splitlines()[-1]  # after "not verified: ... not plugged in"
     assert re.fullmatch(rf"keyhandoff: cached the passphrase for {vid} until "
-                        rf"{_SYSTEMD_TIME}1h 30min left\n", r.stderr), r.stderr
+                        rf"{_SYSTEMD_TIME}1h 30min left", last), r.stderr
     (entry,) = cache.entries()
     assert entry.seconds_left is not None
     assert 5390 <= entry.seconds_left <= 5400  # the kernel's own timeout: 1h 30min
@@ -611,3 +612,34 @@ def test_exit_codes_are_as_documented(tmp_path, cache):
     assert (r.returncode, r.stdout, r.stderr) == (0, "", "")
     assert kh("disarm", "--volume", vid).returncode == 0
     assert kh("rearm").returncode == 3
+
+
+def test_cache_put_verifies_the_passphrase_when_the_volume_is_there(tmp_path, cache):
+    pw = make("right")
+    img = format_image(tmp_path / "v.img", pw)
+    vid = uuid_of(img)
+    before = cache.put(vid, Secret.passphrase(pw), timeout=60)  # what a wrong one must not touch
+    r = kh("cache", "put", "--volume", str(img), stdin=make("wrong") + b"\n")
+    assert (r.returncode, r.stdout) == (1, "")
+    assert r.stderr == (f"keyhandoff: the passphrase does not open v.img ({vid}): nothing was "
+                        "cached\n")
+    assert [(e.volume, e.serial) for e in cache.entries()] == [(vid, before)]
+    with cache.get(vid) as kept:
+        assert bytes(kept.view()) == pw
+    assert cache.forget(vid)
+    r = kh("cache", "put", "--volume", str(img), stdin=make("wrong") + b"\n")
+    assert r.returncode == 1
+    assert cache.entries() == []  # nothing stored
+    r = kh("cache", "put", "--volume", str(img), stdin=pw + b"\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.startswith(f"keyhandoff: cached the passphrase for v.img ({vid}) until ")
+    assert "not verified" not in r.stderr
+    with cache.get(vid) as got:
+        assert bytes(got.view()) == pw
+    # a volume that is not plugged in: cached, and said to be unverified
+    absent = str(uuid.uuid4())
+    r = kh("cache", "put", "--volume", absent, stdin=pw + b"\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.splitlines()[0] == (f"keyhandoff: not verified: {absent} is not plugged in "
+                                        f"(/dev/disk/by-uuid/{absent} does not exist)")
+    assert {e.volume for e in cache.entries()} == {vid, absent}
