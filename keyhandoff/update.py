@@ -286,7 +286,8 @@ def disarm(*, quiet: bool = False, volumes: Sequence[str] | None = None,
                     | {e.volume for e in cache.onetime_entries()})
             for t in named:
                 if t.uuid not in held:
-                    raise NotArmed(f"nothing is armed or cached for {t.name} ({t.uuid})")
+                    who = t.uuid if t.name == t.uuid else f"{t.name} ({t.uuid})"
+                    raise NotArmed(f"nothing is armed or cached for {who}")
         known = sweep.known_paths(chain, host)
         paths = [t.path for t in named] if named is not None else known
         counts = {"records": sum(c.discard() for c in channels.REGISTRY.values()),
