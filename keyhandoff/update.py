@@ -170,11 +170,18 @@ def arm(  # each is a caller's choice, all keyword-only
     the rest holds it, waiting up to ``lock_wait`` seconds for another state change.  The
     process is made non-dumpable first (see :func:`_harden`: no memory locking).
 
+    ``reboot="soft"`` is refused (:class:`ChannelUnavailable`, with the reason) where systemd
+    is the running init and older than 254, which has no ``systemctl soft-reboot``
+    (:meth:`Host.soft_reboot_refusal`).
+
     ``automatic``: this is :mod:`keyhandoff.schedule`'s own arming (a scheduled offline
     update, nobody asked); the chain state records it with this boot's id, so a cancelled
     schedule in this boot disarms it and nothing else.  A runner leaves it ``False``.
     """
     seconds = _check_args(reboot, boots, ttl)
+    refusal = host.soft_reboot_refusal() if reboot == "soft" else None
+    if refusal is not None:  # before anyone is asked for anything
+        raise ChannelUnavailable(f"cannot arm for a soft reboot: {refusal}")
     channel = channels.for_reboot(reboot)
     work = _work(host, progress)
     _harden()

@@ -11,7 +11,7 @@ import sys
 import tempfile
 import time
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -643,3 +643,46 @@ def test_cache_put_verifies_the_passphrase_when_the_volume_is_there(tmp_path, ca
     assert r.stderr.splitlines()[0] == (f"keyhandoff: not verified: {absent} is not plugged in "
                                         f"(/dev/disk/by-uuid/{absent} does not exist)")
     assert {e.volume for e in cache.entries()} == {vid, absent}
+
+
+@pytest.mark.arms
+def test_arm_soft_is_refused_on_a_systemd_without_soft_reboot(tmp_path, cache):
+    """systemd < 254 has no ``systemctl soft-reboot``: arming for one is refused, with why.
+
+    This host's systemd is 252 (its real ``systemctl --version``), but systemd is not its
+    init; the command runs in a mount namespace whose /run/systemd is a private tmpfs with
+    ``system/`` in it, which is what sd_booted() looks at.  Nothing is asked, nothing armed.
+    """
+    from keyhandoff import update  # noqa: PLC0415
+    from keyhandoff.host import Host  # noqa: PLC0415
+
+    version = Host().systemd_version()
+    if version is None or version >= 254:
+        pytest.skip(f"this host's systemd ({version}) can soft-reboot")
+    pw = make("soft")
+    img = format_image(tmp_path / "v.img", pw)
+    cache.put(uuid_of(img), Secret.passphrase(pw), timeout=60)
+    unshare = require_binary("unshare", "apt-get install util-linux")
+    booted = [unshare, "--mount", "--propagation", "private", "sh", "-c",
+              ("mount -t tmpfs -o mode=0755 kh-test /run/systemd && "
+              'mkdir /run/systemd/system && exec "$@"'), "sh"]
+    rc, out, err = _in(booted, "arm", "--reboot", "soft", "--volume", str(img), "--json")
+    reason = (f"cannot arm for a soft reboot: this machine runs systemd {version}; systemctl "
+              "soft-reboot needs systemd 254 or later: arm for a full reboot (--reboot full) "
+              "instead")
+    assert (rc, err) == (1, f"keyhandoff: {reason}\n")
+    assert json.loads(out) == {"error": {"message": reason, "code": 1}}
+    assert update.status()["armed"] is False
+
+    def never(_target):  # refused before anyone is asked
+        raise AssertionError("asked")
+
+    with pytest.raises(update.ChannelUnavailable, match=f"runs systemd {version};"):
+        update.arm(reboot="soft", ttl=timedelta(minutes=5), ask=never,
+                   volumes=[str(img)], host=Host(systemd_booted=lambda: True))
+    # a systemd that can (254+), or none running: armed
+    report = update.arm(reboot="soft", ttl=timedelta(minutes=5), ask=never,
+                        volumes=[str(img)], host=Host(systemd_booted=lambda: True,
+                                                      systemd_version=lambda: 254))
+    assert report.channel == "keyring"
+    update.disarm(quiet=True, volumes=[])
