@@ -479,9 +479,10 @@ def test_durations_are_systemd_time_spans_and_times_read_as_systemd_shows_them(t
                         rf"{_SYSTEMD_TIME}1h 30min left", last), r.stderr
     (entry,) = cache.entries()
     assert entry.seconds_left is not None
-    assert 5390 <= entry.seconds_left <= 5400  # the kernel's own timeout: 1h 30min
+    # the kernel's own timeout: /proc/keys gives it in its largest whole unit (1h here)
+    assert 3600 <= entry.seconds_left <= 5400
     listed = kh("cache", "list").stdout
-    assert re.fullmatch(rf"{vid}  {_SYSTEMD_TIME}1h (29|30)min left\n", listed), listed
+    assert re.fullmatch(rf"{vid}  {_SYSTEMD_TIME}1h( \d+min)? left\n", listed), listed
     before = int(time.time())
     r = kh("arm", "--reboot", "soft", "--no-ask", "--volume", str(img), "--ttl", "1h 15min",
            "--ask-timeout", "2min")
