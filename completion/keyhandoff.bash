@@ -40,14 +40,13 @@ _keyhandoff()
             return 0
             ;;
         --volume)
-            if [[ $cmd == cache || $cmd == login-handoff ]]; then
-                # a LUKS UUID
-                local uuids=""
-                [[ -d /dev/disk/by-uuid ]] && uuids=$(command ls /dev/disk/by-uuid 2>/dev/null)
-                COMPREPLY=($(compgen -W "$uuids" -- "$cur"))
-            else
-                # a LUKS source path
+            # every command: a crypttab name, a LUKS UUID or a source path
+            local names=""
+            [[ -r /etc/crypttab ]] && names=$(awk '$1 !~ /^#/ && NF >= 2 {print $1}' /etc/crypttab 2>/dev/null)
+            if [[ $cur == /* || $cur == .* ]]; then
                 COMPREPLY=($(compgen -f -- "$cur"))
+            else
+                COMPREPLY=($(compgen -W "$names" -- "$cur"))
             fi
             return 0
             ;;
@@ -79,10 +78,10 @@ _keyhandoff()
         status) opts="--help --json" ;;
         arm) opts="--help --reboot --boots --ttl --login --volume --no-ask --ask-timeout --json" ;;
         rearm) opts="--help --if-armed --json" ;;
-        disarm) opts="--help --volume" ;;
+        disarm) opts="--help --volume --json" ;;
         schedule) opts="--help --json" ;;
-        restore) opts="--help --volume --wait" ;;
-        finish) opts="--help" ;;
+        restore) opts="--help --volume --wait --json" ;;
+        finish) opts="--help --json" ;;
         capture-initrd) opts="--help --volume" ;;
         login-handoff) opts="--help --volume" ;;
         agent) opts="--help --config" ;;

@@ -35,12 +35,12 @@ import contextlib
 import json
 import os
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Final
 
 from keyhandoff import chain as chain_mod
 from keyhandoff import config as config_mod
-from keyhandoff import journal, statelock, update
+from keyhandoff import journal, statelock, timefmt, update
 from keyhandoff.cache import PassphraseCache
 from keyhandoff.errors import ArmRefused, ChannelUnavailable, KeyhandoffError
 from keyhandoff.host import THIS_HOST, Host
@@ -187,7 +187,7 @@ def _arm(host: Host, conf: config_mod.Config, link: str, cache: PassphraseCache,
 
 
 def _when(unix: int) -> str:
-    return datetime.fromtimestamp(unix, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return timefmt.timestamp(unix)
 
 
 _EVENTS: Final = {"nothing-captured": (Event.NOTHING_CAPTURED, journal.NOTICE),
