@@ -248,7 +248,8 @@ def cmd_finish(args: argparse.Namespace) -> int:  # noqa: ARG001
     _harden()
     from keyhandoff import config, update
 
-    report = update.finish(login_timeout=config.load().login_timeout)
+    # a bad setting is logged and left out: it must not keep one-time keyslots alive
+    report = update.finish(login_timeout=config.load_for_boot("finish").login_timeout)
     sys.stderr.write(f"keyhandoff: destroyed {report.keyslots_destroyed} one-time "
                      f"keyslot(s); login: {report.login}\n")
     return EXIT_OK
@@ -283,7 +284,8 @@ def cmd_capture_initrd(args: argparse.Namespace) -> int:
     from keyhandoff import config
     from keyhandoff.initrd_capture import capture_once
 
-    report = capture_once(retain=config.load().capture_timeout, volumes=args.volumes)
+    report = capture_once(retain=config.load_for_boot("capture-initrd").capture_timeout,
+                          volumes=args.volumes)
     sys.stderr.write(f"keyhandoff: {report.summary()}\n")
     return EXIT_OK
 
