@@ -11,6 +11,7 @@ touched.  Logs go to stderr (``KEYHANDOFF_LOG=stderr``), libefivar to a scratch 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -55,6 +56,58 @@ def put(root: Path, rel: str, text: str | bytes) -> Path:
     else:
         path.write_text(text)
     return path
+
+
+# --- keyhandoff config ----------------------------------------------------------------------
+
+
+def layered_root(root: Path) -> None:
+    vendor = Path(__file__).resolve().parents[2] / "units" / "keyhandoff.conf"
+    put(root, "usr/lib/keyhandoff/keyhandoff.conf", vendor.read_text())
+    put(root, ADMIN, "[login]\nenabled = true\n\n[capture]\nretian = 60\n")
+    put(root, f"{ETC_D}/60-timeout.conf",
+        '[login]\ntimeout = 30\n[capture]\nwait_for_update = "2h"\n')
+    put(root, "run/keyhandoff/keyhandoff.conf.d/60-timeout.conf", "[login]\ntimeout = 1\n")
+
+
+def test_config_json_and_its_errors(tmp_path):
+    layered_root(tmp_path)
+    put(tmp_path, f"{ETC_D}/70-bad.conf", b'[login]\ntimeout = 7\nenabled = "\xe9"\n')
+    r = kh("config", "--root", tmp_path, "--json")
+    assert r.returncode == 1  # an error: exit 1, but the effective configuration is shown
+    bad = f"{tmp_path}/{ETC_D}/70-bad.conf"
+    assert f"keyhandoff: error: {bad}:3: not valid UTF-8 (byte 0xe9): the file is left out\n" \
+        in r.stderr
+    out = json.loads(r.stdout)
+    assert out["errors"] == [{"file": bad, "line": 3, "severity": "error",
+                              "message": "not valid UTF-8 (byte 0xe9): the file is left out"}]
+    assert [w["line"] for w in out["warnings"]] == [5]
+    assert out["settings"]["login.timeout"] == {
+        "value": 30, "source": f"{tmp_path}/{ETC_D}/60-timeout.conf:2",
+        "file": f"{tmp_path}/{ETC_D}/60-timeout.conf", "line": 2}
+    assert out["settings"]["capture.wait_for_update"]["value"] == 7200
+    assert set(out["settings"]) == {"capture.retain", "capture.wait_for_update",
+                                    "update.auto_arm", "login.enabled", "login.timeout",
+                                    "agent.ask_dir", "agent.systemd_keyname"}
+
+
+def test_config_with_an_explicit_file_reads_it_alone(tmp_path):
+    layered_root(tmp_path)
+    only = put(tmp_path, "only.conf", "[update]\nauto_arm = false\n")
+    r = kh("config", "--root", tmp_path, "--config", only, "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["files"] == [str(only)]
+    assert {k: v["source"] for k, v in out["settings"].items() if v["file"]} == {
+        "update.auto_arm": f"{only}:2"}
+    assert out["settings"]["login.enabled"]["value"] is False  # /etc's true is not read
+
+
+@pytest.mark.parametrize("command", ["config", "agent"])
+def test_an_explicit_config_that_does_not_exist_is_an_error(tmp_path, command):
+    r = kh(command, "--config", tmp_path / "absent.conf")
+    assert (r.returncode, r.stdout) == (1, "")
+    assert r.stderr.endswith(f"keyhandoff: {tmp_path}/absent.conf: No such file or directory\n")
 
 
 # --- a typo never keeps a one-time keyslot alive --------------------------------------------
@@ -136,3 +189,20 @@ def test_the_other_boot_steps_log_the_error_and_go_on(tmp_path, step):
     assert (f"/etc/keyhandoff/keyhandoff.conf:4: update.auto_arm must be bool, not an "
             f"integer: the setting is left out; {step} goes on without it") in r.stderr
     assert "/etc/keyhandoff/keyhandoff.conf.d/50-bad.conf:3: not valid UTF-8" in r.stderr
+
+
+def test_login_handoff_refuses_a_broken_config_naming_file_and_line(tmp_path):
+    img = format_image(tmp_path / "v.img", make("conf-login"))
+    with broken_etc(img, BAD_VALUE, tmp_path) as ns:
+        r = kh("login-handoff", prefix=ns)
+    assert r.returncode == 1
+    assert r.stderr.splitlines() == [
+        ("keyhandoff: error: /etc/keyhandoff/keyhandoff.conf:2: login.timeout must be int, not "
+        "a string: the setting is left out"),
+        ("keyhandoff: error: /etc/keyhandoff/keyhandoff.conf:4: update.auto_arm must be bool, "
+        "not an integer: the setting is left out"),
+        ("keyhandoff: error: /etc/keyhandoff/keyhandoff.conf.d/50-bad.conf:3: not valid UTF-8 "
+        "(byte 0xff): the file is left out"),
+        ("keyhandoff: 3 configuration errors: login-handoff does not run (keyhandoff config "
+        "shows them)"),
+    ]
