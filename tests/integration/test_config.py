@@ -70,6 +70,40 @@ def layered_root(root: Path) -> None:
     put(root, "run/keyhandoff/keyhandoff.conf.d/60-timeout.conf", "[login]\ntimeout = 1\n")
 
 
+def test_config_prints_every_setting_and_where_it_came_from(tmp_path):
+    layered_root(tmp_path)
+    vendor = tmp_path / "usr/lib/keyhandoff/keyhandoff.conf"
+    vendor_lines = vendor.read_text().splitlines()
+    r = kh("config", "--root", tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == (f"keyhandoff: warning: {tmp_path}/{ADMIN}:5: unknown setting "
+                        "capture.retian (did you mean retain?), ignored\n")
+    line = {k: vendor_lines.index(f"{k} = {v}") + 1 for k, v in (
+        ("retain", "600"), ("auto_arm", "true"), ("ask_dir", '"/run/systemd/ask-password"'),
+        ("systemd_keyname", '"cryptsetup"'))}
+    assert r.stdout == "\n".join([
+        f"# {vendor}",
+        f"# {tmp_path}/{ADMIN}",
+        f"# {tmp_path}/{ETC_D}/60-timeout.conf",  # masks the /run one
+        "",
+        "[capture]",
+        f"retain = 600  # {vendor}:{line['retain']}",
+        f'wait_for_update = "2h"  # {tmp_path}/{ETC_D}/60-timeout.conf:4',
+        "",
+        "[update]",
+        f"auto_arm = true  # {vendor}:{line['auto_arm']}",
+        "",
+        "[login]",
+        f"enabled = true  # {tmp_path}/{ADMIN}:2",
+        f"timeout = 30  # {tmp_path}/{ETC_D}/60-timeout.conf:2",
+        "",
+        "[agent]",
+        f'ask_dir = "/run/systemd/ask-password"  # {vendor}:{line["ask_dir"]}',
+        f'systemd_keyname = "cryptsetup"  # {vendor}:{line["systemd_keyname"]}',
+        "",
+    ])
+
+
 def test_config_json_and_its_errors(tmp_path):
     layered_root(tmp_path)
     put(tmp_path, f"{ETC_D}/70-bad.conf", b'[login]\ntimeout = 7\nenabled = "\xe9"\n')

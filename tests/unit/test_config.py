@@ -30,11 +30,14 @@ def test_an_explicit_file_that_does_not_exist_is_an_error(tmp_path):
         config.load(str(tmp_path / "absent.conf"))
 
 
-def test_the_shipped_example_is_the_defaults():
+def test_the_shipped_vendor_file_is_the_defaults():
     from pathlib import Path  # noqa: PLC0415
 
     shipped = Path(__file__).resolve().parents[2] / "units" / "keyhandoff.conf"
-    assert config.load(str(shipped)) == config.Config()
+    loaded = config.read(str(shipped))
+    assert loaded.problems == ()
+    assert loaded.config == config.Config()
+    assert all(s.path == str(shipped) for s in loaded.settings)  # every default written out
 
 
 @pytest.mark.parametrize(("value", "seconds"), [
