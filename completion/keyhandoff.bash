@@ -11,7 +11,7 @@ _keyhandoff()
     prev=${COMP_WORDS[COMP_CWORD-1]}
     COMPREPLY=()
 
-    local commands="status cache arm rearm disarm schedule restore finish capture-initrd login-handoff agent"
+    local commands="status cache arm rearm disarm schedule restore finish capture-initrd login-handoff agent config"
     local cache_commands="put list forget"
 
     # the first word that is not an option is the command; for cache, the next one too
@@ -37,6 +37,10 @@ _keyhandoff()
             ;;
         --config)
             COMPREPLY=($(compgen -f -- "$cur"))
+            return 0
+            ;;
+        --root)
+            COMPREPLY=($(compgen -d -- "$cur"))
             return 0
             ;;
         --volume)
@@ -85,6 +89,7 @@ _keyhandoff()
         capture-initrd) opts="--help --volume" ;;
         login-handoff) opts="--help --volume" ;;
         agent) opts="--help --config" ;;
+        config) opts="--help --config --root --json" ;;
         *) return 0 ;;
     esac
     COMPREPLY=($(compgen -W "$opts" -- "$cur"))

@@ -54,6 +54,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
     from keyhandoff.chain import Target
+    from keyhandoff.config import Config, Problem
 
 
 EXIT_OK = 0
@@ -348,7 +349,8 @@ def cmd_finish(args: argparse.Namespace) -> int:
     _harden()
     from keyhandoff import config, jsonout, update
 
-    report = update.finish(login_timeout=config.load().login_timeout)
+    # a bad setting is logged and left out: it must not keep one-time keyslots alive
+    report = update.finish(login_timeout=config.load_for_boot("finish").login_timeout)
     sys.stderr.write(f"keyhandoff: destroyed {report.keyslots_destroyed} one-time "
                      f"keyslot(s); login: {report.login}\n")
     _emit(args, jsonout.finish(report), "")
@@ -358,10 +360,10 @@ def cmd_finish(args: argparse.Namespace) -> int:
 def cmd_login_handoff(args: argparse.Namespace) -> int:
     """Hand a passphrase the agent captured this boot to the login path."""
     _harden()
-    from keyhandoff import config, login, update
+    from keyhandoff import login, update
     from keyhandoff.cache import PassphraseCache
 
-    conf = config.load()
+    conf = _checked_config(None, "login-handoff")
     if not conf.login_enabled:
         sys.stderr.write("keyhandoff: login hand-off is disabled ([login] enabled = false)\n")
         return EXIT_OK
@@ -384,7 +386,7 @@ def cmd_capture_initrd(args: argparse.Namespace) -> int:
     from keyhandoff import config
     from keyhandoff.initrd_capture import capture_once
 
-    report = capture_once(retain=config.load().capture_timeout,
+    report = capture_once(retain=config.load_for_boot("capture-initrd").capture_timeout,
                           volumes=_volume_paths(args.volumes))
     sys.stderr.write(f"keyhandoff: {report.summary()}\n")
     return EXIT_OK
@@ -480,9 +482,57 @@ def build_parser() -> argparse.ArgumentParser:
     _add_boot_steps(sub)
     p = sub.add_parser("agent", help="run the password agent (systemd service)")
     p.add_argument("--config", default=None, metavar="PATH",
-                   help="configuration file (default /etc/keyhandoff/keyhandoff.conf)")
+                   help="read only this file (default: the layers of keyhandoff.conf(5))")
     p.set_defaults(func=cmd_agent)
+    _add_config(sub)
     return parser
+
+
+def _add_config(sub: argparse._SubParsersAction[_Parser]) -> None:
+    p = sub.add_parser(
+        "config", help="the effective configuration and where each setting comes from",
+        description="Read the configuration as the commands read it (keyhandoff.conf(5): "
+        "/usr/lib/keyhandoff/keyhandoff.conf, /etc/keyhandoff/keyhandoff.conf, the "
+        "keyhandoff.conf.d/*.conf drop-ins) and print every setting, its value and the "
+        'file:line that set it, or "default".  Warnings and errors go to stderr, each with '
+        "its file and line; exits 1 when a file or setting has an error (it is left out).",
+    )
+    p.add_argument("--config", default=None, metavar="PATH",
+                   help="read only this file (no layers, no drop-ins); it must exist")
+    p.add_argument("--root", default="/", metavar="DIR",
+                   help="read the files below DIR instead of / (an image, a scratch root)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_config)
+
+
+def _say_problems(problems: Sequence[Problem]) -> None:
+    """Each warning and error of the configuration, with its file and line, on stderr."""
+    for problem in problems:
+        sys.stderr.write(f"keyhandoff: {problem.severity}: {problem}\n")
+
+
+def _checked_config(path: str | None, command: str) -> Config:
+    """The configuration for a command that refuses to run on an error (each on stderr)."""
+    from keyhandoff import config
+    from keyhandoff.errors import ConfigError
+
+    loaded = config.read(path)
+    _say_problems(loaded.problems)
+    if loaded.errors:
+        count = len(loaded.errors)
+        raise ConfigError(f"{count} configuration error{'s' if count > 1 else ''}: "
+                          f"{command} does not run (keyhandoff config shows them)")
+    return loaded.config
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    """Print the effective configuration (every setting, its value, where it was set)."""
+    from keyhandoff import config
+
+    loaded = config.read(args.config, root=args.root)
+    _say_problems(loaded.problems)
+    _emit(args, config.as_dict(loaded), config.as_toml(loaded))
+    return EXIT_ERROR if loaded.errors else EXIT_OK
 
 
 def _add_boot_steps(sub: argparse._SubParsersAction[_Parser]) -> None:
@@ -515,11 +565,11 @@ def _add_boot_steps(sub: argparse._SubParsersAction[_Parser]) -> None:
 
 def cmd_agent(args: argparse.Namespace) -> int:
     """Run the agent until SIGTERM."""
-    from keyhandoff import config, journal, process
+    from keyhandoff import journal, process
     from keyhandoff.agent import Agent
 
     problems = process.harden()
-    conf = config.load(args.config) if args.config else config.load()
+    conf = _checked_config(args.config, "the agent")
     for problem in problems:
         journal.log(journal.Event.ERROR, f"process hardening incomplete: {problem}",
                     priority=journal.WARNING)

@@ -90,8 +90,13 @@ class ScheduleReport:
 
 def reconcile(*, host: Host = THIS_HOST, config: config_mod.Config | None = None,
               lock_wait: float = LOCK_WAIT) -> ScheduleReport:
-    """Make what is armed match whether an offline update is scheduled (see module doc)."""
-    conf = config if config is not None else config_mod.load()
+    """Make what is armed match whether an offline update is scheduled (see module doc).
+
+    Without ``config``, the machine's, read as a boot step reads it: a bad file or setting
+    is logged and left out (:func:`keyhandoff.config.load_for_boot`), so a typo never keeps
+    a cancelled update's arming from being undone.
+    """
+    conf = config if config is not None else config_mod.load_for_boot("schedule")
     link = host.scheduled_update()
     if host.in_update_boot():
         return _told(ScheduleReport("update-boot", "this is an update boot "
@@ -236,8 +241,11 @@ def last_report(*, host: Host = THIS_HOST) -> dict[str, Any] | None:
 
 
 def status(*, host: Host = THIS_HOST, config: config_mod.Config | None = None) -> dict[str, Any]:
-    """For ``keyhandoff status``: scheduled or not, the policy, armed automatically or not."""
-    conf = config if config is not None else config_mod.load()
+    """For ``keyhandoff status``: scheduled or not, the policy, armed automatically or not.
+
+    A bad setting is left out here too (``keyhandoff config`` names it): status still shows.
+    """
+    conf = config if config is not None else config_mod.read().config
     chain = chain_mod.load(PassphraseCache())
     last = last_report(host=host)
     out: dict[str, Any] = {
