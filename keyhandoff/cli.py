@@ -8,12 +8,13 @@ code  meaning
 ====  =====================================================================================
 0     success; also ``rearm`` in the boot that armed (already armed: nothing to do),
       ``rearm --if-armed`` with nothing armed, ``schedule`` with nothing captured
-1     refused or failed: one line on stderr says why (``schedule``: arming refused, lock busy)
+1     refused or failed: one line on stderr says why (``schedule``: arming refused, lock busy;
+      ``config``: a file or setting has an error, each said with its file and line)
 2     usage error: a bad option or value (also an :class:`~keyhandoff.errors.InvalidArgument`)
 3     nothing found: nothing armed (``rearm``), nothing armed or cached for a
       ``disarm --volume``, nothing cached (``cache forget``, ``login-handoff``)
 4     not permitted: not root (checked before anything else), or root's user keyring not
-      possessed (every command but ``status`` and ``agent``)
+      possessed (every command but ``status``, ``agent`` and ``config``)
 130   interrupted
 ====  =====================================================================================
 
@@ -527,11 +528,11 @@ def _checked_config(path: str | None, command: str) -> Config:
 
 def cmd_config(args: argparse.Namespace) -> int:
     """Print the effective configuration (every setting, its value, where it was set)."""
-    from keyhandoff import config
+    from keyhandoff import config, jsonout
 
     loaded = config.read(args.config, root=args.root)
     _say_problems(loaded.problems)
-    _emit(args, config.as_dict(loaded), config.as_toml(loaded))
+    _emit(args, jsonout.config(loaded), config.as_toml(loaded))
     return EXIT_ERROR if loaded.errors else EXIT_OK
 
 
@@ -577,8 +578,9 @@ def cmd_agent(args: argparse.Namespace) -> int:
 
 
 #: Commands that work without root's user keyring possessed (status reports whether it is;
-#: the agent's own cache refuses without it, see :class:`keyhandoff.errors.KeyringNotPossessed`)
-_NO_KEYRING_CHECK: Final = frozenset({"status", "agent"})
+#: the agent's own cache refuses without it, see :class:`keyhandoff.errors.KeyringNotPossessed`;
+#: config reads files only)
+_NO_KEYRING_CHECK: Final = frozenset({"status", "agent", "config"})
 
 
 def _preflight(args: argparse.Namespace) -> None:

@@ -67,7 +67,8 @@ from keyhandoff.errors import ConfigError
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
-__all__ = ["ADMIN_PATH", "DEFAULT_PATH", "DROPIN_DIRS", "VENDOR_PATH", "Config", "Loaded",
+__all__ = ["ADMIN_PATH", "DEFAULT_PATH", "DROPIN_DIRS", "DURATIONS", "VENDOR_PATH", "Config",
+           "Loaded",
            "Problem", "Setting", "as_dict", "as_toml", "files", "load", "load_for_boot",
            "parse", "read", "value_text"]
 
@@ -134,6 +135,8 @@ _SCHEMA: Final[dict[tuple[str, str], tuple[str, type | str]]] = {
     ("agent", "systemd_keyname"): ("systemd_keyname", str),
 }
 _SECTIONS: Final = tuple(dict.fromkeys(s for s, _k in _SCHEMA))
+#: the settings that are durations in seconds (``--json`` shows them as ``_usec`` spans)
+DURATIONS: Final = frozenset({"capture.retain", "capture.wait_for_update", "login.timeout"})
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,10 +29,11 @@ if TYPE_CHECKING:
 
     from keyhandoff.cache import CacheEntry
     from keyhandoff.chain import Target
+    from keyhandoff.config import Loaded, Problem
     from keyhandoff.reports import ArmReport, FinishReport, RestoreReport
 
-__all__ = ["arm", "cache_list", "disarm", "error", "finish", "restore", "schedule", "status",
-           "volume"]
+__all__ = ["arm", "cache_list", "config", "disarm", "error", "finish", "restore", "schedule",
+           "status", "volume"]
 
 USEC_PER_SEC = 1_000_000
 
@@ -136,6 +137,35 @@ def schedule(data: dict[str, Any]) -> dict[str, Any]:
     if "counts" in data:
         out |= disarm(data["counts"])
     return out
+
+
+def config(loaded: Loaded) -> dict[str, Any]:
+    """``config``: the effective settings, where each came from, the files' problems.
+
+    A setting ``section.key`` is ``section_key`` (a duration ``section_key_usec``), so that
+    each key has one type; ``sources`` names each setting as keyhandoff.conf(5) writes it.
+    """
+    from keyhandoff.config import DURATIONS  # noqa: PLC0415  # the agent imports this lazily
+
+    settings: dict[str, Any] = {}
+    for s in loaded.settings:
+        key = s.name.replace(".", "_")
+        if s.name in DURATIONS:
+            settings[f"{key}_usec"] = s.value * USEC_PER_SEC
+        else:
+            settings[key] = s.value
+    return {
+        "files": list(loaded.files), "settings": settings,
+        "sources": [{"setting": s.name, "file": s.path, "line": s.line}
+                    for s in loaded.settings],
+        "errors": [_problem(p) for p in loaded.errors],
+        "warnings": [_problem(p) for p in loaded.warnings],
+        "ok": not loaded.errors,
+    }
+
+
+def _problem(p: Problem) -> dict[str, Any]:
+    return {"file": p.path, "line": p.line, "message": p.message}
 
 
 def status(sections: dict[str, dict[str, Any]], now: int) -> dict[str, Any]:

@@ -528,6 +528,11 @@ def test_every_command_speaks_the_one_documented_json_vocabulary(tmp_path, cache
     img = format_image(tmp_path / "v.img", pw)
     vid = uuid_of(img)
     assert kh("cache", "put", "--volume", vid, stdin=pw + b"\n").returncode == 0
+    conf_root = tmp_path / "root"  # config: one setting, one error, one warning
+    (conf_root / "etc/keyhandoff/keyhandoff.conf.d").mkdir(parents=True)
+    (conf_root / "etc/keyhandoff/keyhandoff.conf").write_text("[login]\nenabled = true\n")
+    (conf_root / "etc/keyhandoff/keyhandoff.conf.d/50-x.conf").write_text(
+        "[login]\ntimeout = 0\n[agent]\nask = 1\n")
     outputs: dict[tuple[str, ...], object] = {}
     runs = [
         (("cache", "list", "--json"), 0),
@@ -540,6 +545,8 @@ def test_every_command_speaks_the_one_documented_json_vocabulary(tmp_path, cache
         (("restore", "--json"), 0),
         (("finish", "--json"), 0),
         (("arm", "--reboot", "warm", "--json"), 2),
+        (("config", "--json", "--root", str(conf_root)), 1),  # an error: still the config
+        (("config", "--json", "--config", str(tmp_path / "absent.conf")), 1),
     ]
     if not any(os.path.lexists(p) for p in ("/system-update", "/etc/system-update")):
         runs.append((("schedule", "--json"), 0))
@@ -547,7 +554,7 @@ def test_every_command_speaks_the_one_documented_json_vocabulary(tmp_path, cache
         r = kh(*args)
         assert r.returncode == code, (args, r.stderr)
         outputs[args] = json.loads(r.stdout)
-        if code:
+        if code and (args[0] != "config" or "--config" in args):
             message = r.stderr.strip().splitlines()[-1].removeprefix("keyhandoff: ")
             assert outputs[args] == {"error": {"message": message, "code": code}}, args
     found: dict[str, set[str]] = {}
@@ -563,6 +570,11 @@ def test_every_command_speaks_the_one_documented_json_vocabulary(tmp_path, cache
         datetime.strptime(armed["deadline"], "%Y-%m-%dT%H:%M:%SZ").replace(
             tzinfo=UTC).timestamp())
     assert [(v["uuid"], v["armed"]) for v in armed["volumes"]] == [(vid, True)]
+    conf = outputs[("config", "--json", "--root", str(conf_root))]
+    assert isinstance(conf, dict)
+    assert conf["ok"] is False
+    assert [(e["line"], e["file"].endswith("50-x.conf")) for e in conf["errors"]] == [(2, True)]
+    assert conf["settings"]["login_enabled"] is True
     status = outputs[("status", "--json")]
     assert isinstance(status, dict)
     assert status["handoff"]["deadline_usec"] == armed["deadline_usec"]

@@ -113,16 +113,21 @@ def test_config_json_and_its_errors(tmp_path):
     assert f"keyhandoff: error: {bad}:3: not valid UTF-8 (byte 0xe9): the file is left out\n" \
         in r.stderr
     out = json.loads(r.stdout)
-    assert out["errors"] == [{"file": bad, "line": 3, "severity": "error",
+    assert out["ok"] is False
+    assert out["errors"] == [{"file": bad, "line": 3,
                               "message": "not valid UTF-8 (byte 0xe9): the file is left out"}]
     assert [w["line"] for w in out["warnings"]] == [5]
-    assert out["settings"]["login.timeout"] == {
-        "value": 30, "source": f"{tmp_path}/{ETC_D}/60-timeout.conf:2",
-        "file": f"{tmp_path}/{ETC_D}/60-timeout.conf", "line": 2}
-    assert out["settings"]["capture.wait_for_update"]["value"] == 7200
-    assert set(out["settings"]) == {"capture.retain", "capture.wait_for_update",
-                                    "update.auto_arm", "login.enabled", "login.timeout",
-                                    "agent.ask_dir", "agent.systemd_keyname"}
+    sources = {s["setting"]: (s["file"], s["line"]) for s in out["sources"]}
+    assert sources["login.timeout"] == (f"{tmp_path}/{ETC_D}/60-timeout.conf", 2)
+    assert sources["agent.systemd_keyname"][0] == f"{tmp_path}/usr/lib/keyhandoff/keyhandoff.conf"
+    # keyhandoff/jsonout.py's vocabulary: a duration is a span in microseconds
+    assert out["settings"] == {
+        "capture_retain_usec": 600_000_000, "capture_wait_for_update_usec": 7200_000_000,
+        "update_auto_arm": True, "login_enabled": True, "login_timeout_usec": 30_000_000,
+        "agent_ask_dir": "/run/systemd/ask-password", "agent_systemd_keyname": "cryptsetup"}
+    assert set(sources) == {"capture.retain", "capture.wait_for_update", "update.auto_arm",
+                            "login.enabled", "login.timeout", "agent.ask_dir",
+                            "agent.systemd_keyname"}
 
 
 def test_config_with_an_explicit_file_reads_it_alone(tmp_path):
@@ -132,9 +137,11 @@ def test_config_with_an_explicit_file_reads_it_alone(tmp_path):
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["files"] == [str(only)]
-    assert {k: v["source"] for k, v in out["settings"].items() if v["file"]} == {
-        "update.auto_arm": f"{only}:2"}
-    assert out["settings"]["login.enabled"]["value"] is False  # /etc's true is not read
+    assert out["ok"] is True
+    assert [(s["setting"], s["file"], s["line"]) for s in out["sources"] if s["file"]] == [
+        ("update.auto_arm", str(only), 2)]
+    assert out["settings"]["login_enabled"] is False  # /etc's true is not read
+    assert out["settings"]["update_auto_arm"] is False
 
 
 @pytest.mark.parametrize("command", ["config", "agent"])
@@ -142,6 +149,11 @@ def test_an_explicit_config_that_does_not_exist_is_an_error(tmp_path, command):
     r = kh(command, "--config", tmp_path / "absent.conf")
     assert (r.returncode, r.stdout) == (1, "")
     assert r.stderr.endswith(f"keyhandoff: {tmp_path}/absent.conf: No such file or directory\n")
+    if command == "config":  # with --json the error is also on stdout, as every command's
+        r = kh(command, "--config", tmp_path / "absent.conf", "--json")
+        message = f"{tmp_path}/absent.conf: No such file or directory"
+        assert (r.returncode, json.loads(r.stdout)) == (
+            1, {"error": {"message": message, "code": 1}})
 
 
 # --- a typo never keeps a one-time keyslot alive --------------------------------------------
