@@ -387,8 +387,11 @@ def cmd_capture_initrd(args: argparse.Namespace) -> int:
     from keyhandoff import config
     from keyhandoff.initrd_capture import capture_once
 
-    report = capture_once(retain=config.load_for_boot("capture-initrd").capture_timeout,
-                          volumes=_volume_paths(args.volumes))
+    conf = config.load_for_boot("capture-initrd")
+    if conf.config_error is not None:  # fail-safe: nothing read from systemd's key, nothing kept
+        sys.stderr.write(f"keyhandoff: {conf.config_error}: nothing captured\n")
+        return EXIT_OK
+    report = capture_once(retain=conf.capture_timeout, volumes=_volume_paths(args.volumes))
     sys.stderr.write(f"keyhandoff: {report.summary()}\n")
     return EXIT_OK
 

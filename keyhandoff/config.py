@@ -29,8 +29,11 @@ error raises :class:`~keyhandoff.errors.ConfigError`.  :func:`load_for_boot` is 
 steps that destroy one-time keyslots or clean up (``finish``, ``capture-initrd``,
 ``schedule``): it never raises; each bad file or setting is left out (so the lower layers or
 the defaults decide), each problem goes to the journal with its file and line, and the step
-does its work.  An explicit path (``--config PATH``) means that file alone, no layers, no
-drop-ins; that it does not exist is an error.
+does its work.  But on any error, capture and automatic arming are off whatever the files
+say (``retain`` 0, ``auto_arm`` false, :attr:`Config.config_error` says why): the defaults
+that decide in place of what was left out turn both on, and a broken file meant to turn them
+off must not do the opposite.  An explicit path (``--config PATH``) means that file alone, no
+layers, no drop-ins; that it does not exist is an error.
 
 Example with the defaults::
 
@@ -58,7 +61,7 @@ import errno
 import os
 import re
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Final
 
 from keyhandoff import names, timespan
@@ -69,7 +72,8 @@ if TYPE_CHECKING:
 
 __all__ = ["ADMIN_PATH", "DEFAULT_PATH", "DROPIN_DIRS", "DURATIONS", "VENDOR_PATH", "Config",
            "Loaded",
-           "Problem", "Setting", "as_dict", "as_toml", "files", "load", "load_for_boot",
+           "Problem", "Setting", "as_dict", "as_toml", "fail_safe", "files", "load",
+           "load_for_boot",
            "parse", "read", "value_text"]
 
 #: The vendor defaults (``make install``), the lowest layer.
@@ -98,6 +102,10 @@ class Config:
     login_timeout: int = 120
     ask_dir: str = names.ASK_DIR
     systemd_keyname: str = names.SYSTEMD_KEYNAME
+    #: set by :meth:`Loaded.for_boot` when a file or setting had an error: why ``retain``
+    #: and ``auto_arm`` are off ("capture and auto-arm disabled because of config error at
+    #: FILE:LINE"); not a setting of any file
+    config_error: str | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.retain <= _MAX_SECONDS:
@@ -194,6 +202,24 @@ class Loaded:
         """The ignored unknown sections and settings."""
         return [p for p in self.problems if p.severity == "warning"]
 
+    def for_boot(self) -> Config:
+        """The configuration the boot steps and ``status`` use: on any error, fail-safe.
+
+        Leaving a bad file or setting out lets the lower layers or the compiled-in defaults
+        decide, and those turn capture and automatic arming on: a broken drop-in meant to
+        switch them off would switch them on.  So any error turns both off (``retain`` 0:
+        nothing captured, nothing kept for an update; ``auto_arm`` false), and says why in
+        :attr:`Config.config_error`.  Warnings change nothing.
+        """
+        errors = self.errors
+        if not errors:
+            return self.config
+        first = errors[0]
+        where = first.path if first.line is None else f"{first.path}:{first.line}"
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        return fail_safe(self.config, f"capture and auto-arm disabled because of config "
+                         f"error at {where}{more}")
+
     def checked(self) -> Config:
         """The configuration, or :class:`ConfigError` (the first error) if any file had one."""
         errors = self.errors
@@ -263,27 +289,40 @@ def load(path: str | None = None, *, root: str = "/") -> Config:
     return read(path, root=root).checked()
 
 
+def fail_safe(config: Config, why: str) -> Config:
+    """``config`` with capture and automatic arming off, saying ``why``."""
+    return replace(config, retain=0, auto_arm=False, config_error=why)
+
+
 def load_for_boot(step: str, *, root: str = "/") -> Config:
     """For a boot step: the configuration with every bad file or setting left out.
 
     Never raises: a typo must not keep ``finish`` from destroying one-time keyslots.  Each
     problem is logged (an error at ``err``, a warning at ``warning``) with its file and line.
+    On any error capture and automatic arming are off (:meth:`Loaded.for_boot`), and one
+    more line at ``err`` says so and why.
     """
     from keyhandoff import journal  # noqa: PLC0415  # the agent's start-up imports config
 
     try:
         loaded = read(root=root)
     except Exception as exc:  # noqa: BLE001  # a bug here must not stop a boot step either
-        journal.log(journal.Event.CONFIG, f"configuration not read ({type(exc).__name__}): "
-                    f"{step} uses the defaults", priority=journal.ERR, step=step)
-        return Config()
+        why = (f"capture and auto-arm disabled because the configuration could not be read "
+               f"({type(exc).__name__})")
+        journal.log(journal.Event.CONFIG, f"configuration not read: {step} uses the defaults; "
+                    f"{why}", priority=journal.ERR, step=step)
+        return fail_safe(Config(), why)
     for problem in loaded.problems:
         error = problem.severity == "error"
         then = f"; {step} goes on without it" if error else ""
         journal.log(journal.Event.CONFIG, f"configuration {problem.severity}: {problem}{then}",
                     priority=journal.ERR if error else journal.WARNING, step=step,
                     file=problem.path, line=problem.line or 0)
-    return loaded.config
+    conf = loaded.for_boot()
+    if conf.config_error is not None:
+        journal.log(journal.Event.CONFIG, f"{step}: {conf.config_error}",
+                    priority=journal.ERR, step=step)
+    return conf
 
 
 def parse(data: dict[str, Any], *, path: str = "<config>", text: str = "") -> Config:
@@ -486,6 +525,10 @@ def _span_text(seconds: int) -> str:
 def as_toml(loaded: Loaded) -> str:
     """The effective configuration as a TOML file, each line saying where it came from."""
     out = [f"# {p}" for p in loaded.files] or ["# no configuration file: the defaults"]
+    why = loaded.for_boot().config_error
+    if why is not None:
+        out += [f"# {why}:", ("# the boot steps run with capture.retain = 0 and "
+                              "update.auto_arm = false; the agent and login-handoff do not run")]
     section = ""
     for setting in loaded.settings:
         s, k = setting.name.split(".", 1)

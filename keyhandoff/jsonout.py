@@ -161,6 +161,7 @@ def config(loaded: Loaded) -> dict[str, Any]:
         "errors": [_problem(p) for p in loaded.errors],
         "warnings": [_problem(p) for p in loaded.warnings],
         "ok": not loaded.errors,
+        "config_error_detail": loaded.for_boot().config_error,
     }
 
 

@@ -129,6 +129,10 @@ def _decide(host: Host, conf: config_mod.Config, link: str | None,
                               f"handoff is armed already ({how}): left as it is", link,
                               tuple(t.name for t in chain.volumes),
                               extra={"armed_automatically": bool(chain.auto_boot)})
+    if conf.config_error is not None:  # fail-safe: a broken file must not turn arming on
+        return ScheduleReport("disabled", f"an offline update is scheduled ({link}); "
+                              f"{conf.config_error}: nothing is armed, the boots will ask",
+                              link)
     if not conf.auto_arm:
         return ScheduleReport("disabled", f"an offline update is scheduled ({link}); automatic "
                               "arming is off ([update] auto_arm = false): the boots will ask",
@@ -243,9 +247,11 @@ def last_report(*, host: Host = THIS_HOST) -> dict[str, Any] | None:
 def status(*, host: Host = THIS_HOST, config: config_mod.Config | None = None) -> dict[str, Any]:
     """For ``keyhandoff status``: scheduled or not, the policy, armed automatically or not.
 
-    A bad setting is left out here too (``keyhandoff config`` names it): status still shows.
+    A bad setting is left out here too (``keyhandoff config`` names it): status still shows,
+    with the policy the boot steps use, which on any error has capture and automatic arming
+    off (``config_error_detail`` says why, :meth:`keyhandoff.config.Loaded.for_boot`).
     """
-    conf = config if config is not None else config_mod.read().config
+    conf = config if config is not None else config_mod.read().for_boot()
     chain = chain_mod.load(PassphraseCache())
     last = last_report(host=host)
     out: dict[str, Any] = {
@@ -256,6 +262,7 @@ def status(*, host: Host = THIS_HOST, config: config_mod.Config | None = None) -
         "armed_automatically": chain is not None and bool(chain.auto_boot),
         "last_action": None if last is None else last.get("action"),
         "last_detail": None if last is None else last.get("detail"),
+        "config_error_detail": conf.config_error,
     }
     if chain is not None and chain.auto_boot:
         out["armed_automatically_in_this_boot"] = chain.auto_boot == host.boot_id()

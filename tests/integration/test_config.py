@@ -22,12 +22,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
-from support.luks_images import format_image, opens
+from support.luks_images import format_image, opens, uuid_of
 from support.parts import require_binary
 from support.passphrases import make
 from support.scratch_efi import scratch_efivars, scratch_env
 
 from keyhandoff import onetime
+from keyhandoff.cache import SystemdCache
 from keyhandoff.luks import LuksHeader
 from keyhandoff.secret import Secret
 
@@ -114,6 +115,8 @@ def test_config_json_and_its_errors(tmp_path):
         in r.stderr
     out = json.loads(r.stdout)
     assert out["ok"] is False
+    assert out["config_error_detail"] == ("capture and auto-arm disabled because of config "
+                                          f"error at {bad}:3")
     assert out["errors"] == [{"file": bad, "line": 3,
                               "message": "not valid UTF-8 (byte 0xe9): the file is left out"}]
     assert [w["line"] for w in out["warnings"]] == [5]
@@ -164,13 +167,14 @@ BAD_VALUE = '[login]\ntimeout = "2min"\n[update]\nauto_arm = 1\n'  # two wrong t
 
 
 @contextlib.contextmanager
-def broken_etc(image: Path, admin: str, tmp_path: Path) -> Iterator[list[str]]:
+def broken_etc(image: Path, admin: str, tmp_path: Path,
+               dropin: bytes = BROKEN_DROPIN) -> Iterator[list[str]]:
     """A mount namespace whose /etc has a broken configuration and ``image`` in crypttab."""
     with tempfile.TemporaryDirectory(prefix="kh-conf-etc-") as d:
         upper, work = Path(d, "upper"), Path(d, "work")
         work.mkdir()
         put(upper, "keyhandoff/keyhandoff.conf", admin)
-        put(upper, "keyhandoff/keyhandoff.conf.d/50-bad.conf", BROKEN_DROPIN)
+        put(upper, "keyhandoff/keyhandoff.conf.d/50-bad.conf", dropin)
         put(upper, "crypttab", f"khconf {image} none luks\n")
         unshare = require_binary("unshare", "apt-get install util-linux")
         script = ("mkdir -p -m 0700 /run/keyhandoff && "
@@ -235,6 +239,30 @@ def test_the_other_boot_steps_log_the_error_and_go_on(tmp_path, step):
     assert (f"/etc/keyhandoff/keyhandoff.conf:4: update.auto_arm must be bool, not an "
             f"integer: the setting is left out; {step} goes on without it") in r.stderr
     assert "/etc/keyhandoff/keyhandoff.conf.d/50-bad.conf:3: not valid UTF-8" in r.stderr
+
+
+BAD_DROPIN_VALUE = b'[login]\ntimeout = "2min"\n'  # a wrong type: line 2
+
+
+def test_capture_initrd_captures_nothing_on_a_config_error(tmp_path, cache):
+    """An error anywhere turns capture off: what was typed in the initramfs is not kept."""
+    person = make("conf-capture")
+    img = format_image(tmp_path / "v.img", person)
+    env = scratch_env(scratch_efivars(tmp_path))
+    systemd = SystemdCache()
+    systemd.clear()
+    try:
+        assert systemd.add([Secret.passphrase(person)])  # typed in the initramfs
+        with broken_etc(img, "", tmp_path, dropin=BAD_DROPIN_VALUE) as ns:
+            r = kh("capture-initrd", "--volume", img, prefix=ns, env=env)
+    finally:
+        systemd.clear()
+    assert r.returncode == 0, r.stderr
+    assert uuid_of(img) not in [e.volume for e in cache.entries()], r.stderr
+    why = ("capture and auto-arm disabled because of config error at "
+           "/etc/keyhandoff/keyhandoff.conf.d/50-bad.conf:2")
+    assert f"CONFIG capture-initrd: {why}" in r.stderr   # the journal line
+    assert r.stderr.splitlines()[-1] == f"keyhandoff: {why}: nothing captured"
 
 
 def test_login_handoff_refuses_a_broken_config_naming_file_and_line(tmp_path):

@@ -250,7 +250,7 @@ BOOT = """
 import sys
 from keyhandoff import config
 conf = config.load_for_boot("finish", root=sys.argv[1])
-print(conf.login_timeout, conf.retain)
+print(conf.login_timeout, conf.retain, conf.auto_arm, conf.capture_timeout)
 """
 
 
@@ -261,7 +261,10 @@ def test_a_boot_step_goes_on_with_the_defaults_and_logs_each_problem(tmp_path):
                           text=True, timeout=60, check=False,
                           env={**os.environ, "KEYHANDOFF_LOG": "stderr"})
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout == "120 60\n"  # the bad setting left out, the good one kept
+    # the bad setting left out (login.timeout is the default); on an error capture and
+    # automatic arming are off, whatever the files say (retain = 60 was valid)
+    assert proc.stdout == "120 0 False 0\n"
+    assert config.read(root=str(tmp_path)).config.retain == 60  # the good one was kept
     log = proc.stderr.replace(f"{tmp_path}/", "")
     assert log.splitlines() == [
         (f"keyhandoff: CONFIG configuration error: {ADMIN}:2: login.timeout must be int, not a "
@@ -272,8 +275,55 @@ def test_a_boot_step_goes_on_with_the_defaults_and_logs_each_problem(tmp_path):
         (f"keyhandoff: CONFIG configuration error: {ETC_D}/50-bad.conf:1: not valid TOML: "
         "Expected ']' at the end of a table declaration (column 7): the file is left out; "
         f"finish goes on without it step=finish file={ETC_D}/50-bad.conf line=1"),
+        (f"keyhandoff: CONFIG finish: capture and auto-arm disabled because of config error at "
+         f"{ADMIN}:2 (and 1 more) step=finish"),
     ]
     assert "Traceback" not in proc.stderr
+
+
+def vendor_defaults(root: Path) -> None:
+    """The vendor file as shipped: capture and automatic arming on."""
+    put(root, VENDOR, (Path(__file__).resolve().parents[2] / "units" / "keyhandoff.conf")
+        .read_text())
+
+
+def test_an_error_in_a_drop_in_turns_capture_and_auto_arm_off_for_the_boot_steps(tmp_path):
+    vendor_defaults(tmp_path)
+    put(tmp_path, f"{ETC_D}/50-bad.conf", '[login]\ntimeout = "2min"\n')  # a bad value
+    loaded = config.read(root=str(tmp_path))
+    assert (loaded.config.retain, loaded.config.auto_arm) == (600, True)  # what is left
+    boot = loaded.for_boot()
+    assert (boot.retain, boot.auto_arm, boot.capture_timeout) == (0, False, 0)
+    assert boot.config_error == ("capture and auto-arm disabled because of config error at "
+                                 f"{tmp_path}/{ETC_D}/50-bad.conf:2")
+    assert boot.login_timeout == 120  # the rest is as read
+    text = config.as_toml(loaded)
+    assert f"# {boot.config_error}:\n" in text
+    assert ("# the boot steps run with capture.retain = 0 and update.auto_arm = false; the "
+            "agent and login-handoff do not run\n") in text
+
+
+def test_a_drop_in_meant_to_turn_arming_off_that_is_not_toml_does_not_turn_it_on(tmp_path):
+    """Left out whole, the file's auto_arm = false would give way to the vendor's true."""
+    vendor_defaults(tmp_path)
+    put(tmp_path, f"{ETC_D}/50-off.conf", "[update]\nauto_arm = false\n[capture]\n"
+        "wait_for_update = 1h\n")  # 1h unquoted: not TOML, line 4
+    loaded = config.read(root=str(tmp_path))
+    assert loaded.config.auto_arm is True  # the vendor's, the file being left out
+    boot = loaded.for_boot()
+    assert (boot.auto_arm, boot.retain) == (False, 0)
+    assert boot.config_error == ("capture and auto-arm disabled because of config error at "
+                                 f"{tmp_path}/{ETC_D}/50-off.conf:4")
+
+
+def test_a_warning_changes_nothing_for_the_boot_steps(tmp_path):
+    vendor_defaults(tmp_path)
+    put(tmp_path, f"{ETC_D}/50-typo.conf", "[capture]\nretian = 60\n")
+    loaded = config.read(root=str(tmp_path))
+    assert loaded.warnings
+    assert not loaded.errors
+    assert loaded.for_boot() == loaded.config == config.Config()
+    assert loaded.for_boot().config_error is None
 
 
 def test_the_effective_configuration_as_toml_reads_back_as_itself(tmp_path):
