@@ -329,7 +329,8 @@ def test_the_installed_vendor_config_sets_every_default(installed, tmp_path):
     assert (proc.returncode, proc.stderr) == (0, ""), proc.stderr
     shown = json.loads(proc.stdout)
     assert shown["files"] == [str(path)]
-    assert {s["file"] for s in shown["settings"].values()} == {str(path)}
+    assert {s["file"] for s in shown["sources"]} == {str(path)}
+    assert len(shown["sources"]) == len(shown["settings"]) == len(config._SCHEMA)
 
 
 def test_the_installed_man_pages_render(installed):
