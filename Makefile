@@ -51,7 +51,6 @@ demo: setup-vm
 # Debian 12's own tools only: python3-build, -setuptools, -wheel, -cffi, -installer, cc.
 # Every directory can be overridden on the command line (make install PAMDIR=/lib/...).
 PREFIX ?= /usr
-SYSCONFDIR ?= /etc
 # Debian's interpreter, not whatever python3 comes first on PATH (pyenv, a venv): the console
 # script's #! line and the bindings' ABI are taken from it.
 PYTHON ?= /usr/bin/python3
@@ -131,14 +130,13 @@ install-units:
 	done
 	install -m 0644 units/80-keyhandoff.preset $(DESTDIR)$(SYSTEMDPRESETDIR)/
 
-# The commented defaults; an admin's existing file (a direct install, no DESTDIR) is kept.
+# The vendor defaults, every setting written out, in /usr/lib/keyhandoff (the path
+# keyhandoff/config.py reads, whatever PREFIX is).  Nothing goes to /etc: the
+# administrator's /etc/keyhandoff/keyhandoff.conf and keyhandoff.conf.d/*.conf drop-ins
+# are theirs alone (keyhandoff.conf(5)); no package prompts about a file nobody edited.
+VENDORCONFDIR ?= /usr/lib/keyhandoff
 install-config:
-	install -d -m 0755 $(DESTDIR)$(SYSCONFDIR)/keyhandoff
-	if [ -z "$(DESTDIR)" ] && [ -e $(SYSCONFDIR)/keyhandoff/keyhandoff.conf ]; then \
-		echo "keeping $(SYSCONFDIR)/keyhandoff/keyhandoff.conf"; \
-	else \
-		install -m 0644 units/keyhandoff.conf $(DESTDIR)$(SYSCONFDIR)/keyhandoff/keyhandoff.conf; \
-	fi
+	install -D -m 0644 units/keyhandoff.conf $(DESTDIR)$(VENDORCONFDIR)/keyhandoff.conf
 
 install-pam: pam
 	install -D -m 0644 $(BUILDDIR)/pam_keyhandoff.so $(DESTDIR)$(PAMDIR)/pam_keyhandoff.so

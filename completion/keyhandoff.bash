@@ -11,7 +11,7 @@ _keyhandoff()
     prev=${COMP_WORDS[COMP_CWORD-1]}
     COMPREPLY=()
 
-    local commands="status cache arm rearm disarm schedule restore finish capture-initrd login-handoff agent"
+    local commands="status cache arm rearm disarm schedule restore finish capture-initrd login-handoff agent config"
     local cache_commands="put list forget"
 
     # the first word that is not an option is the command; for cache, the next one too
@@ -39,15 +39,18 @@ _keyhandoff()
             COMPREPLY=($(compgen -f -- "$cur"))
             return 0
             ;;
+        --root)
+            COMPREPLY=($(compgen -d -- "$cur"))
+            return 0
+            ;;
         --volume)
-            if [[ $cmd == cache || $cmd == login-handoff ]]; then
-                # a LUKS UUID
-                local uuids=""
-                [[ -d /dev/disk/by-uuid ]] && uuids=$(command ls /dev/disk/by-uuid 2>/dev/null)
-                COMPREPLY=($(compgen -W "$uuids" -- "$cur"))
-            else
-                # a LUKS source path
+            # every command: a crypttab name, a LUKS UUID or a source path
+            local names=""
+            [[ -r /etc/crypttab ]] && names=$(awk '$1 !~ /^#/ && NF >= 2 {print $1}' /etc/crypttab 2>/dev/null)
+            if [[ $cur == /* || $cur == .* ]]; then
                 COMPREPLY=($(compgen -f -- "$cur"))
+            else
+                COMPREPLY=($(compgen -W "$names" -- "$cur"))
             fi
             return 0
             ;;
@@ -79,13 +82,14 @@ _keyhandoff()
         status) opts="--help --json" ;;
         arm) opts="--help --reboot --boots --ttl --login --volume --no-ask --ask-timeout --json" ;;
         rearm) opts="--help --if-armed --json" ;;
-        disarm) opts="--help --volume" ;;
+        disarm) opts="--help --volume --json" ;;
         schedule) opts="--help --json" ;;
-        restore) opts="--help --volume --wait" ;;
-        finish) opts="--help" ;;
+        restore) opts="--help --volume --wait --json" ;;
+        finish) opts="--help --json" ;;
         capture-initrd) opts="--help --volume" ;;
         login-handoff) opts="--help --volume" ;;
         agent) opts="--help --config" ;;
+        config) opts="--help --config --root --json" ;;
         *) return 0 ;;
     esac
     COMPREPLY=($(compgen -W "$opts" -- "$cur"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 from collections.abc import Callable, Sequence
@@ -11,12 +12,20 @@ from keyhandoff import crypttab
 from keyhandoff.cache import PassphraseCache, normalize_uuid
 from keyhandoff.cescape import cescape
 from keyhandoff.chain import Target
-from keyhandoff.errors import ArmRefused, InvalidArgument, KeyUnavailable, UpdateError
+from keyhandoff.errors import (
+    ArmRefused,
+    InvalidArgument,
+    InvalidVolume,
+    KeyhandoffError,
+    KeyUnavailable,
+    NotLuks,
+    UpdateError,
+)
 from keyhandoff.secret import Secret
-from keyhandoff.volumes import resolve_source
+from keyhandoff.volumes import BY_UUID, resolve_source
 
 __all__ = ["ASK_TIMEOUT", "Ask", "Passphrases", "Progress", "SystemdAsk", "ask_id",
-           "ask_with_systemd", "gather", "refuse_wrong", "targets", "verify"]
+           "ask_with_systemd", "gather", "refuse_wrong", "resolve_volume", "targets", "verify"]
 
 Progress = Callable[[str], None]
 Ask = Callable[[Target], Secret]
@@ -27,18 +36,141 @@ Passphrases = dict[str, tuple[Secret, str]]
 ASK_TIMEOUT: Final = 90
 
 
+#: crypttab options of volumes that are not LUKS (systemd-cryptsetup's other types)
+_NOT_LUKS_TYPES: Final = ("plain", "tcrypt", "bitlk", "tcrypt-veracrypt")
+
+
 def targets(sources: Sequence[str] | None = None,
-            crypttab_path: str = crypttab.DEFAULT_PATH) -> list[Target]:
-    """The volumes to hand over: ``sources`` (paths), else the prompting crypttab entries."""
+            crypttab_path: str = crypttab.DEFAULT_PATH, *,
+            skipped: list[tuple[str, str]] | None = None) -> list[Target]:
+    """The volumes to hand over: ``sources`` (:func:`resolve_volume`), else crypttab's.
+
+    Named ``sources`` must each be there (their LUKS header is read), or this raises.  By
+    default, the prompting crypttab entries: an entry that is ``noauto``, of another type
+    than LUKS, not plugged in or without a LUKS header is skipped and does not stop the
+    others; ``skipped`` receives ``(name, why)`` for each.  ``header=`` is honoured: the
+    detached header is where the UUID is read and the keyslots are made.
+    """
     if sources is not None:
-        named = [(os.path.basename(s), s) for s in sources]
-    else:
-        named = [(e.name, e.source_path) for e in crypttab.read(crypttab_path)]
+        return [resolve_volume(s, crypttab_path, need_header=True) for s in sources]
     out = []
-    for name, path in named:
-        volume = resolve_source(path, require_header=True)
-        out.append(Target(normalize_uuid(volume), path, name))
+    for e in crypttab.read(crypttab_path):
+        why = _skip_reason(e)
+        if why is None:
+            try:
+                volume = resolve_source(e.luks_path, require_header=True)
+            except (KeyhandoffError, OSError) as exc:
+                why = _unavailable(e, exc)
+            else:
+                out.append(Target(normalize_uuid(volume), e.luks_path, e.name))
+                continue
+        if skipped is not None:
+            skipped.append((e.name, why))
     return out
+
+
+def _skip_reason(e: crypttab.CrypttabEntry) -> str | None:
+    if e.option("noauto"):
+        return "noauto: the boot does not open it"
+    kind = next((o for o in e.options if o in _NOT_LUKS_TYPES), None)
+    if kind is not None:
+        return f"not LUKS ({kind})"
+    return None
+
+
+def _unavailable(e: crypttab.CrypttabEntry, exc: BaseException) -> str:
+    from keyhandoff.errors import describe
+
+    if isinstance(exc, NotLuks):
+        return f"not LUKS: {e.luks_path} has no LUKS header"
+    flag = " (nofail)" if e.option("nofail") else ""
+    return f"not plugged in{flag}: {describe(exc)}"
+
+
+def _all_entries(crypttab_path: str) -> list[crypttab.CrypttabEntry]:
+    try:
+        with open(crypttab_path, encoding="utf-8", errors="replace") as f:
+            return crypttab.parse(f.read())
+    except FileNotFoundError:
+        return []
+
+
+def _uuid_spec(spec: str) -> str | None:
+    """The UUID of ``UUID=<uuid>`` or of a bare LUKS UUID, else ``None``."""
+    text = spec.removeprefix("UUID=")
+    try:
+        return normalize_uuid(text)
+    except InvalidVolume:
+        if spec.startswith("UUID="):
+            raise InvalidVolume(f"{spec!r}: UUID= needs a LUKS UUID like "
+                                "12345678-1234-1234-1234-123456789abc") from None
+        return None
+
+
+def _header_uuid_or_none(path: str) -> str | None:
+    from keyhandoff.volumes import luks_identity
+
+    try:
+        return luks_identity(path).uuid
+    except (KeyhandoffError, OSError):
+        return None
+
+
+def resolve_volume(spec: str, crypttab_path: str = crypttab.DEFAULT_PATH, *,
+                   need_header: bool = False) -> Target:
+    """What ``--volume`` names, the same way in every command: a :class:`Target`.
+
+    ``spec`` is a crypttab name, a LUKS UUID (bare or ``UUID=<uuid>``), or a source path
+    (a device, a ``/dev/disk/by-*`` link, an image file).  The UUID is the volume's
+    identity: for a path it is read from the LUKS header found there; for a crypttab name
+    from its source (``UUID=`` as written, a path through its header); a UUID is looked
+    up in crypttab (for its name and path), else ``/dev/disk/by-uuid/<uuid>`` is its path.
+
+    ``need_header``: the volume must be there and its header must say that UUID (for what
+    reads or writes the header: ``arm``); otherwise a UUID, or a crypttab entry with a
+    ``UUID=`` source, need not be plugged in (``cache put``, ``disarm``, ``restore``).
+    Raises :class:`~keyhandoff.errors.InvalidVolume` when ``spec`` names nothing, and
+    :class:`~keyhandoff.errors.NoSuchDevice`/:class:`~keyhandoff.errors.NotLuks` when
+    the header that decides it is not there or not LUKS.
+    """
+    entries = _all_entries(crypttab_path)
+    uuid = _uuid_spec(spec)
+    if uuid is not None:
+        entry = next((e for e in entries if _uuid_spec_or_none(e.source) == uuid), None)
+        if entry is None:
+            entry = next((e for e in entries if (e.source.startswith("/") or e.header)
+                          and _header_uuid_or_none(e.luks_path) == uuid), None)
+        path = entry.luks_path if entry is not None else BY_UUID + uuid
+        target = Target(uuid, path, entry.name if entry is not None else uuid)
+    elif "/" in spec or (os.path.lexists(spec)
+                         and not any(e.name == spec for e in entries)):
+        entry = next((e for e in entries if spec in (e.source, e.source_path)), None)
+        path = entry.luks_path if entry is not None else spec
+        found = normalize_uuid(resolve_source(path, require_header=True))
+        return Target(found, path, entry.name if entry is not None else os.path.basename(spec))
+    else:
+        entry = next((e for e in entries if e.name == spec), None)
+        if entry is None:
+            raise InvalidVolume(f"no volume {spec!r}: not a name in {crypttab_path}, a LUKS "
+                                "UUID or a path")
+        known = _uuid_spec_or_none(entry.source) if entry.header is None else None
+        if known is not None and not need_header:
+            return Target(known, entry.luks_path, entry.name)
+        found = normalize_uuid(resolve_source(entry.luks_path, require_header=True))
+        target = Target(found, entry.luks_path, entry.name)
+    if need_header:
+        found = normalize_uuid(resolve_source(target.path, require_header=True))
+        if found != target.uuid:
+            raise NotLuks(errno.EINVAL, f"{target.path} holds LUKS volume {found}, not "
+                          f"{target.uuid}")
+    return target
+
+
+def _uuid_spec_or_none(source: str) -> str | None:
+    try:
+        return _uuid_spec(source) if source.startswith("UUID=") else None
+    except InvalidVolume:
+        return None
 
 
 def ask_id(target: Target) -> str:

@@ -41,6 +41,7 @@ from keyhandoff.errors import (
     KeyNotFound,
     KeyRevoked,
     KeyringError,
+    KeyringNotPossessed,
     KeyUnavailable,
     MalformedKey,
     PermissionDenied,
@@ -125,6 +126,10 @@ class PassphraseCache:
     def keyring_serial(self) -> int:
         """Serial of the ``keyhandoff`` keyring, created (empty) on first use."""
         if self._serial is None:
+            if self._parent == keyring.USER and not keyring.possesses_user_keyring():
+                # searching @u unpossessed finds nothing, and a keyring created anew
+                # there would replace (unlink) the one holding the cached passphrases
+                raise KeyringNotPossessed
             serial = keyring.named_keyring(self._name, self._parent, KEY_PERM)
             if keyring.describe(serial).uid != keyring.TRUSTED_UID:
                 raise PermissionDenied(errno.EACCES, f"keyring {self._name!r} is not root's")

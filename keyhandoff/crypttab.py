@@ -33,6 +33,23 @@ class CrypttabEntry:
         )
 
     @property
+    def header(self) -> str | None:
+        """The detached LUKS header of ``header=<path>``, else ``None`` (it is in the source)."""
+        for o in self.options:
+            if o.startswith("header="):
+                return o.removeprefix("header=") or None
+        return None
+
+    @property
+    def luks_path(self) -> str:
+        """Where the LUKS header is read and written: ``header=``, else the source path."""
+        return self.header or self.source_path
+
+    def option(self, name: str) -> bool:
+        """Whether the flag option ``name`` (``noauto``, ``nofail``...) is given."""
+        return name in self.options
+
+    @property
     def source_path(self) -> str:
         """The source as a path: ``UUID=x`` becomes ``/dev/disk/by-uuid/x`` (as systemd does)."""
         for tag, directory in (("UUID=", "by-uuid"), ("PARTUUID=", "by-partuuid"),

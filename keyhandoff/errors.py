@@ -11,12 +11,16 @@ name keys by description or serial only.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+import errno
+import os
+import re
+from typing import TYPE_CHECKING, ClassVar, Final
 
 if TYPE_CHECKING:
     from keyhandoff.reports import ArmReport
 
 __all__ = [
+    "AlreadyArmed",
     "ArmRefused",
     "AskPasswordError",
     "Busy",
@@ -39,6 +43,7 @@ __all__ = [
     "KeyUnavailable",
     "KeyhandoffError",
     "KeyringError",
+    "KeyringNotPossessed",
     "KeyringUnavailable",
     "KeyslotNotFound",
     "LuksBusy",
@@ -48,6 +53,7 @@ __all__ = [
     "NoSuchDevice",
     "NotArmed",
     "NotLuks",
+    "NotRoot",
     "PermissionDenied",
     "QuotaExceeded",
     "RecordError",
@@ -69,6 +75,7 @@ __all__ = [
     "UpdateError",
     "WrongPassphrase",
     "WrongVolumeKey",
+    "describe",
 ]
 
 
@@ -90,6 +97,10 @@ class InvalidArgument(KeyhandoffError, ValueError):
 
     The command line prints it as one line and exits 2 (a usage error).
     """
+
+
+class NotRoot(KeyhandoffError):
+    """A command that needs root runs as another user (the command line exits 4)."""
 
 
 class ConfigError(KeyhandoffError):
@@ -132,6 +143,20 @@ class KeyRejected(KeyringError):
 
 class PermissionDenied(KeyringError):
     """EACCES/EPERM: the caller lacks the permission (possession, uid) for this operation."""
+
+
+class KeyringNotPossessed(PermissionDenied):
+    """Root's user keyring is not linked into the caller's session keyring (not possessed).
+
+    Without possession the ``keyhandoff`` keyring in it can be neither searched nor read,
+    and creating it anew would replace the one that holds the cached passphrases.
+    """
+
+    TEXT: ClassVar[str] = ("root's user keyring is not possessed (run from a unit with "
+                           "KeyringMode=shared, or `keyctl link @u @s`)")
+
+    def __init__(self) -> None:
+        super().__init__(errno.EACCES, self.TEXT)
 
 
 class QuotaExceeded(KeyringError):
@@ -348,6 +373,18 @@ class NotArmed(UpdateError):
     """``rearm`` without an armed chain (disarmed, expired, or exhausted)."""
 
 
+class AlreadyArmed(NotArmed):
+    """``rearm`` in the boot that armed (or re-armed) the chain: nothing to do.
+
+    A :class:`NotArmed` for callers of 0.1; ``report`` is what is armed (the command line
+    shows it and exits 0).
+    """
+
+    def __init__(self, message: str, report: ArmReport) -> None:
+        super().__init__(message)
+        self.report = report
+
+
 class Busy(KeyhandoffError):
     """Another keyhandoff state change held the lock for longer than the wait allowed."""
 
@@ -358,3 +395,26 @@ class UnsafeLock(KeyhandoffError):
 
 class UdevUnavailable(KeyhandoffError):
     """libudev cannot be used, or udevd is not running (no device events will come)."""
+
+
+_ERRNO_PREFIX: Final = re.compile(r"^\[Errno -?\d+\] ")
+
+
+def describe(exc: BaseException) -> str:
+    """One line for people about ``exc``: never ``[Errno N]``, naming the file when known.
+
+    The one place the command line turns an error into its message.  A keyhandoff error
+    is its own text; any other :class:`OSError` is the system's text with the file (and the
+    second file of a rename) it was about, as ``open()`` and ``os.*`` record them.
+    """
+    if isinstance(exc, KeyhandoffError):
+        text = str(exc)
+    elif isinstance(exc, OSError):
+        text = exc.strerror or _ERRNO_PREFIX.sub("", str(exc)) or type(exc).__name__
+        names = [n for n in (exc.filename, exc.filename2) if n is not None]
+        if names:
+            text = " -> ".join(os.fsdecode(n) if isinstance(n, (bytes, str)) else str(n)
+                               for n in names) + ": " + text
+    else:
+        text = str(exc) or type(exc).__name__
+    return _ERRNO_PREFIX.sub("", text.replace("\n", " ").strip())

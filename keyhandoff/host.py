@@ -12,6 +12,7 @@ test host): another boot id file, a clock moved forward or back, another cryptta
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import time
 from dataclasses import dataclass
@@ -22,10 +23,12 @@ from keyhandoff import crypttab
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-__all__ = ["BOOT_ID_PATH", "THIS_HOST", "UPDATE_LINKS", "Host"]
+__all__ = ["BOOT_ID_PATH", "SOFT_REBOOT_SINCE", "THIS_HOST", "UPDATE_LINKS", "Host"]
 
 #: Where the running kernel's boot id is read.
 BOOT_ID_PATH: Final = "/proc/sys/kernel/random/boot_id"
+#: The first systemd with ``systemctl soft-reboot``.
+SOFT_REBOOT_SINCE: Final = 254
 #: The links that schedule an offline update (systemd.offline-updates(7)), below the root.
 UPDATE_LINKS: Final = ("system-update", "etc/system-update")
 
@@ -51,6 +54,22 @@ def _systemd_soft_reboots() -> int | None:
     return int(text) if proc.returncode == 0 and text.isdigit() else None
 
 
+def _systemd_version() -> int | None:
+    """The version ``systemctl --version`` prints (systemd's own), or None."""
+    try:
+        proc = subprocess.run(["systemctl", "--version"], capture_output=True, text=True,
+                              timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.match(r"systemd (\d+)", proc.stdout)
+    return int(m.group(1)) if m else None
+
+
+def _systemd_booted() -> bool:
+    """sd_booted(): systemd is the running init (``/run/systemd/system`` exists)."""
+    return os.path.isdir("/run/systemd/system")
+
+
 @dataclass(frozen=True, slots=True)
 class Host:
     """Where the boot id, the time, the soft-reboot count and crypttab come from."""
@@ -62,6 +81,8 @@ class Host:
     #: the file system root the offline-update links are looked for under
     root: str = "/"
     update_target_active: Callable[[], bool] = _systemd_update_target_active
+    systemd_version: Callable[[], int | None] = _systemd_version
+    systemd_booted: Callable[[], bool] = _systemd_booted
 
     def boot_id(self) -> str:
         """The running boot's id (a soft reboot keeps it; kexec and a full reboot do not)."""
@@ -86,6 +107,21 @@ class Host:
             path = os.path.join(self.root, name)
             if os.path.lexists(path):
                 return path
+        return None
+
+    def soft_reboot_refusal(self) -> str | None:
+        """Why ``systemctl soft-reboot`` cannot be used here (systemd < 254), else None.
+
+        Only where systemd is the running init: elsewhere (a container, a chroot, a build
+        machine) there is no running systemd whose version would decide.
+        """
+        if not self.systemd_booted():
+            return None
+        version = self.systemd_version()
+        if version is not None and version < SOFT_REBOOT_SINCE:
+            return (f"this machine runs systemd {version}; systemctl soft-reboot needs "
+                    f"systemd {SOFT_REBOOT_SINCE} or later: arm for a full reboot "
+                    "(--reboot full) instead")
         return None
 
     def in_update_boot(self) -> bool:

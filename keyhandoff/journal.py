@@ -45,6 +45,8 @@ class Event(enum.Enum):
     #: what ``keyhandoff schedule`` decided otherwise (left alone, refused, an update boot)
     SCHEDULE = "4b7d2a0c1f3e4e6b9a51c1f0d6e2a745"
     LOGIN_HANDOFF = "4b7d2a0c1f3e4e6b9a51c1f0d6e2a750"
+    #: a warning or error in a configuration file (its FILE and LINE are fields)
+    CONFIG = "4b7d2a0c1f3e4e6b9a51c1f0d6e2a760"
     ERROR = "4b7d2a0c1f3e4e6b9a51c1f0d6e2a7ff"
 
 

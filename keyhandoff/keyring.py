@@ -253,6 +253,21 @@ def get_keyring_id(spec: int, *, create: bool = False) -> int:
     return _check(lib.keyctl_get_keyring_ID(spec, int(create)), f"resolve keyring {spec}")
 
 
+def possesses_user_keyring() -> bool:
+    """Whether the caller possesses its user keyring (``@u`` reachable from ``@s``).
+
+    A search of the session keyring for the keyring ``_uid.<euid>``: a unit with
+    ``KeyringMode=shared`` or a login session has it linked; ``KeyringMode=private`` (the
+    default of system services) or ``keyctl session -`` has not.
+    """
+    try:
+        user = get_keyring_id(USER)
+        found = search(SESSION, "keyring", f"_uid.{os.geteuid()}")
+    except KeyringError:
+        return False
+    return found == user
+
+
 def join_session_keyring(name: str | None = None) -> int:
     """Give the calling process a new (anonymous, or named and shared) session keyring."""
     cname = ffi.NULL if name is None else _cstr(name)

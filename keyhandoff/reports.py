@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass
 from typing import Any
+
+from keyhandoff import timefmt
 
 __all__ = ["ArmReport", "FinishReport", "RestoreReport", "VolumeReport"]
 
@@ -36,13 +37,14 @@ class ArmReport:
 
     def summary(self) -> str:
         """Plain words for the person or the runner's log."""
-        when = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(self.deadline))
+        when = timefmt.timestamp(self.deadline)
         armed = [v for v in self.volumes if v.armed]
         lines = [
             (f"Armed {len(armed)} volume(s) through the {self.channel} channel for "
              f"{self.boots} boot(s) of a {self.reboot} reboot, until {when}."),
         ]
-        lines += [f"  {v.name} ({v.uuid}): {v.how}" for v in self.volumes]
+        lines += [f"  {v.name} ({v.uuid}): {v.how}" if v.uuid else f"  {v.name}: {v.how}"
+                  for v in self.volumes]
         lines.append(f"  login: {self.login}")
         lines.append(
             "The next boot unlocks these volumes without asking; after the deadline, or "

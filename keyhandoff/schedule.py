@@ -35,12 +35,12 @@ import contextlib
 import json
 import os
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Final
 
 from keyhandoff import chain as chain_mod
 from keyhandoff import config as config_mod
-from keyhandoff import journal, statelock, update
+from keyhandoff import journal, statelock, timefmt, update
 from keyhandoff.cache import PassphraseCache
 from keyhandoff.errors import ArmRefused, ChannelUnavailable, KeyhandoffError
 from keyhandoff.host import THIS_HOST, Host
@@ -90,8 +90,13 @@ class ScheduleReport:
 
 def reconcile(*, host: Host = THIS_HOST, config: config_mod.Config | None = None,
               lock_wait: float = LOCK_WAIT) -> ScheduleReport:
-    """Make what is armed match whether an offline update is scheduled (see module doc)."""
-    conf = config if config is not None else config_mod.load()
+    """Make what is armed match whether an offline update is scheduled (see module doc).
+
+    Without ``config``, the machine's, read as a boot step reads it: a bad file or setting
+    is logged and left out (:func:`keyhandoff.config.load_for_boot`), so a typo never keeps
+    a cancelled update's arming from being undone.
+    """
+    conf = config if config is not None else config_mod.load_for_boot("schedule")
     link = host.scheduled_update()
     if host.in_update_boot():
         return _told(ScheduleReport("update-boot", "this is an update boot "
@@ -124,6 +129,10 @@ def _decide(host: Host, conf: config_mod.Config, link: str | None,
                               f"handoff is armed already ({how}): left as it is", link,
                               tuple(t.name for t in chain.volumes),
                               extra={"armed_automatically": bool(chain.auto_boot)})
+    if conf.config_error is not None:  # fail-safe: a broken file must not turn arming on
+        return ScheduleReport("disabled", f"an offline update is scheduled ({link}); "
+                              f"{conf.config_error}: nothing is armed, the boots will ask",
+                              link)
     if not conf.auto_arm:
         return ScheduleReport("disabled", f"an offline update is scheduled ({link}); automatic "
                               "arming is off ([update] auto_arm = false): the boots will ask",
@@ -187,7 +196,7 @@ def _arm(host: Host, conf: config_mod.Config, link: str, cache: PassphraseCache,
 
 
 def _when(unix: int) -> str:
-    return datetime.fromtimestamp(unix, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return timefmt.timestamp(unix)
 
 
 _EVENTS: Final = {"nothing-captured": (Event.NOTHING_CAPTURED, journal.NOTICE),
@@ -236,8 +245,13 @@ def last_report(*, host: Host = THIS_HOST) -> dict[str, Any] | None:
 
 
 def status(*, host: Host = THIS_HOST, config: config_mod.Config | None = None) -> dict[str, Any]:
-    """For ``keyhandoff status``: scheduled or not, the policy, armed automatically or not."""
-    conf = config if config is not None else config_mod.load()
+    """For ``keyhandoff status``: scheduled or not, the policy, armed automatically or not.
+
+    A bad setting is left out here too (``keyhandoff config`` names it): status still shows,
+    with the policy the boot steps use, which on any error has capture and automatic arming
+    off (``config_error_detail`` says why, :meth:`keyhandoff.config.Loaded.for_boot`).
+    """
+    conf = config if config is not None else config_mod.read().for_boot()
     chain = chain_mod.load(PassphraseCache())
     last = last_report(host=host)
     out: dict[str, Any] = {
@@ -248,6 +262,7 @@ def status(*, host: Host = THIS_HOST, config: config_mod.Config | None = None) -
         "armed_automatically": chain is not None and bool(chain.auto_boot),
         "last_action": None if last is None else last.get("action"),
         "last_detail": None if last is None else last.get("detail"),
+        "config_error_detail": conf.config_error,
     }
     if chain is not None and chain.auto_boot:
         out["armed_automatically_in_this_boot"] = chain.auto_boot == host.boot_id()

@@ -12,9 +12,12 @@ import re
 import shutil
 import subprocess
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from keyhandoff import names
+from keyhandoff import names, timefmt
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 __all__ = ["StatusReport", "collect"]
 
@@ -37,17 +40,26 @@ class StatusReport:
             if not values:
                 lines.append("  none")
             for key, value in values.items():
-                lines.append(f"  {key}: {_text(value)}")
+                lines.append(f"  {key}: {_text(value, key)}")
         return "\n".join(lines) + "\n"
 
 
-def _text(value: object) -> str:
+#: keys whose integer values are Unix times, seconds left, or spans: shown as systemd does
+_TIMES: dict[str, Callable[[int], str]] = {
+    "deadline": timefmt.timestamp, "at": timefmt.timestamp, "seconds_left": timefmt.left,
+    "capture_timeout": timefmt.span,
+}
+
+
+def _text(value: object, key: str = "") -> str:
     if isinstance(value, bool):
         return "yes" if value else "no"
+    if isinstance(value, int) and key in _TIMES:
+        return _TIMES[key](value)
     if isinstance(value, list):
         return ", ".join(_text(v) for v in value) if value else "none"
     if isinstance(value, dict):
-        return " ".join(f"{k}={_text(v)}" for k, v in value.items())
+        return " ".join(f"{k}={_text(v, k)}" for k, v in value.items())
     return "none" if value is None else str(value)
 
 
@@ -131,7 +143,7 @@ def _volumes_section() -> dict[str, Any]:
     out: dict[str, Any] = {}
     for entry in crypttab.read():
         try:
-            with LuksHeader.open(entry.source_path) as header:
+            with LuksHeader.open(entry.luks_path) as header:
                 out[entry.name] = {
                     "uuid": header.uuid, "luks": header.luks_version,
                     "keyslots": header.keyslots, "onetime_keyslots": len(onetime.slots(header)),

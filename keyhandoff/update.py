@@ -31,6 +31,7 @@ the clock and crypttab come from; the running machine by default.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Final
@@ -47,10 +48,12 @@ from keyhandoff.asking import (
     ask_with_systemd,
     gather,
 )
+from keyhandoff.asking import resolve_volume as _resolve_volume
 from keyhandoff.asking import targets as _targets
 from keyhandoff.cache import PassphraseCache
 from keyhandoff.chain import Chain, Reboot, Target
 from keyhandoff.errors import (
+    AlreadyArmed,
     ArmRefused,
     ChannelUnavailable,
     InvalidArgument,
@@ -69,6 +72,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ASK_TIMEOUT",
+    "AlreadyArmed",
     "ArmRefused",
     "ArmReport",
     "ChannelUnavailable",
@@ -89,6 +93,7 @@ __all__ = [
     "finish",
     "first_in_boot",
     "rearm",
+    "resolve_volume",
     "restore",
     "status",
     "targets",
@@ -99,9 +104,14 @@ MAX_TTL: Final = timedelta(days=1)
 MAX_BOOTS: Final = 16
 
 
-def targets(sources: Sequence[str] | None = None, *, host: Host = THIS_HOST) -> list[Target]:
-    """The volumes to hand over: ``sources`` (paths), else the prompting crypttab entries."""
-    return _targets(sources, host.crypttab_path)
+def targets(sources: Sequence[str] | None = None, *, host: Host = THIS_HOST,
+            skipped: list[tuple[str, str]] | None = None) -> list[Target]:
+    """The volumes to hand over: ``sources`` (:func:`resolve_volume`), else crypttab's.
+
+    By default the prompting crypttab entries, less those skipped (``noauto``, not LUKS,
+    not plugged in): ``skipped`` receives ``(name, why)`` for each.
+    """
+    return _targets(sources, host.crypttab_path, skipped=skipped)
 
 
 def _harden() -> None:
@@ -160,17 +170,29 @@ def arm(  # each is a caller's choice, all keyword-only
     the rest holds it, waiting up to ``lock_wait`` seconds for another state change.  The
     process is made non-dumpable first (see :func:`_harden`: no memory locking).
 
+    ``reboot="soft"`` is refused (:class:`ChannelUnavailable`, with the reason) where systemd
+    is the running init and older than 254, which has no ``systemctl soft-reboot``
+    (:meth:`Host.soft_reboot_refusal`).
+
     ``automatic``: this is :mod:`keyhandoff.schedule`'s own arming (a scheduled offline
     update, nobody asked); the chain state records it with this boot's id, so a cancelled
     schedule in this boot disarms it and nothing else.  A runner leaves it ``False``.
     """
     seconds = _check_args(reboot, boots, ttl)
+    refusal = host.soft_reboot_refusal() if reboot == "soft" else None
+    if refusal is not None:  # before anyone is asked for anything
+        raise ChannelUnavailable(f"cannot arm for a soft reboot: {refusal}")
     channel = channels.for_reboot(reboot)
     work = _work(host, progress)
     _harden()
-    chosen = targets(volumes, host=host)
+    skipped: list[tuple[str, str]] = []
+    chosen = targets(volumes, host=host, skipped=skipped)
+    for name, why in skipped:
+        work.say(f"skipping {name}: {why}")
     if not chosen:
-        raise ArmRefused("no volume to arm (no prompting entry in /etc/crypttab)")
+        raise ArmRefused("no volume to arm (no prompting entry in /etc/crypttab"
+                         + (f"; skipped: {', '.join(n for n, _ in skipped)})" if skipped
+                            else ")"))
     channel.refuse(chosen)  # before anyone is asked for anything
     passphrases = gather(chosen, work.cache, ask, work.say)
     try:
@@ -188,6 +210,9 @@ def arm(  # each is a caller's choice, all keyword-only
             secret.wipe()
     journal.log(Event.ARMED, f"armed {len(chosen)} volume(s) via {report.channel}",
                 channel=report.channel, boots=boots, deadline=chain.not_after)
+    if skipped:
+        report = dataclasses.replace(report, volumes=report.volumes + tuple(
+            VolumeReport("", name, armed=False, how=f"skipped: {why}") for name, why in skipped))
     return report
 
 
@@ -227,27 +252,51 @@ def rearm(*, progress: Progress | None = None, lock_wait: float = statelock.DEFA
         if channel is None:
             raise NotArmed(f"armed through a channel this keyhandoff lacks: {chain.channel}")
         if channel.armed_this_boot(chain, host):
-            raise NotArmed("already armed in this boot")
+            raise AlreadyArmed("already armed in this boot for the next one: nothing to re-arm",
+                               _armed(chain))
         report = channel.rearm(work, chain)
     journal.log(Event.ARMED, f"re-armed for {chain.boots_left} more boot(s)",
                 channel=chain.channel, boots=chain.boots_left, deadline=chain.not_after)
     return report
 
 
+def _armed(chain: Chain) -> ArmReport:
+    """What ``chain`` has armed, as the report of the arming that made it."""
+    return ArmReport(chain.channel, chain.reboot, chain.not_after, chain.boots_left,
+                     "on the last boot" if chain.login else "not requested",
+                     tuple(VolumeReport(t.uuid, t.name, armed=True, how="armed already")
+                           for t in chain.volumes))
+
+
 def disarm(*, quiet: bool = False, volumes: Sequence[str] | None = None,
-           lock_wait: float = statelock.DEFAULT_WAIT, host: Host = THIS_HOST) -> dict[str, int]:
+           lock_wait: float = statelock.DEFAULT_WAIT, host: Host = THIS_HOST,
+           must_match: bool = False) -> dict[str, int]:
     """Wipe everything armed.
 
     Every channel's record, our state keys, the one-time keyslots on every LUKS volume of
     the machine (:func:`keyhandoff.sweep.sweep_paths`: also those no chain state names any
     more), and the cached passphrases of the armed volumes (``volumes``, else crypttab and
-    the chain's).  Holds the state lock.
+    the chain's).  ``volumes`` are what ``--volume`` takes (:func:`resolve_volume`: a
+    crypttab name, a LUKS UUID, a path); a volume need not be plugged in.
+    ``must_match``: raise :class:`NotArmed` before anything is touched when one of
+    ``volumes`` is neither in the armed chain nor in the cache (the command line: a
+    ``disarm --volume`` that would do nothing for it says so).  Holds the state lock.
     """
+    named = ([resolve_volume(v, host=host) for v in volumes]
+             if volumes is not None else None)
     with statelock.held("disarm", wait=lock_wait):
         cache = PassphraseCache()
         chain = chain_mod.load(cache)
+        if must_match and named:
+            held = ((chain.uuids() if chain else set())
+                    | {e.volume for e in cache.entries()}
+                    | {e.volume for e in cache.onetime_entries()})
+            for t in named:
+                if t.uuid not in held:
+                    who = t.uuid if t.name == t.uuid else f"{t.name} ({t.uuid})"
+                    raise NotArmed(f"nothing is armed or cached for {who}")
         known = sweep.known_paths(chain, host)
-        paths = list(volumes) if volumes is not None else known
+        paths = [t.path for t in named] if named is not None else known
         counts = {"records": sum(c.discard() for c in channels.REGISTRY.values()),
                   "keys": 0, "keyslots": 0}
         # keyslots: on every LUKS volume of the machine; passphrases: only the named volumes'
@@ -257,13 +306,22 @@ def disarm(*, quiet: bool = False, volumes: Sequence[str] | None = None,
             counts["keys"] += each.forget_keys(cache, seen)
         counts["keys"] += cache.forget_key(CHAIN_KEY)
         uuids = chain.uuids() if chain else set()
-        with contextlib.suppress(KeyhandoffError, OSError):
-            uuids |= {t.uuid for t in targets(paths, host=host)}
+        if named is not None:
+            uuids |= {t.uuid for t in named}
+        else:
+            with contextlib.suppress(KeyhandoffError, OSError):
+                uuids |= {t.uuid for t in targets(paths, host=host)}
         for u in uuids:
             counts["keys"] += cache.forget(u) + cache.forget_onetime(u)
     if not quiet:
         journal.log(Event.WIPED, "disarmed", **counts)
     return counts
+
+
+def resolve_volume(spec: str, *, need_header: bool = False,
+                   host: Host = THIS_HOST) -> Target:
+    """What a ``--volume`` names (crypttab name, LUKS UUID, path), in ``host``'s crypttab."""
+    return _resolve_volume(spec, host.crypttab_path, need_header=need_header)
 
 
 def status(*, host: Host = THIS_HOST) -> dict[str, Any]:

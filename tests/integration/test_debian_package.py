@@ -131,7 +131,7 @@ def test_keyhandoff_holds_the_command_library_units_config_and_docs(built):
     files = contents(built.deb("keyhandoff"))
     site = "/usr/lib/python3/dist-packages"
     expected = {
-        "/usr/bin/keyhandoff", "/etc/keyhandoff/keyhandoff.conf",
+        "/usr/bin/keyhandoff", "/usr/lib/keyhandoff/keyhandoff.conf",
         *(f"/lib/systemd/system/{u}" for u in (*WATCHERS, *BOOT_STEPS, *TRIGGERED)),
         "/lib/systemd/system/keyhandoff-.service.d/10-sandbox.conf",
         "/lib/systemd/system/packagekit-offline-update.service.d/keyhandoff.conf",
@@ -224,8 +224,9 @@ def test_maintainer_scripts_never_start_stop_or_restart_the_boot_steps(built, tm
     for unit in WATCHERS:
         assert any(f"'{unit}'" in ln for ln in started), started
         assert any(f"'{unit}'" in ln for ln in stopped), stopped
-    assert control_file(deb, "conffiles", tmp_path).split() == [
-        "/etc/keyhandoff/keyhandoff.conf"]
+    # nothing in /etc, so no conffile: the vendor defaults are in /usr/lib/keyhandoff and an
+    # upgrade never asks about a file the administrator did not write (keyhandoff.conf(5))
+    assert control_file(deb, "conffiles", tmp_path) == ""
 
 
 def test_the_token_package_regenerates_the_initramfs(built, tmp_path):
@@ -273,7 +274,8 @@ def test_the_fedora_spec_expands_with_fedoras_macros():
     text = "\n".join(body)
     assert "PAMDIR=/usr/lib64/security TOKENDIR=/usr/lib64/cryptsetup" in text
     assert "/usr/lib64/python3.13/site-packages/keyhandoff/" in text
-    assert "%config(noreplace) /etc/keyhandoff/keyhandoff.conf" in text
+    assert "/usr/lib/keyhandoff/" in text.splitlines()  # the vendor file; nothing in /etc
+    assert "%config" not in text
     # only the agent is marked for restart after an upgrade, or stopped on erase
     for verb in ("mark-restart-system-units", "remove-system-units"):
         lines = [line for line in body if verb in line]

@@ -13,6 +13,7 @@ Fedora); the sdist holds every tracked file.
 from __future__ import annotations
 
 import email.parser
+import json
 import os
 import re
 import shutil
@@ -127,7 +128,7 @@ def expected_files(inst: Install) -> set[str]:
               for c in d.glob("*.conf")}
     files |= {f"{unitdir}/packagekit-offline-update.service.d/keyhandoff.conf",
               f"{presetdir}/80-keyhandoff.preset",
-              "/etc/keyhandoff/keyhandoff.conf",
+              "/usr/lib/keyhandoff/keyhandoff.conf",  # nothing in /etc: the admin's
               "/usr/bin/keyhandoff",
               f"/usr/lib/{multiarch()}/security/pam_keyhandoff.so",
               f"{token_dir()}/libcryptsetup-token-keyhandoff-onetime.so",
@@ -179,7 +180,7 @@ def test_installed_modes(installed):
                    "usr/lib/dracut/modules.d/90keyhandoff/module-setup.sh"):
         assert os.stat(root / script).st_mode & 0o777 == 0o755
     for data in (installed.unitdir / "keyhandoff-agent.service",
-                 root / "etc/keyhandoff/keyhandoff.conf",
+                 root / "usr/lib/keyhandoff/keyhandoff.conf",
                  root / f"usr/lib/{multiarch()}/security/pam_keyhandoff.so"):
         assert os.stat(data).st_mode & 0o777 == 0o644
 
@@ -317,10 +318,19 @@ def test_without_the_preset_nothing_is_enabled(installed, tmp_path):
     assert preset_links(root) == set()
 
 
-def test_the_installed_config_is_the_commented_defaults(installed):
-    path = installed.root / "etc/keyhandoff/keyhandoff.conf"
+def test_the_installed_vendor_config_sets_every_default(installed, tmp_path):
+    path = installed.root / "usr/lib/keyhandoff/keyhandoff.conf"
     assert path.read_bytes() == (REPO / "units" / "keyhandoff.conf").read_bytes()
     assert config.load(str(path)) == config.Config()
+    # the installed command reads it where keyhandoff.conf(5) says, below the root
+    script = installed.root / "usr/bin/keyhandoff"
+    proc = run(script, "config", "--json", "--root", installed.root,
+               env=installed_env(installed), cwd=tmp_path)
+    assert (proc.returncode, proc.stderr) == (0, ""), proc.stderr
+    shown = json.loads(proc.stdout)
+    assert shown["files"] == [str(path)]
+    assert {s["file"] for s in shown["sources"]} == {str(path)}
+    assert len(shown["sources"]) == len(shown["settings"]) == len(config._SCHEMA)
 
 
 def test_the_installed_man_pages_render(installed):

@@ -155,6 +155,23 @@ out["chain"] = chain_now()
 out["slots"] = len(onetime_slots())
 out["record"] = efi.RECORD_VARIABLE.exists()
 """,
+    "config-error": """
+from keyhandoff.config import load_for_boot
+dropins = os.path.join(root, "etc", "keyhandoff", "keyhandoff.conf.d")
+os.makedirs(dropins)
+with open(os.path.join(dropins, "50-bad.conf"), "w") as f:
+    f.write('[login]\\ntimeout = "2min"\\n')       # a wrong type, line 2
+capture()
+schedule_update()
+conf = load_for_boot("schedule", root=root)
+out["report"] = schedule.reconcile(host=host, config=conf).as_dict()
+out["chain"] = chain_now()
+out["cached_after"] = len(cache.entries())
+out["slots"] = onetime_slots()
+out["record"] = efi.RECORD_VARIABLE.exists()
+out["status"] = schedule.status(host=host, config=conf)
+out["dropin"] = os.path.join(dropins, "50-bad.conf")
+""",
     "disabled": """
 capture()
 schedule_update()
@@ -292,6 +309,26 @@ def test_auto_arm_off_arms_nothing(tmp_path, cache):
     assert out["report"]["action"] == "disabled", out["report"]
     assert out["chain"] is None
     assert out["cached_after"] == 1                    # the capture is left as it was
+
+
+def test_a_config_error_in_a_drop_in_arms_nothing(tmp_path, cache):
+    """The defaults would arm (capture and auto_arm on); an error turns both off instead."""
+    pw = make("conf-err")
+    out, proc, img = run("config-error", tmp_path, pw)
+    why = f"capture and auto-arm disabled because of config error at {out['dropin']}:2"
+    report = out["report"]
+    assert report["action"] == "disabled", report
+    assert report["ok"] is True                        # the unit exits 0; the boots ask
+    assert why in report["detail"]
+    assert out["chain"] is None
+    assert out["slots"] == []
+    assert out["record"] is False
+    assert out["cached_after"] == 1                    # the capture is left as it was
+    assert out["status"]["auto_arm"] is False
+    assert out["status"]["capture_timeout"] == 0
+    assert out["status"]["config_error_detail"] == why
+    assert f"CONFIG schedule: {why}".encode() in proc.stderr
+    assert opens(img, pw)
 
 
 def test_not_scheduled_on_a_scratch_root_without_a_link(tmp_path, cache, monkeypatch):

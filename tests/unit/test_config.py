@@ -1,4 +1,7 @@
-"""The configuration file: defaults, the retention policy for automatic arming, refusals."""
+"""The configuration file: defaults, the retention policy for automatic arming, refusals.
+
+The layers, drop-ins, masking and the file:line of every message: test_config_layers.py.
+"""
 
 from __future__ import annotations
 
@@ -14,19 +17,27 @@ def load(tmp_path, text: str) -> config.Config:
     return config.load(str(path))
 
 
-def test_missing_file_is_the_defaults(tmp_path):
-    conf = config.load(str(tmp_path / "absent.conf"))
+def test_no_file_at_all_is_the_defaults(tmp_path):
+    conf = config.load(root=str(tmp_path))
     assert conf == config.Config()
     assert (conf.retain, conf.auto_arm, conf.wait_for_update) == (600, True, 8 * 3600)
     # captured passphrases wait for an update: the longer of the two
     assert conf.capture_timeout == 8 * 3600
 
 
-def test_the_shipped_example_is_the_defaults():
+def test_an_explicit_file_that_does_not_exist_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"absent\.conf: No such file or directory"):
+        config.load(str(tmp_path / "absent.conf"))
+
+
+def test_the_shipped_vendor_file_is_the_defaults():
     from pathlib import Path  # noqa: PLC0415
 
     shipped = Path(__file__).resolve().parents[2] / "units" / "keyhandoff.conf"
-    assert config.load(str(shipped)) == config.Config()
+    loaded = config.read(str(shipped))
+    assert loaded.problems == ()
+    assert loaded.config == config.Config()
+    assert all(s.path == str(shipped) for s in loaded.settings)  # every default written out
 
 
 @pytest.mark.parametrize(("value", "seconds"), [
@@ -65,10 +76,19 @@ def test_capture_off_stays_off(tmp_path):
 
 
 @pytest.mark.parametrize(("text", "match"), [
-    ("[update]\nauto_arm = 1\n", "must be bool"),
-    ("[update]\nauto_armed = true\n", "unknown setting update.auto_armed"),
+    ("[update]\nauto_arm = 1\n", "must be bool, not an integer"),
     ("update = 1\n", "must be a table"),
 ])
 def test_update_section_refusals(tmp_path, text, match):
     with pytest.raises(ConfigError, match=match):
         load(tmp_path, text)
+
+
+def test_an_unknown_setting_is_only_a_warning(tmp_path):
+    conf = load(tmp_path, "[update]\nauto_armed = false\n")  # a typo: warned, not fatal
+    assert conf == config.Config()
+    path = tmp_path / "keyhandoff.conf"
+    (warning,) = config.read(str(path)).problems
+    assert str(warning) == (f"{path}:2: unknown setting update.auto_armed "
+                            "(did you mean auto_arm?), ignored")
+    assert warning.severity == "warning"
