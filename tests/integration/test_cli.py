@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+from support.etc_overlay import etc_overlay
 from support.luks_images import format_image, uuid_of
 from support.parts import require_binary
 from support.passphrases import make
@@ -22,6 +22,9 @@ from support.passphrases import make
 from keyhandoff import keyring
 from keyhandoff.cache import PassphraseCache, SystemdCache
 from keyhandoff.secret import Secret
+
+if TYPE_CHECKING:
+    import contextlib
 
 
 def kh(*args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[str]:
@@ -143,27 +146,13 @@ _LOCKED = re.compile(r"mlockall\(MCL_CURRENT\|MCL_FUTURE\|MCL_ONFAULT\) += 0$")
 _SECRET = re.compile(r"(readv?\(0, |keyctl\(KEYCTL_READ, |add_key\()")
 
 
-@contextlib.contextmanager
-def _etc(files: dict[str, str]):
+def _etc(files: dict[str, str]) -> contextlib.AbstractContextManager[list[str]]:
     """A mount namespace whose /etc has these ``files`` (an overlay over /etc).
 
     The machine's /etc is not touched; only the command run inside sees the files.  Its
-    /run/keyhandoff is a private tmpfs too: ``login-handoff`` marks itself done once per boot
-    there, and a mark left on the machine would turn every later run into a no-op.
+    /run/keyhandoff is a private tmpfs too (see :func:`support.etc_overlay.etc_overlay`).
     """
-    with tempfile.TemporaryDirectory(prefix="kh-cli-etc-") as d:
-        upper, work = Path(d, "upper"), Path(d, "work")
-        upper.mkdir()
-        work.mkdir()
-        for name, text in files.items():
-            (upper / name).parent.mkdir(parents=True, exist_ok=True)
-            (upper / name).write_text(text)
-        unshare = require_binary("unshare", "apt-get install util-linux")
-        script = ("mkdir -p -m 0700 /run/keyhandoff && "
-                  "mount -t tmpfs -o mode=0700 keyhandoff-test /run/keyhandoff && "
-                  f"mount -t overlay overlay -o lowerdir=/etc,upperdir={upper},workdir={work} "
-                  '/etc && exec "$@"')
-        yield [unshare, "--mount", "--propagation", "private", "sh", "-c", script, "sh"]
+    return etc_overlay(files)
 
 
 def _login_enabled():

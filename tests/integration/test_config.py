@@ -10,20 +10,18 @@ touched.  Logs go to stderr (``KEYHANDOFF_LOG=stderr``), libefivar to a scratch 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+from support.etc_overlay import etc_overlay, put
 from support.luks_images import format_image, opens, uuid_of
-from support.parts import require_binary
 from support.passphrases import make
 from support.scratch_efi import scratch_efivars, scratch_env
 
@@ -33,7 +31,7 @@ from keyhandoff.luks import LuksHeader
 from keyhandoff.secret import Secret
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    import contextlib
 
 ADMIN = "etc/keyhandoff/keyhandoff.conf"
 ETC_D = "etc/keyhandoff/keyhandoff.conf.d"
@@ -47,16 +45,6 @@ def kh(*args: object, prefix: list[str] | None = None,
                                       proc.stderr.decode(errors="replace"))
     assert "Traceback" not in out.stderr, out.stderr
     return out
-
-
-def put(root: Path, rel: str, text: str | bytes) -> Path:
-    path = root / rel
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if isinstance(text, bytes):
-        path.write_bytes(text)
-    else:
-        path.write_text(text)
-    return path
 
 
 # --- keyhandoff config ----------------------------------------------------------------------
@@ -166,22 +154,13 @@ BROKEN_DROPIN = b'[capture]\nretain = 60\nwait_for_update = "\xff"\n'  # not UTF
 BAD_VALUE = '[login]\ntimeout = "2min"\n[update]\nauto_arm = 1\n'  # two wrong types
 
 
-@contextlib.contextmanager
 def broken_etc(image: Path, admin: str, tmp_path: Path,
-               dropin: bytes = BROKEN_DROPIN) -> Iterator[list[str]]:
+               dropin: bytes = BROKEN_DROPIN) -> contextlib.AbstractContextManager[list[str]]:
     """A mount namespace whose /etc has a broken configuration and ``image`` in crypttab."""
-    with tempfile.TemporaryDirectory(prefix="kh-conf-etc-") as d:
-        upper, work = Path(d, "upper"), Path(d, "work")
-        work.mkdir()
-        put(upper, "keyhandoff/keyhandoff.conf", admin)
-        put(upper, "keyhandoff/keyhandoff.conf.d/50-bad.conf", dropin)
-        put(upper, "crypttab", f"khconf {image} none luks\n")
-        unshare = require_binary("unshare", "apt-get install util-linux")
-        script = ("mkdir -p -m 0700 /run/keyhandoff && "
-                  "mount -t tmpfs -o mode=0700 keyhandoff-test /run/keyhandoff && "
-                  f"mount -t overlay overlay -o lowerdir=/etc,upperdir={upper},workdir={work} "
-                  '/etc && exec "$@"')
-        yield [unshare, "--mount", "--propagation", "private", "sh", "-c", script, "sh"]
+    del tmp_path
+    return etc_overlay({"keyhandoff/keyhandoff.conf": admin,
+                        "keyhandoff/keyhandoff.conf.d/50-bad.conf": dropin,
+                        "crypttab": f"khconf {image} none luks\n"})
 
 
 def stale_onetime(img: Path, passphrase: bytes) -> int:

@@ -15,6 +15,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from support.etc_overlay import put
 
 from keyhandoff import config
 from keyhandoff.errors import ConfigError
@@ -24,16 +25,6 @@ ADMIN = "etc/keyhandoff/keyhandoff.conf"
 USR_D = "usr/lib/keyhandoff/keyhandoff.conf.d"
 RUN_D = "run/keyhandoff/keyhandoff.conf.d"
 ETC_D = "etc/keyhandoff/keyhandoff.conf.d"
-
-
-def put(root: Path, rel: str, text: str | bytes) -> Path:
-    path = root / rel
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if isinstance(text, bytes):
-        path.write_bytes(text)
-    else:
-        path.write_text(text)
-    return path
 
 
 def shown(root: Path, loaded: config.Loaded) -> dict[str, str]:
