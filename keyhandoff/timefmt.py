@@ -15,7 +15,7 @@ import time
 from datetime import UTC, datetime
 from typing import Final
 
-from keyhandoff.timespan import USEC_PER_SEC, parse_usec
+from keyhandoff.timespan import USEC_PER_SEC, parse_seconds, parse_usec
 
 __all__ = ["iso", "left", "parse_span", "parse_span_seconds", "span", "timestamp", "usec"]
 
@@ -95,21 +95,24 @@ def usec(unix: int) -> int:
     return unix * USEC_PER_SEC
 
 
+def _within(text: str, value: float, least: float, most: float) -> None:
+    if not least <= value <= most:
+        raise ValueError(f"{text!r} is out of range ({span(int(least)) if least else '0'} "
+                         f"to {span(int(most))})")
+
+
 def parse_span(text: str, *, least: float = 0, most: float) -> float:
     """Seconds of a systemd time span (``90``, ``30min``, ``1h 30min``), within bounds.
 
     :class:`ValueError` with a sentence when it is not a span or out of bounds.
     """
     value = parse_usec(text) / USEC_PER_SEC
-    if not least <= value <= most:
-        raise ValueError(f"{text!r} is out of range ({span(int(least)) if least else '0'} "
-                         f"to {span(int(most))})")
+    _within(text, value, least, most)
     return value
 
 
 def parse_span_seconds(text: str, *, least: int = 0, most: int) -> int:
-    """:func:`parse_span` in whole seconds (``1.5s`` is refused)."""
-    value = parse_usec(text)
-    if value % USEC_PER_SEC:
-        raise ValueError(f"{text!r} is not a whole number of seconds")
-    return int(parse_span(text, least=least, most=most))
+    """:func:`parse_span` in whole seconds (``1.5s`` is refused, as the config refuses it)."""
+    value = parse_seconds(text)
+    _within(text, value, least, most)
+    return value
