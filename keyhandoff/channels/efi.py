@@ -441,6 +441,10 @@ def _take_published(cache: PassphraseCache) -> tuple[Secret | None, str | None]:
         refused = f"the record in the keyring could not be removed, so it is not used: {exc}"
         journal.log(Event.RECORD_REFUSED, refused, priority=journal.WARNING)
         return None, refused
+    # An invalidated key stays linked until the kernel's garbage collector runs, and a search
+    # meanwhile says EKEYREVOKED; unlinked now, the record is gone from our keyring at once.
+    with contextlib.suppress(KeyringError):  # collected already: nothing left to unlink
+        keyring.unlink(serial, cache.keyring_serial)
     return blob, None
 
 
