@@ -40,7 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .image import REPO_ROOT, ImageBuildError, _chroot, _chroot_mounts, build_run_image, ensure_base
+from .debs import preset
+from .image import REPO_ROOT, ImageBuildError, build_run_image, ensure_base
 from .machine import BOOTED_RE, DONE_RE, Disk, Machine, MachineError, PersonPort
 from .runner import GuestJob
 
@@ -82,16 +83,16 @@ def _install(src: Path, dst: Path, mode: int = 0o644) -> None:
 
 
 def customize(rootfs: Path) -> None:
-    """Install keyhandoff as a distribution would, plus the demo's person and PAM stacks."""
+    """keyhandoff enabled as its package's vendor preset says, plus the demo's person and PAM.
+
+    The packages are installed already (:func:`.image._install_project`: the .deb files this
+    tree builds); their units, in /usr/lib/systemd/system, are enabled here by
+    ``systemctl preset`` as a distribution that honours presets enables them.  Nothing of
+    keyhandoff is copied from the checkout.
+    """
     systemd = rootfs / "etc/systemd/system"
-    for unit in sorted((REPO_ROOT / "units").glob("*.service")):
-        _install(unit, systemd / unit.name)
-    # the sandbox all of them share (a prefix drop-in: every "keyhandoff-*" unit)
-    for conf in sorted((REPO_ROOT / "units/keyhandoff-.service.d").glob("*.conf")):
-        _install(conf, systemd / "keyhandoff-.service.d" / conf.name)
-    _enable(rootfs, "sysinit.target", "keyhandoff-agent.service", "keyhandoff-restore.service")
-    for target in ("multi-user.target", "system-update.target"):
-        _enable(rootfs, target, "keyhandoff-finish.service", "keyhandoff-rearm.service")
+    build_log = rootfs.parent / "image-build.log"
+    preset(rootfs, build_log)
     # The update boot runs the demo's "runner" job too, after keyhandoff's boot steps.
     _enable(rootfs, "system-update.target", "vmtest.service")
     dropin = systemd / "vmtest.service.d/demo.conf"
@@ -105,10 +106,6 @@ def customize(rootfs: Path) -> None:
     getty = systemd / "serial-getty@ttyS0.service"
     getty.unlink(missing_ok=True)
     getty.symlink_to("/dev/null")
-    # pip's console script is in /usr/local/bin; the units name /usr/bin like a package.
-    console = rootfs / "usr/bin/keyhandoff"
-    console.unlink(missing_ok=True)
-    console.symlink_to("/usr/local/bin/keyhandoff")
     (rootfs / "etc/crypttab").write_text(f"data UUID={DATA_UUID} none luks\n")
     with (rootfs / "etc/fstab").open("a") as fstab:
         fstab.write("/dev/mapper/data /data ext4 defaults,nofail 0 2\n")
@@ -119,10 +116,6 @@ def customize(rootfs: Path) -> None:
     _install(GUEST_DEMO / "kh-token-check", rootfs / "usr/local/sbin/kh-token-check", 0o755)
     _install(GUEST_DEMO / "pam-kh-gdm", rootfs / "etc/pam.d/kh-gdm")
     _install(GUEST_DEMO / "pam-kh-ours", rootfs / "etc/pam.d/kh-ours")
-    # pam_keyhandoff.so, built from csrc/ with the guest's cc as a package build would.
-    with _chroot_mounts(rootfs):
-        _chroot(rootfs, "sh", "/opt/keyhandoff-src/csrc/build-pam",
-                "/usr/lib/x86_64-linux-gnu/security")
 
 
 def make_data_disk(path: Path, passphrase: bytes) -> None:

@@ -40,7 +40,6 @@ from .demo import (
     Boot,
     Outcome,
     Person,
-    _enable,
     _scan_vars,
     _security,
     customize,
@@ -74,9 +73,8 @@ BOOT_TIMEOUT = 420
 
 
 def customize_root(rootfs: Path) -> None:
-    """The demo's guest (:func:`.demo.customize`) with the initramfs capture enabled."""
+    """The demo's guest (:func:`.demo.customize`; the preset enables the initramfs capture)."""
     customize(rootfs)
-    _enable(rootfs, "sysinit.target", "keyhandoff-capture-initrd.service")
     (rootfs / "etc/fstab").write_text("")  # no data volume here; root_image writes /'s line
 
 

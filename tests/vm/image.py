@@ -44,8 +44,8 @@ CACHE_ROOT = Path(os.environ.get("KEYHANDOFF_VM_CACHE", "/var/cache/keyhandoff-v
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 
 # Installed into the base with debootstrap. python3-ply: debootstrap cannot resolve pycparser's
-# virtual dependency on its own. The -dev packages and gcc let the chroot build the project's cffi
-# modules for the guest's python3.13.
+# virtual dependency on its own. The build tools and -dev packages are debian/control's
+# Build-Depends: the packages the guests install are built in a chroot of this base (.debs).
 PACKAGES: tuple[str, ...] = (
     "systemd",
     "systemd-sysv",
@@ -67,9 +67,15 @@ PACKAGES: tuple[str, ...] = (
     "python3-cryptography",
     "python3-pyudev",
     "python3-systemd",
-    "python3-pip",
     "python3-setuptools",
     "python3-wheel",
+    "python3-build",
+    "python3-installer",
+    "dpkg-dev",
+    "build-essential",
+    "debhelper",
+    "dh-python",
+    "systemd-dev",
     "python3-dev",
     "gcc",
     "libc6-dev",
@@ -216,8 +222,6 @@ def _chroot_env() -> dict[str, str]:
         "HOME": "/root",
         "LANG": "C.UTF-8",
         "DEBIAN_FRONTEND": "noninteractive",
-        "PIP_DISABLE_PIP_VERSION_CHECK": "1",
-        "PIP_NO_INPUT": "1",
     }
 
 
@@ -598,8 +602,16 @@ def _project_files(project: Path) -> list[str]:
     return sorted({p for p in out.split("\0") if p and (project / p).is_file()})
 
 
-def _install_project(rootfs: Path, project: Path, build_log: Path) -> tuple[bool, str]:
-    """Copy the checkout into the guest and pip-install it for the guest's python3."""
+def _install_project(rootfs: Path, project: Path, build_log: Path, *,
+                     packages: tuple[str, ...] = ("keyhandoff", "libpam-keyhandoff"),
+                     ) -> tuple[bool, str]:
+    """Install the Debian packages built from the checkout (:mod:`.debs`) in the guest tree.
+
+    The checkout is copied to ``/opt/keyhandoff-src`` as well: guest jobs import test helpers
+    from its ``tests/``.  keyhandoff itself is what dpkg installed, in /usr.
+    """
+    from .debs import ensure_debs, install  # noqa: PLC0415 (debs imports this module)
+
     target = rootfs / "opt/keyhandoff-src"
     if target.exists():
         shutil.rmtree(target)
@@ -607,31 +619,14 @@ def _install_project(rootfs: Path, project: Path, build_log: Path) -> tuple[bool
         dst = target / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(project / rel, dst)
-    if not (target / "pyproject.toml").exists() and not (target / "setup.py").exists():
-        return False, "not installed: the checkout has no pyproject.toml or setup.py yet"
-    with _chroot_mounts(rootfs):
-        try:
-            _chroot(
-                rootfs,
-                "python3",
-                "-m",
-                "pip",
-                "install",
-                "--no-deps",
-                "--no-build-isolation",
-                "--no-index",
-                "--no-cache-dir",
-                "--break-system-packages",
-                "/opt/keyhandoff-src",
-                log_file=build_log,
-            )
-        except ImageBuildError as exc:
-            return False, f"pip install in the guest chroot failed: {exc}"
-        finally:
-            shutil.rmtree(rootfs / "tmp", ignore_errors=True)
-            (rootfs / "tmp").mkdir(mode=0o1777, exist_ok=True)
-            (rootfs / "tmp").chmod(0o1777)
-    return True, "installed /opt/keyhandoff-src with pip for the guest python3"
+    if not (target / "debian/control").exists():
+        return False, "not installed: the checkout has no debian/control"
+    try:
+        debs = ensure_debs(project)
+        install(rootfs, debs, packages, build_log)
+    except ImageBuildError as exc:
+        return False, f"the packages did not install in the guest tree: {exc}"
+    return True, f"installed {', '.join(packages)} from {debs.name}"
 
 
 def _install_runner(rootfs: Path) -> None:

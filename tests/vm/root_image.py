@@ -5,13 +5,12 @@ a systemd initramfs: systemd-cryptsetup asks, and tries LUKS2 token plugins firs
 ``initramfs-tools`` (0.148 with cryptsetup-initramfs's ``cryptroot``, Debian's default).  A
 root image is built like a plain run image, then, in the guest tree:
 
-1. the project's own ``make install-token install-initramfs`` installs the token plugin
-   (compiled by the guest's cc against trixie's libcryptsetup) and the initramfs parts, as a
-   package would;
-2. the guest's ``/etc/crypttab`` names the root as each distribution writes it
+1. the guest's ``/etc/crypttab`` names the root as each distribution writes it
    (:func:`root_crypttab`);
-3. the generator builds the initramfs the machine boots, and once more without keyhandoff's
-   part, for the size figure;
+2. the generator builds the initramfs once without keyhandoff's part, for the size figure;
+3. ``dpkg -i`` installs ``cryptsetup-keyhandoff`` (:mod:`.debs`: the token plugin, built
+   against trixie's libcryptsetup, and the initramfs parts), and the generator builds the
+   initramfs the machine boots;
 4. the packed ext4 is encrypted in place with the person's passphrase (user space
    ``cryptsetup reencrypt --encrypt``: the host has no dm-crypt).
 
@@ -27,6 +26,7 @@ import subprocess
 import time
 from typing import TYPE_CHECKING
 
+from .debs import ensure_debs, install
 from .image import (
     REPO_ROOT,
     STEP_TIMEOUT,
@@ -98,39 +98,16 @@ def root_append(generator: str) -> str:
     return f"{root} panic=-1"
 
 
-def _generate_initramfs(
-    rootfs: Path,
-    generator: str,
-    version: str,
-    out: Path,
-    build_log: Path,
-    *,
-    with_keyhandoff: bool = True,
-) -> None:
+def _generate_initramfs(rootfs: Path, generator: str, version: str, out: Path,
+                        build_log: Path) -> None:
     """Run the real generator in the guest tree (chroot); the image lands at ``out``."""
     inside = f"tmp/kh-initrd-{os.getpid()}.img"
     if generator == "dracut":
-        argv = ["dracut", "--force", "--no-hostonly", "--kver", version,
-                "--add", "systemd crypt", "--omit", "plymouth"]
-        if not with_keyhandoff:
-            argv += ["--omit", "keyhandoff"]
-        _chroot(rootfs, *argv, f"/{inside}", version, log_file=build_log)
+        _chroot(rootfs, "dracut", "--force", "--no-hostonly", "--kver", version,
+                "--add", "systemd crypt", "--omit", "plymouth", f"/{inside}", version,
+                log_file=build_log)
     else:
-        # Out of the tree altogether: mkinitramfs runs every executable hook whose name is
-        # [[:alnum:]._-]* (a renamed copy would still run) and copies the script directories.
-        parts = [rootfs / "usr/share/initramfs-tools" / part for part in
-                 ("hooks/keyhandoff", "scripts/local-top/keyhandoff",
-                  "scripts/local-premount/keyhandoff", "scripts/local-bottom/keyhandoff")]
-        aside = [rootfs / f"tmp/kh-aside-{n}" for n in range(len(parts))]
-        try:
-            if not with_keyhandoff:
-                for p, a in zip(parts, aside, strict=True):
-                    p.rename(a)
-            _chroot(rootfs, "mkinitramfs", "-o", f"/{inside}", version, log_file=build_log)
-        finally:
-            for p, a in zip(parts, aside, strict=True):
-                if a.exists():
-                    a.rename(p)
+        _chroot(rootfs, "mkinitramfs", "-o", f"/{inside}", version, log_file=build_log)
     shutil.move(rootfs / inside, out)
 
 
@@ -203,12 +180,13 @@ def build_root_luks_image(
             customize(rootfs)
         (rootfs / "etc/crypttab").write_text(root_crypttab(generator))
         (rootfs / "etc/fstab").write_text(f"/dev/mapper/{ROOT_MAPPING} / ext4 defaults 0 1\n")
+        # First the initramfs as the machine had it before cryptsetup-keyhandoff (the size
+        # figure), then the package, then the initramfs the machine boots.
         with _chroot_mounts(rootfs):
-            _chroot(rootfs, "make", "-C", "/opt/keyhandoff-src", "install-token",
-                    "install-initramfs", log_file=build_log)
+            _generate_initramfs(rootfs, generator, base.kernel_version, plain, build_log)
+        install(rootfs, ensure_debs(project), ("cryptsetup-keyhandoff",), build_log)
+        with _chroot_mounts(rootfs):
             _generate_initramfs(rootfs, generator, base.kernel_version, initrd, build_log)
-            _generate_initramfs(rootfs, generator, base.kernel_version, plain, build_log,
-                                with_keyhandoff=False)
             listing = initramfs_files(rootfs, generator, initrd)
             without = initramfs_files(rootfs, generator, plain)
         if not _ours(listing):
@@ -217,7 +195,6 @@ def build_root_luks_image(
         if _ours(without):
             msg = f"the {generator} initramfs built without keyhandoff still has a part of it"
             raise ImageBuildError(msg)
-        shutil.rmtree(rootfs / "opt/keyhandoff-src/build", ignore_errors=True)
         make_ext4(rootfs, root_image, label="vmroot")
     packed = time.monotonic()
     encrypt_root(root_image, passphrase)
