@@ -33,9 +33,12 @@ __all__ = [
     "EfiVariableNotFound",
     "EfiWriteRefused",
     "HostileAskFile",
+    "InvalidArchiveEntry",
     "InvalidArgument",
     "InvalidEscape",
     "InvalidVolume",
+    "KexecError",
+    "KexecRefused",
     "KeyExpired",
     "KeyNotFound",
     "KeyRejected",
@@ -395,6 +398,31 @@ class UnsafeLock(KeyhandoffError):
 
 class UdevUnavailable(KeyhandoffError):
     """libudev cannot be used, or udevd is not running (no device events will come)."""
+
+
+# --- kexec: an initramfs archive, kexec_file_load ------------------------------------------
+
+
+class InvalidArchiveEntry(InvalidArgument):
+    """A name, mode or size that a newc (initramfs cpio) archive must not carry.
+
+    The text names the entry (names are never secret) and never its data.
+    """
+
+
+class KexecError(KeyhandoffError, OSError):
+    """``kexec_file_load`` failed, or what it needs (a kernel image, an initrd) is missing.
+
+    ``errno`` holds the kernel's error number when there is one.
+    """
+
+
+class KexecRefused(KexecError):
+    """The kernel refused by policy, not for the image's format.
+
+    EPERM (no CAP_SYS_BOOT, ``kernel.kexec_load_disabled``, no loads left, lockdown and an
+    unsigned kernel) or a signature that did not verify (EKEYREJECTED, EBADMSG, ENOKEY, ...).
+    """
 
 
 _ERRNO_PREFIX: Final = re.compile(r"^\[Errno -?\d+\] ")

@@ -1,6 +1,7 @@
 """Process hygiene for anything that holds secrets; inotify and sd_notify for the agent's loop.
 
-The only importer of ``keyhandoff._bindings._linux``.
+With :mod:`keyhandoff.kexec` (``kexec_file_load`` only), the one importer of
+``keyhandoff._bindings._linux``.
 """
 
 from __future__ import annotations

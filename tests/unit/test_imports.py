@@ -64,3 +64,13 @@ def test_the_record_variable_loads_no_aead():
     heavy = _heavy(_modules_after_import("keyhandoff.efi"))
     assert "keyhandoff._bindings._efivar" in heavy
     assert [m for m in heavy if m.startswith("cryptography")] == []
+
+
+@pytest.mark.parametrize("module", ["keyhandoff.newc", "keyhandoff.kexec"])
+def test_the_kexec_primitives_load_no_heavy_module(module):
+    # newc is pure (no binding at all); kexec adds only the small libc binding (_linux)
+    loaded = _modules_after_import(module)
+    assert module in loaded
+    assert _heavy(loaded) == []
+    bindings = {m.split(".")[2] for m in loaded if m.startswith("keyhandoff._bindings._")}
+    assert bindings == (set() if module == "keyhandoff.newc" else {"_linux"})
