@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING
 
 from .demo import (
     NO_LEAK,
+    SCHEDULE_DEMO_UPDATE,
     Boot,
     Outcome,
     Person,
@@ -286,9 +287,8 @@ def _full_reboot(generator: str, images: RootImages, workdir: Path) -> Outcome:
     m, console, person = _machine(image, workdir, pw)
     try:
         out.boots.append(run_root_boot(m, console, person, root_job(
-            ROOT_OPEN + WAIT_CAPTURED + UNLOCK_TIME + arm(2, login=True) + """
-os.symlink("/var/cache", "/system-update")
-""" + NO_LEAK, pw, action="reboot"), "boot 1 (person types in the initramfs; arm)"))
+            ROOT_OPEN + WAIT_CAPTURED + UNLOCK_TIME + arm(2, login=True) + SCHEDULE_DEMO_UPDATE
+            + NO_LEAK, pw, action="reboot"), "boot 1 (person types in the initramfs; arm)"))
         out.boots.append(run_root_boot(m, console, person, root_job(
             ROOT_OPEN + UNLOCK_TIME + CRYPTSETUP_LOG + """
 default = subprocess.run(["systemctl", "get-default"], capture_output=True, text=True)
