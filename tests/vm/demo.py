@@ -21,6 +21,9 @@ Scenarios (each prints a timeline and fails loudly when the promise is broken):
 4. ``tampered``: the host flips one byte of the record in ``OVMF_VARS`` between boots: it
    is refused, the person is prompted, nothing is left.  Prompts: 2 in 2 boots.
 
+The encrypted-root scenarios are in :mod:`.demo_root`, the offline updates PackageKit itself
+downloads, schedules and applies in :mod:`.demo_packagekit`.
+
 Run with ``python3 -m tests.vm.demo [scenario ...]`` (``make demo``) as root.
 """
 
@@ -528,12 +531,13 @@ def table(outcomes: list[Outcome]) -> str:
 
 def main(argv: list[str]) -> int:
     """Build (or reuse) the image, run the scenarios, print the table; non-zero on failure."""
-    # The encrypted-root scenarios build on this module's parts; imported here, not above,
-    # because demo_root imports this module.
-    from .demo_root import ROOT_SCENARIOS, RootImages  # noqa: PLC0415
+    # The encrypted-root and PackageKit scenarios build on this module's parts; imported
+    # here, not above, because demo_root and demo_packagekit import this module.
+    from .demo_root import RootImages, all_root_scenarios  # noqa: PLC0415
 
     logging.basicConfig(level=logging.INFO, format="[vm] %(message)s")
-    every = [*SCENARIOS, *ROOT_SCENARIOS]
+    root_scenarios = all_root_scenarios()
+    every = [*SCENARIOS, *root_scenarios]
     names = argv or every
     unknown = [n for n in names if n not in every]
     if unknown:
@@ -551,8 +555,8 @@ def main(argv: list[str]) -> int:
             work = Path(tmp) / name
             work.mkdir(parents=True)
             try:
-                if name in ROOT_SCENARIOS:
-                    outcome = ROOT_SCENARIOS[name](roots, work)
+                if name in root_scenarios:
+                    outcome = root_scenarios[name](roots, work)
                 else:
                     assert image is not None
                     outcome = SCENARIOS[name](image, work)
