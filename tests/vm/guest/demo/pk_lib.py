@@ -1,7 +1,8 @@
 """Helpers for the PackageKit scenarios' guest jobs (shipped next to each job's script).
 
-Only reads what PackageKit, dpkg, cryptsetup, systemd and keyhandoff's command line say: the
-jobs never call keyhandoff's Python API, as a machine whose updates PackageKit runs does not.
+Everything here only looks (PackageKit's files, dpkg, cryptsetup, the journal, ``keyhandoff
+status``): nothing arms, re-arms or disarms, as on a machine whose updates PackageKit runs
+nobody calls keyhandoff.
 """
 
 import configparser
