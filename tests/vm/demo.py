@@ -21,6 +21,9 @@ Scenarios (each prints a timeline and fails loudly when the promise is broken):
 4. ``tampered``: the host flips one byte of the record in ``OVMF_VARS`` between boots: it
    is refused, the person is prompted, nothing is left.  Prompts: 2 in 2 boots.
 
+The encrypted-root scenarios are in :mod:`.demo_root`, the offline updates PackageKit itself
+downloads, schedules and applies in :mod:`.demo_packagekit`.
+
 Run with ``python3 -m tests.vm.demo [scenario ...]`` (``make demo``) as root.
 """
 
@@ -185,6 +188,17 @@ lat = [int(e.get("KEYHANDOFF_LATENCY_US", "0")) for e in journal("@ANSWERED@")]
 print("KH-LATENCY-US", ",".join(map(str, lat)), flush=True)
 result("answered-by-keyhandoff", bool(lat), f"prompt to answer {lat} us")
 """.replace("@ANSWERED@", ANSWERED_ID)
+#: Where the demo's own "runner" points /system-update.  Not /var/cache: the guests have
+#: PackageKit, whose packagekit-offline-update.service (in every update boot, before
+#: system-update.target) takes a link to /var/cache, /var/cache/PackageKit or its
+#: prepared-update file for its own (client/pk-offline-update.c, main()): it would remove the
+#: link, find no prepared update and reboot (FailureAction=reboot) under the demo's job.  A
+#: link anywhere else is "another framework set up the trigger": it exits and leaves the boot.
+DEMO_UPDATE_DIR = "/var/lib/kh-demo-update"
+SCHEDULE_DEMO_UPDATE = f"""
+os.makedirs("{DEMO_UPDATE_DIR}", exist_ok=True)
+os.symlink("{DEMO_UPDATE_DIR}", "/system-update")
+"""
 REFUSED = """
 refused = [e.get("MESSAGE", "") for e in journal("@REFUSED@")]
 print("KH-REFUSED", refused, flush=True)
@@ -364,8 +378,7 @@ report = update.arm(reboot="full", boots=2, ttl=timedelta(minutes=30), login=Tru
 print(report.summary(), flush=True)
 result("armed", report.channel == "efi" and all(v.armed for v in report.volumes),
        report.channel)
-os.symlink("/var/cache", "/system-update")
-""" + NO_LEAK, pw, action="reboot"), "boot 1 (person types; arm)"))
+""" + SCHEDULE_DEMO_UPDATE + NO_LEAK, pw, action="reboot"), "boot 1 (person types; arm)"))
         out.boots.append(run_boot(m, person, job(WAIT_OPEN + LATENCY + """
 default = subprocess.run(["systemctl", "get-default"], capture_output=True, text=True)
 state = default.stdout.strip()
@@ -518,12 +531,13 @@ def table(outcomes: list[Outcome]) -> str:
 
 def main(argv: list[str]) -> int:
     """Build (or reuse) the image, run the scenarios, print the table; non-zero on failure."""
-    # The encrypted-root scenarios build on this module's parts; imported here, not above,
-    # because demo_root imports this module.
-    from .demo_root import ROOT_SCENARIOS, RootImages  # noqa: PLC0415
+    # The encrypted-root and PackageKit scenarios build on this module's parts; imported
+    # here, not above, because demo_root and demo_packagekit import this module.
+    from .demo_root import RootImages, all_root_scenarios  # noqa: PLC0415
 
     logging.basicConfig(level=logging.INFO, format="[vm] %(message)s")
-    every = [*SCENARIOS, *ROOT_SCENARIOS]
+    root_scenarios = all_root_scenarios()
+    every = [*SCENARIOS, *root_scenarios]
     names = argv or every
     unknown = [n for n in names if n not in every]
     if unknown:
@@ -541,8 +555,8 @@ def main(argv: list[str]) -> int:
             work = Path(tmp) / name
             work.mkdir(parents=True)
             try:
-                if name in ROOT_SCENARIOS:
-                    outcome = ROOT_SCENARIOS[name](roots, work)
+                if name in root_scenarios:
+                    outcome = root_scenarios[name](roots, work)
                 else:
                     assert image is not None
                     outcome = SCENARIOS[name](image, work)

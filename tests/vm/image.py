@@ -99,6 +99,13 @@ PACKAGES: tuple[str, ...] = (
     "libssl-dev",
     "libjson-c-dev",
     "make",
+    # The PackageKit scenarios (demo_packagekit): the real packagekitd with its apt backend
+    # (libpk_backend_apt.so is in the packagekit package), pk-offline-update and its unit,
+    # and pkcon (packagekit-tools: only a Recommends of packagekit, which debootstrap does not
+    # install).  33 packages more than the base had (polkitd, GLib, libappstream5, ...), about
+    # 36 MiB installed, 9 MiB to download (trixie's Packages, 1.3.1-1+deb13u1).
+    "packagekit",
+    "packagekit-tools",
 )
 
 # Modules the initramfs loads (with their modules.dep closure) to mount a virtio-blk ext4 root.
