@@ -342,6 +342,8 @@ class Boot:
     prompts: int
     results: list[tuple[str, bool, str]]
     console: str
+    #: the job's exit status (VMTEST-DONE), None when not seen (a soft reboot's boot)
+    rc: int | None = None
 
 
 def run_boot(m: Machine, person: Person, job_: GuestJob, label: str, *, phases: int = 1) -> Boot:
@@ -370,7 +372,7 @@ def run_boot(m: Machine, person: Person, job_: GuestJob, label: str, *, phases: 
     console = m.console()
     results = [(r.name, r.passed, r.detail) for r in m.results()]
     boot = Boot(label, time.monotonic() - started, len(person.prompts) - before, results,
-                console)
+                console, int(done.group(1)) if done is not None else None)
     log.info("  %s: %.0f s, %d prompt(s) to the person, %s", label, boot.seconds, boot.prompts,
              ", ".join(f"{n} {'ok' if ok else 'FAILED'}" for n, ok, _ in results) or "no results")
     return boot
@@ -401,6 +403,10 @@ class Outcome:
                               if not ok]
             if not boot.results:
                 self.problems.append(f"{boot.label}: the guest reported nothing")
+            # A job that died part way would leave its later checks unreported, not failed.
+            if boot.rc not in (None, 0):
+                self.problems.append(f"{boot.label}: the job exited {boot.rc}; the results "
+                                     "after its failure are missing")
         if self.prompts != self.expected_prompts:
             self.problems.append(
                 f"{self.prompts} prompt(s) reached the person, expected {self.expected_prompts}")
