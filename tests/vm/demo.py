@@ -8,10 +8,13 @@ them: a prompt keyhandoff answered never reaches the person.
 
 Scenarios (each prints a timeline and fails loudly when the promise is broken):
 
-1. ``full-reboot``: boot 1 the person types once, pam_gdm gets the passphrase; the runner
-   arms (``reboot="full", boots=2, login=True``) and reboots into ``system-update.target``;
-   boot 2 opens the volume unasked, writes the update marker, ``rearm()``; boot 3 opens
-   unasked, the autologin stacks (pam_gdm, pam_keyhandoff) receive the passphrase.
+1. ``full-reboot``: boot 1 the person types once, pam_gdm gets the passphrase and the
+   person's first automatic login makes their GNOME login keyring with it; the runner arms
+   (``reboot="full", boots=2, login=True``) and reboots into ``system-update.target``; boot 2
+   opens the volume unasked, writes the update marker, ``rearm()``; boot 3 opens unasked, the
+   autologin stacks (pam_gdm, pam_systemd_loadkey, pam_keyhandoff) receive the passphrase,
+   the login keyring unlocks (the Secret Service on the person's bus says so) and a wrong
+   password leaves it locked, pam_kwallet5 derives the wallet key from the passphrase.
    Prompts: 1.  Afterwards: no passphrase in ``OVMF_VARS``, no one-time keyslot or token.
 2. ``soft-reboot``: ``reboot="soft"``; the volume is closed and ``systemctl soft-reboot``
    runs; it reopens unasked.  Prompts: 1.
@@ -32,6 +35,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import logging
+import os
 import re
 import shutil
 import subprocess
@@ -44,7 +48,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .debs import preset
-from .image import REPO_ROOT, ImageBuildError, build_run_image, ensure_base
+from .image import (
+    REPO_ROOT,
+    ImageBuildError,
+    _chroot,
+    _chroot_mounts,
+    build_run_image,
+    ensure_base,
+)
 from .machine import BOOTED_RE, DONE_RE, Disk, Machine, MachineError, PersonPort
 from .runner import GuestJob
 
@@ -65,6 +76,18 @@ ANSWERED_ID = "4b7d2a0c1f3e4e6b9a51c1f0d6e2a720"
 RECORD_REFUSED_ID = "4b7d2a0c1f3e4e6b9a51c1f0d6e2a742"
 #: how long one job may run inside the guest (PBKDFs under TCG are slow)
 JOB_TIMEOUT = 240
+#: the same for full-reboot's login boots (1 and 3): their keyring logins start daemons
+LOGIN_JOB_TIMEOUT = 360
+#: the person who logs in automatically (guest/demo/demo_lib.py has the same two names)
+PERSON = "person"
+PERSON_UID = 1000
+#: pam_kwallet5's salt for the person (``~/.local/share/kwalletd/kdewallet.salt``, 56 bytes):
+#: fixed, so the host can derive the wallet key the guest's module must compute.  No secret.
+KWALLET_SALT = hashlib.sha512(b"keyhandoff demo: kdewallet.salt").digest()[:56]
+#: pam_kwallet5 6.3's key derivation (kwallet-pam's pam_kwallet.c, kwallet_hash):
+#: PBKDF2-HMAC-SHA512 of PAM_AUTHTOK with that salt, 50000 rounds, a 56-byte key
+KWALLET_ROUNDS = 50000
+KWALLET_KEY_BYTES = 56
 
 
 # --- the guest ---------------------------------------------------------------------------------
@@ -87,6 +110,11 @@ def _install(src: Path, dst: Path, mode: int = 0o644) -> None:
 
 def customize(rootfs: Path) -> None:
     """keyhandoff enabled as its package's vendor preset says, plus the demo's person and PAM.
+
+    The PAM stacks (``guest/demo/pam-*``, in ``/etc/pam.d`` without the prefix) are the
+    autologin lines of the display managers' stacks: ``kh-gdm``, ``kh-ours``, ``kh-loadkey``
+    end in a probe that keeps PAM_AUTHTOK's SHA-256; ``kh-gkr-*`` unlock the person's GNOME
+    login keyring (``kh-gkr-wrong``: the negative control); ``kh-kwallet`` runs pam_kwallet5.
 
     The packages are installed already (:func:`.image._install_project`: the .deb files this
     tree builds); their units, in /usr/lib/systemd/system, are enabled here by
@@ -117,8 +145,36 @@ def customize(rootfs: Path) -> None:
     _install(GUEST_DEMO / "vm-person.service", systemd / "vm-person.service")
     _enable(rootfs, "sysinit.target", "vm-person.service")
     _install(GUEST_DEMO / "kh-token-check", rootfs / "usr/local/sbin/kh-token-check", 0o755)
-    _install(GUEST_DEMO / "pam-kh-gdm", rootfs / "etc/pam.d/kh-gdm")
-    _install(GUEST_DEMO / "pam-kh-ours", rootfs / "etc/pam.d/kh-ours")
+    for stack in ("kh-gdm", "kh-ours", "kh-loadkey", "kh-gkr-gdm", "kh-gkr-loadkey",
+                  "kh-gkr-wrong", "kh-kwallet"):
+        _install(GUEST_DEMO / f"pam-{stack}", rootfs / "etc/pam.d" / stack)
+    _install(GUEST_DEMO / "kh-person-env.conf", rootfs / "etc/security/kh-person-env.conf")
+    _install(GUEST_DEMO / "kh-kwallet-probe", rootfs / "usr/local/sbin/kh-kwallet-probe", 0o755)
+    _add_person(rootfs, build_log)
+
+
+def _add_person(rootfs: Path, build_log: Path) -> None:
+    """The person who logs in automatically: uid 1000, a home, no password.
+
+    The account's password plays no part (autologin); their login keyring's password is the
+    disk passphrase, set when their first login creates it (boot 1 of ``full-reboot``).
+    Their wallet's salt is put in place for pam_kwallet5 (it would make a random one).
+    """
+    with _chroot_mounts(rootfs):
+        _chroot(rootfs, "useradd", "--create-home", "--uid", str(PERSON_UID), "--user-group",
+                "--shell", "/bin/bash", PERSON, log_file=build_log)
+        # gnome-keyring's postinst enables its user socket for every user already
+        # (deb-systemd-helper --user enable): said here too, so the demo does not depend on it.
+        _chroot(rootfs, "systemctl", "--global", "enable", "gnome-keyring-daemon.socket",
+                log_file=build_log)
+    home = rootfs / "home" / PERSON
+    salt = home / ".local/share/kwalletd/kdewallet.salt"
+    for directory in (home / ".local", home / ".local/share", salt.parent):
+        directory.mkdir(mode=0o700, exist_ok=True)
+        os.chown(directory, PERSON_UID, PERSON_UID)
+    salt.write_bytes(KWALLET_SALT)
+    salt.chmod(0o600)
+    os.chown(salt, PERSON_UID, PERSON_UID)
 
 
 def make_data_disk(path: Path, passphrase: bytes) -> None:
@@ -161,10 +217,17 @@ UUID = "{DATA_UUID}"
 
 def job(body: str, passphrase: bytes, *, action: str, prelude: str = PRELUDE,
         timeout: int = JOB_TIMEOUT) -> GuestJob:
-    """A Python job with demo_lib and the passphrase's SHA-256 (never the passphrase)."""
+    """A Python job with demo_lib and SHA-256 digests (never the passphrase).
+
+    ``expect.sha256``: the passphrase's; ``expect-kwallet.sha256``: that of the wallet key
+    pam_kwallet5 derives from it with :data:`KWALLET_SALT`.
+    """
+    wallet_key = hashlib.pbkdf2_hmac("sha512", passphrase, KWALLET_SALT, KWALLET_ROUNDS,
+                                     KWALLET_KEY_BYTES)
     files = {
         "demo_lib.py": (GUEST_DEMO / "demo_lib.py").read_bytes(),
         "expect.sha256": hashlib.sha256(passphrase).hexdigest().encode(),
+        "expect-kwallet.sha256": hashlib.sha256(wallet_key).hexdigest().encode(),
     }
     return GuestJob.python(prelude + body, files=files, action=action,  # type: ignore[arg-type]
                            timeout=timeout)
@@ -209,6 +272,51 @@ result("record-gone", not efi.RECORD_VARIABLE.exists(), "the record was deleted"
 """.replace("@REFUSED@", RECORD_REFUSED_ID)
 
 
+# The person's first automatic login (boot 1 of full-reboot): no login keyring yet, so
+# pam_gnome_keyring's password (pam_gdm's PAM_AUTHTOK: what the person typed at the disk prompt)
+# becomes its password, as gnome-keyring-daemon does (gkd-login.c, unlock_or_create_login).
+# An application stores an item in it.  The job never has the passphrase: only the stacks do.
+FIRST_LOGIN = """
+result("person-session", start_person_session(),
+       "the person's user manager: session bus and gnome-keyring's socket in /run/user/1000")
+fresh = not os.path.exists(LOGIN_KEYRING)
+locked, lines = keyring_login("kh-gkr-gdm")
+stored = locked is False and store_item()
+os.sync()
+result("gnome-keyring-created",
+       fresh and locked is False and stored and os.path.exists(LOGIN_KEYRING),
+       f"first autologin made the login keyring from pam_gdm's PAM_AUTHTOK (none before: "
+       f"{fresh}; Locked={locked}; an item stored: {stored})")
+stop_keyring_daemon()
+"""
+# The last boot's automatic logins, each in a fresh daemon (the keyring locked on disk):
+# unlocked through the stock pam_gdm and through pam_systemd_loadkey, checked through the
+# Secret Service on the person's bus, with the item stored at the first login read back; then
+# the negative control, a wrong password through the same stack, which must leave it locked.
+# pam_kwallet5's wallet key is compared by its SHA-256.  Positives first: systemd's
+# "cryptsetup" key lives [login] timeout (120 s) after keyhandoff-finish.
+LOGIN_KEYRING_CHECKS = """
+result("person-session", person_ready,
+       "the person's user manager: session bus and gnome-keyring's socket in /run/user/1000")
+result("kwallet-key", kwallet_key_sha() == expected_kwallet_sha(),
+       "pam_kwallet5 handed kwalletd6 the wallet key of pam_systemd_loadkey's PAM_AUTHTOK")
+locked, lines = keyring_login("kh-gkr-gdm")
+item = lookup_item() if locked is False else None
+result("gnome-keyring-unlocked",
+       locked is False and item == ITEM_SECRET and said(lines, UNLOCKED_SAID),
+       f"autologin, pam_gdm + pam_gnome_keyring: the Secret Service says Locked={locked}; "
+       f"the first login's item reads back: {item == ITEM_SECRET}")
+locked, lines = keyring_login("kh-gkr-loadkey")
+result("gnome-keyring-loadkey", locked is False and said(lines, UNLOCKED_SAID),
+       f"autologin, pam_systemd_loadkey + pam_gnome_keyring: Locked={locked}")
+locked, lines = with_wrong_key(lambda: keyring_login("kh-gkr-wrong"))
+result("gnome-keyring-wrong-stays-locked",
+       locked is True and said(lines, REFUSED_SAID) and not said(lines, UNLOCKED_SAID),
+       f"negative control, a wrong password through the same stack: refused, Locked={locked}")
+stop_keyring_daemon()
+"""
+
+
 def refused(reason: str) -> str:
     """Job code checking that restore refused the record for ``reason`` and left nothing."""
     return REFUSED.replace("@REASON@", repr(reason))
@@ -248,6 +356,8 @@ class Boot:
     prompts: int
     results: list[tuple[str, bool, str]]
     console: str
+    #: the job's exit status (VMTEST-DONE), None when not seen (a soft reboot's boot)
+    rc: int | None = None
 
 
 def run_boot(m: Machine, person: Person, job_: GuestJob, label: str, *, phases: int = 1) -> Boot:
@@ -263,9 +373,9 @@ def run_boot(m: Machine, person: Person, job_: GuestJob, label: str, *, phases: 
         for _ in range(phases - 1):  # a soft reboot ends that userspace before its report
             m.wait_for(BOOTED_RE, 300)
         m.wait_for(BOOTED_RE, 300)
-        done = m.wait_for(DONE_RE, JOB_TIMEOUT + 60) if phases == 1 else None
+        done = m.wait_for(DONE_RE, job_.timeout + 60) if phases == 1 else None
         if done is None or done.group(2) != "none":
-            m.wait_exit(JOB_TIMEOUT + 60)
+            m.wait_exit(job_.timeout + 60)
     except BaseException:
         m.kill()
         raise
@@ -276,7 +386,7 @@ def run_boot(m: Machine, person: Person, job_: GuestJob, label: str, *, phases: 
     console = m.console()
     results = [(r.name, r.passed, r.detail) for r in m.results()]
     boot = Boot(label, time.monotonic() - started, len(person.prompts) - before, results,
-                console)
+                console, int(done.group(1)) if done is not None else None)
     log.info("  %s: %.0f s, %d prompt(s) to the person, %s", label, boot.seconds, boot.prompts,
              ", ".join(f"{n} {'ok' if ok else 'FAILED'}" for n, ok, _ in results) or "no results")
     return boot
@@ -307,6 +417,10 @@ class Outcome:
                               if not ok]
             if not boot.results:
                 self.problems.append(f"{boot.label}: the guest reported nothing")
+            # A job that died part way would leave its later checks unreported, not failed.
+            if boot.rc not in (None, 0):
+                self.problems.append(f"{boot.label}: the job exited {boot.rc}; the results "
+                                     "after its failure are missing")
         if self.prompts != self.expected_prompts:
             self.problems.append(
                 f"{self.prompts} prompt(s) reached the person, expected {self.expected_prompts}")
@@ -370,15 +484,19 @@ def scenario_full_reboot(image: RunImage, workdir: Path) -> Outcome:
     out = Outcome("full-reboot", expected_prompts=1)
     m, person, data = _setup(image, workdir, pw)
     try:
-        out.boots.append(run_boot(m, person, job(WAIT_OPEN + WAIT_CAPTURED + """
+        out.boots.append(run_boot(m, person, job("""
+linger_person()  # the person's user manager starts while the volume opens
+""" + WAIT_OPEN + WAIT_CAPTURED + """
 result("pam-gdm", token_sha("kh-gdm") == expected_sha(),
        "autologin: pam_gdm gave PAM_AUTHTOK = the passphrase (systemd's cache)")
+""" + FIRST_LOGIN + """
 from keyhandoff import update
 report = update.arm(reboot="full", boots=2, ttl=timedelta(minutes=30), login=True, ask=None)
 print(report.summary(), flush=True)
 result("armed", report.channel == "efi" and all(v.armed for v in report.volumes),
        report.channel)
-""" + SCHEDULE_DEMO_UPDATE + NO_LEAK, pw, action="reboot"), "boot 1 (person types; arm)"))
+""" + SCHEDULE_DEMO_UPDATE + NO_LEAK, pw, action="reboot", timeout=LOGIN_JOB_TIMEOUT),
+            "boot 1 (person types; arm)"))
         out.boots.append(run_boot(m, person, job(WAIT_OPEN + LATENCY + """
 default = subprocess.run(["systemctl", "get-default"], capture_output=True, text=True)
 state = default.stdout.strip()
@@ -395,11 +513,15 @@ result("one-onetime-slot", onetime_tokens(DEVICE) == 1,
 os.unlink("/system-update")
 """ + NO_LEAK, pw, action="reboot"), "boot 2 (update applied; rearm)"))
         out.boots.append(run_boot(m, person, job(WAIT_OPEN + LATENCY + """
+person_ready = start_person_session()
 result("update-marker", os.path.exists("/data/update-applied"), "the update wrote into the volume")
 wait_until(lambda: active("keyhandoff-finish.service"), 60)
 result("pam-gdm", token_sha("kh-gdm") == expected_sha(), "autologin via the stock pam_gdm")
+result("pam-systemd-loadkey", token_sha("kh-loadkey") == expected_sha(),
+       "autologin via systemd's pam_systemd_loadkey (PAM_AUTHTOK = the passphrase)")
 result("pam-keyhandoff", token_sha("kh-ours") == expected_sha(), "autologin via pam_keyhandoff.so")
 result("one-shot", token_sha("kh-ours") is None, "pam_keyhandoff's key is gone after use")
+""" + LOGIN_KEYRING_CHECKS + """
 from keyhandoff import update
 result("disarmed", not update.status()["armed"], "nothing armed any more")
 result("no-onetime-left", onetime_tokens(DEVICE) == 0, "no one-time keyslot or token left")
@@ -407,7 +529,7 @@ for unit in ("keyhandoff-agent", "keyhandoff-restore", "keyhandoff-finish", "key
     sec = subprocess.run(["systemd-analyze", "security", "--no-pager", unit + ".service"],
                          capture_output=True, text=True).stdout.strip().splitlines()
     print("KH-SECURITY", unit, sec[-1] if sec else "?", flush=True)
-""" + NO_LEAK, pw, action="poweroff"), "boot 3 (autologin)"))
+""" + NO_LEAK, pw, action="poweroff", timeout=LOGIN_JOB_TIMEOUT), "boot 3 (autologin)"))
     finally:
         m.kill()
     out.check()
