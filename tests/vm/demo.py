@@ -189,6 +189,7 @@ def make_data_disk(path: Path, passphrase: bytes) -> None:
          "16M", "--pbkdf", "argon2id", "--pbkdf-force-iterations", "4", "--pbkdf-memory",
          "32768", "--uuid", DATA_UUID, "--batch-mode", "--key-file=-", str(path)],
         input=passphrase, check=True, capture_output=True, timeout=300,
+        cwd=path.parent,  # its temporary header file: not shared with another worker's
     )
 
 

@@ -145,6 +145,9 @@ def encrypt_root(image: Path, passphrase: bytes) -> None:
          "16M", "--pbkdf", "argon2id", "--pbkdf-force-iterations", "4", "--pbkdf-memory",
          "32768", "--uuid", ROOT_LUKS_UUID, "--batch-mode", "--key-file=-", str(image)],
         input=passphrase, capture_output=True, timeout=STEP_TIMEOUT, check=False,
+        # reencrypt writes its temporary header (LUKS2-temp-<UUID>.new) in the working
+        # directory; two workers encrypting images of the one fixed UUID collide in a shared one
+        cwd=image.parent,
     )
     if done.returncode != 0:
         msg = f"cryptsetup reencrypt --encrypt failed: {done.stderr.decode(errors='replace')}"
