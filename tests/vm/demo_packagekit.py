@@ -96,14 +96,32 @@ CAPTURED_ID = "4b7d2a0c1f3e4e6b9a51c1f0d6e2a710"
 NOTHING_CAPTURED_ID = "4b7d2a0c1f3e4e6b9a51c1f0d6e2a743"
 SCHEDULE_ID = "4b7d2a0c1f3e4e6b9a51c1f0d6e2a745"  # keyhandoff schedule's other outcomes
 
-#: packagekitd asks GLib whether there is a network (pk_backend_is_online) and refuses to
-#: refresh or download "whilst offline" without one; GLib's netlink monitor wants a default
-#: route, and this guest has only loopback.  Its "base" monitor assumes a network.  The only
-#: source is a file: repository: nothing is fetched from anywhere.
-PACKAGEKIT_DROPIN = """\
-# keyhandoff VM test guest (tests/vm/demo_packagekit.py): no network interface but lo.
+# packagekitd refuses to refresh or download "whilst offline" when GLib's network monitor
+# (netlink: a default route) sees no network, and the guest has only lo.  GLib's "base"
+# monitor (GIO_USE_NETWORK_MONITOR=base) did not change that in the first run, so the guest
+# gets what the netlink monitor looks for: a default route, on a dummy interface that goes
+# nowhere (the repository is a file: source; nothing is sent).
+ROUTE_UNIT_NAME = "kh-vmtest-route.service"
+ROUTE_UNIT = """\
+# keyhandoff VM test guest (tests/vm/demo_packagekit.py): a default route for GLib's network
+# monitor, so that packagekitd is "online"; the dummy interface sends nothing anywhere.
+[Unit]
+Description=keyhandoff VM test: a default route on a dummy interface for packagekitd
+Before=packagekit.service
+
 [Service]
-Environment=GIO_USE_NETWORK_MONITOR=base
+Type=oneshot
+RemainAfterExit=yes
+ExecStart=/usr/sbin/ip link add kh-vm0 type dummy
+ExecStart=/usr/sbin/ip link set kh-vm0 up
+ExecStart=/usr/sbin/ip address add 192.0.2.1/24 dev kh-vm0
+ExecStart=/usr/sbin/ip route add default via 192.0.2.254 dev kh-vm0
+"""
+PACKAGEKIT_DROPIN = f"""\
+# keyhandoff VM test guest (tests/vm/demo_packagekit.py): no network interface but lo.
+[Unit]
+Wants={ROUTE_UNIT_NAME}
+After={ROUTE_UNIT_NAME}
 """
 SHORT_CAPTURE_DROPIN = """\
 # keyhandoff VM test guest (tests/vm/demo_packagekit.py, packagekit-nothing-captured):
@@ -190,6 +208,7 @@ def customize_packagekit(rootfs: Path, *, short_capture: bool = False) -> None:
     dropin = systemd / "packagekit.service.d/vmtest-no-network.conf"
     dropin.parent.mkdir(parents=True, exist_ok=True)
     dropin.write_text(PACKAGEKIT_DROPIN)
+    (systemd / ROUTE_UNIT_NAME).write_text(ROUTE_UNIT)
     _apt_local_only(rootfs)
     repo = rootfs / REPO_DIR.lstrip("/")
     repo.mkdir(parents=True, exist_ok=True)
