@@ -14,7 +14,7 @@ Scenarios (each prints a timeline and fails loudly when the promise is broken):
    opens the volume unasked, writes the update marker, ``rearm()``; boot 3 opens unasked, the
    autologin stacks (pam_gdm, pam_systemd_loadkey, pam_keyhandoff) receive the passphrase,
    the login keyring unlocks (the Secret Service on the person's bus says so) and a wrong
-   password leaves it locked, pam_kwallet5 derives the wallet key from the passphrase.
+   password leaves it locked.
    Prompts: 1.  Afterwards: no passphrase in ``OVMF_VARS``, no one-time keyslot or token.
 2. ``soft-reboot``: ``reboot="soft"``; the volume is closed and ``systemctl soft-reboot``
    runs; it reopens unasked.  Prompts: 1.
@@ -35,7 +35,6 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import logging
-import os
 import re
 import shutil
 import subprocess
@@ -81,13 +80,6 @@ LOGIN_JOB_TIMEOUT = 360
 #: the person who logs in automatically (guest/demo/demo_lib.py has the same two names)
 PERSON = "person"
 PERSON_UID = 1000
-#: pam_kwallet5's salt for the person (``~/.local/share/kwalletd/kdewallet.salt``, 56 bytes):
-#: fixed, so the host can derive the wallet key the guest's module must compute.  No secret.
-KWALLET_SALT = hashlib.sha512(b"keyhandoff demo: kdewallet.salt").digest()[:56]
-#: pam_kwallet5 6.3's key derivation (kwallet-pam's pam_kwallet.c, kwallet_hash):
-#: PBKDF2-HMAC-SHA512 of PAM_AUTHTOK with that salt, 50000 rounds, a 56-byte key
-KWALLET_ROUNDS = 50000
-KWALLET_KEY_BYTES = 56
 
 
 # --- the guest ---------------------------------------------------------------------------------
@@ -114,7 +106,7 @@ def customize(rootfs: Path) -> None:
     The PAM stacks (``guest/demo/pam-*``, in ``/etc/pam.d`` without the prefix) are the
     autologin lines of the display managers' stacks: ``kh-gdm``, ``kh-ours``, ``kh-loadkey``
     end in a probe that keeps PAM_AUTHTOK's SHA-256; ``kh-gkr-*`` unlock the person's GNOME
-    login keyring (``kh-gkr-wrong``: the negative control); ``kh-kwallet`` runs pam_kwallet5.
+    login keyring (``kh-gkr-wrong``: the negative control).
 
     The packages are installed already (:func:`.image._install_project`: the .deb files this
     tree builds); their units, in /usr/lib/systemd/system, are enabled here by
@@ -146,10 +138,9 @@ def customize(rootfs: Path) -> None:
     _enable(rootfs, "sysinit.target", "vm-person.service")
     _install(GUEST_DEMO / "kh-token-check", rootfs / "usr/local/sbin/kh-token-check", 0o755)
     for stack in ("kh-gdm", "kh-ours", "kh-loadkey", "kh-gkr-gdm", "kh-gkr-loadkey",
-                  "kh-gkr-wrong", "kh-kwallet"):
+                  "kh-gkr-wrong"):
         _install(GUEST_DEMO / f"pam-{stack}", rootfs / "etc/pam.d" / stack)
     _install(GUEST_DEMO / "kh-person-env.conf", rootfs / "etc/security/kh-person-env.conf")
-    _install(GUEST_DEMO / "kh-kwallet-probe", rootfs / "usr/local/sbin/kh-kwallet-probe", 0o755)
     _add_person(rootfs, build_log)
 
 
@@ -158,7 +149,6 @@ def _add_person(rootfs: Path, build_log: Path) -> None:
 
     The account's password plays no part (autologin); their login keyring's password is the
     disk passphrase, set when their first login creates it (boot 1 of ``full-reboot``).
-    Their wallet's salt is put in place for pam_kwallet5 (it would make a random one).
     """
     with _chroot_mounts(rootfs):
         _chroot(rootfs, "useradd", "--create-home", "--uid", str(PERSON_UID), "--user-group",
@@ -167,14 +157,6 @@ def _add_person(rootfs: Path, build_log: Path) -> None:
         # (deb-systemd-helper --user enable): said here too, so the demo does not depend on it.
         _chroot(rootfs, "systemctl", "--global", "enable", "gnome-keyring-daemon.socket",
                 log_file=build_log)
-    home = rootfs / "home" / PERSON
-    salt = home / ".local/share/kwalletd/kdewallet.salt"
-    for directory in (home / ".local", home / ".local/share", salt.parent):
-        directory.mkdir(mode=0o700, exist_ok=True)
-        os.chown(directory, PERSON_UID, PERSON_UID)
-    salt.write_bytes(KWALLET_SALT)
-    salt.chmod(0o600)
-    os.chown(salt, PERSON_UID, PERSON_UID)
 
 
 def make_data_disk(path: Path, passphrase: bytes) -> None:
@@ -220,15 +202,11 @@ def job(body: str, passphrase: bytes, *, action: str, prelude: str = PRELUDE,
         timeout: int = JOB_TIMEOUT) -> GuestJob:
     """A Python job with demo_lib and SHA-256 digests (never the passphrase).
 
-    ``expect.sha256``: the passphrase's; ``expect-kwallet.sha256``: that of the wallet key
-    pam_kwallet5 derives from it with :data:`KWALLET_SALT`.
+    ``expect.sha256``: the passphrase's.
     """
-    wallet_key = hashlib.pbkdf2_hmac("sha512", passphrase, KWALLET_SALT, KWALLET_ROUNDS,
-                                     KWALLET_KEY_BYTES)
     files = {
         "demo_lib.py": (GUEST_DEMO / "demo_lib.py").read_bytes(),
         "expect.sha256": hashlib.sha256(passphrase).hexdigest().encode(),
-        "expect-kwallet.sha256": hashlib.sha256(wallet_key).hexdigest().encode(),
     }
     return GuestJob.python(prelude + body, files=files, action=action,  # type: ignore[arg-type]
                            timeout=timeout)
@@ -294,13 +272,11 @@ stop_keyring_daemon()
 # unlocked through the stock pam_gdm and through pam_systemd_loadkey, checked through the
 # Secret Service on the person's bus, with the item stored at the first login read back; then
 # the negative control, a wrong password through the same stack, which must leave it locked.
-# pam_kwallet5's wallet key is compared by its SHA-256.  Positives first: systemd's
+# Positives first: systemd's
 # "cryptsetup" key lives [login] timeout (120 s) after keyhandoff-finish.
 LOGIN_KEYRING_CHECKS = """
 result("person-session", person_ready,
        "the person's user manager: session bus and gnome-keyring's socket in /run/user/1000")
-result("kwallet-key", kwallet_key_sha() == expected_kwallet_sha(),
-       "pam_kwallet5 handed kwalletd6 the wallet key of pam_systemd_loadkey's PAM_AUTHTOK")
 locked, lines = keyring_login("kh-gkr-gdm")
 item = lookup_item() if locked is False else None
 result("gnome-keyring-unlocked",

@@ -4,8 +4,8 @@ Two layers:
 
 * The **base** (slow, cached): a debootstrapped trixie root filesystem with systemd, udev,
   cryptsetup, python3, gnome-keyring and the build dependencies of keyhandoff, the trixie
-  kernel's modules, the unpacked kernel, ``pam_gdm.so`` from trixie's ``gdm3``,
-  ``pam_kwallet5.so`` from its ``libpam-kwallet5`` and a busybox initramfs. It lives under
+  kernel's modules, the unpacked kernel, ``pam_gdm.so`` from trixie's ``gdm3`` and a busybox
+  initramfs. It lives under
   ``/var/cache/keyhandoff-vm/<hash>/`` (outside the checkout; ``KEYHANDOFF_VM_CACHE`` overrides
   it); the hash covers the suite, the package list, the mirror and this file's own source, so
   editing any of them builds a new base.
@@ -376,7 +376,7 @@ def _build_base(directory: Path) -> None:
 
     with _chroot_mounts(rootfs):
         t1 = time.monotonic()
-        log.info("vm image: downloading the %s kernel, gdm3 and libpam-kwallet5", SUITE)
+        log.info("vm image: downloading the %s kernel and gdm3", SUITE)
         (rootfs / "etc/apt/sources.list").write_text(f"deb {mirror} {SUITE} main\n")
         _chroot(rootfs, "apt-get", "update", "-q", log_file=build_log)
         depends = _chroot(rootfs, "apt-cache", "depends", "--important", "linux-image-amd64")
@@ -394,7 +394,7 @@ def _build_base(directory: Path) -> None:
                 rootfs,
                 "sh",
                 "-c",
-                f"cd /tmp/vmfetch && apt-get download -q {kernel_pkg} gdm3 libpam-kwallet5",
+                f"cd /tmp/vmfetch && apt-get download -q {kernel_pkg} gdm3",
             ],
             env=_chroot_env(),
             log_file=build_log,
@@ -403,11 +403,8 @@ def _build_base(directory: Path) -> None:
 
         kernel_deb = _one(fetch_dir.glob(f"{kernel_pkg}_*.deb"))
         gdm_deb = _one(fetch_dir.glob("gdm3_*.deb"))
-        kwallet_deb = _one(fetch_dir.glob("libpam-kwallet5_*.deb"))
         _chroot(rootfs, "dpkg-deb", "-x", f"/tmp/vmfetch/{kernel_deb.name}", "/tmp/vmfetch/kernel")
         _chroot(rootfs, "dpkg-deb", "-x", f"/tmp/vmfetch/{gdm_deb.name}", "/tmp/vmfetch/gdm3")
-        _chroot(rootfs, "dpkg-deb", "-x", f"/tmp/vmfetch/{kwallet_deb.name}",
-                "/tmp/vmfetch/kwallet")
         unpacked = fetch_dir / "kernel"
         shutil.copy2(unpacked / "boot" / f"vmlinuz-{kernel_version}", directory / "vmlinuz")
         # mkinitramfs reads the kernel's config to check its compressor
@@ -426,11 +423,6 @@ def _build_base(directory: Path) -> None:
         pam_gdm = _one((fetch_dir / "gdm3").rglob("pam_gdm.so"))
         security_dir = rootfs / "usr/lib/x86_64-linux-gnu/security"
         shutil.copy2(pam_gdm, security_dir / "pam_gdm.so")
-        # Only pam_kwallet5.so from libpam-kwallet5 (it needs libgcrypt and libpam alone): the
-        # package Depends on kwallet6, Qt 6 and about 366 MiB more, and the demo runs the module
-        # with a stand-in for kwalletd6 that keeps the SHA-256 of the key it is handed.
-        pam_kwallet = _one((fetch_dir / "kwallet").rglob("pam_kwallet5.so"))
-        shutil.copy2(pam_kwallet, security_dir / "pam_kwallet5.so")
 
         shutil.rmtree(fetch_dir)
         _chroot(rootfs, "apt-get", "clean")
