@@ -56,6 +56,7 @@ from .image import (
     ensure_base,
 )
 from .machine import BOOTED_RE, DONE_RE, Disk, Machine, MachineError, PersonPort
+from .root_image import reencryption_lock
 from .runner import GuestJob
 
 if TYPE_CHECKING:
@@ -166,13 +167,14 @@ def make_data_disk(path: Path, passphrase: bytes) -> None:
                    capture_output=True, timeout=120)
     subprocess.run(["truncate", "-s", "96M", str(path)], check=True, timeout=30)
     # The person's keyslot uses argon2id (bounded so that TCG takes seconds, not minutes).
-    subprocess.run(
-        ["cryptsetup", "reencrypt", "--encrypt", "--type", "luks2", "--reduce-device-size",
-         "16M", "--pbkdf", "argon2id", "--pbkdf-force-iterations", "4", "--pbkdf-memory",
-         "32768", "--uuid", DATA_UUID, "--batch-mode", "--key-file=-", str(path)],
-        input=passphrase, check=True, capture_output=True, timeout=300,
-        cwd=path.parent,  # its temporary header file: not shared with another worker's
-    )
+    with reencryption_lock():  # one UUID for every data disk: one encryption at a time
+        subprocess.run(
+            ["cryptsetup", "reencrypt", "--encrypt", "--type", "luks2", "--reduce-device-size",
+             "16M", "--pbkdf", "argon2id", "--pbkdf-force-iterations", "4", "--pbkdf-memory",
+             "32768", "--uuid", DATA_UUID, "--batch-mode", "--key-file=-", str(path)],
+            input=passphrase, check=True, capture_output=True, timeout=300,
+            cwd=path.parent,  # its temporary header file: not shared with another worker's
+        )
 
 
 def luks_state(path: Path) -> tuple[list[str], list[str]]:
