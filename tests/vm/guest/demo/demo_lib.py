@@ -170,6 +170,8 @@ def keyring_locked() -> bool | None:
                       LOGIN_COLLECTION, "org.freedesktop.Secret.Collection", "Locked"])
     words = done.stdout.decode(errors="replace").split()
     if done.returncode != 0 or len(words) != 2 or words[0] != "b":
+        print(f"KH-GKR busctl rc={done.returncode}: "
+              f"{done.stderr.decode(errors='replace').strip()[-300:]}", flush=True)
         return None
     return words[1] == "true"
 
