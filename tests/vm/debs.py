@@ -45,6 +45,8 @@ log = logging.getLogger("keyhandoff.vmtest")
 
 #: seconds for one package build in the chroot (about 40 s on this machine's TCG host)
 BUILD_TIMEOUT = 1800
+#: seconds after its last use that a build of the packages for this base is dropped
+STALE_AFTER = 24 * 3600
 #: the binary packages debian/control builds, in the order dpkg -i gets them
 PACKAGES = ("keyhandoff", "libpam-keyhandoff", "cryptsetup-keyhandoff")
 #: where the guest tree keeps the packages while dpkg installs them
@@ -67,7 +69,9 @@ def ensure_debs(project: Path, base: BaseImage | None = None) -> Path:
     with _locked(CACHE_ROOT / ".debs.lock", timeout=BUILD_TIMEOUT + 300):
         if (directory / "COMPLETE").exists():
             log.info("vm image: reusing the packages built in %s", directory)
+            (directory / "COMPLETE").touch()  # in use: not stale (_prune_old)
             return directory
+        log.info("vm image: building the packages for %s", directory.name)
         shutil.rmtree(directory, ignore_errors=True)
         work = CACHE_ROOT / f"{directory.name}.partial"
         shutil.rmtree(work, ignore_errors=True)
@@ -82,8 +86,9 @@ def ensure_debs(project: Path, base: BaseImage | None = None) -> Path:
             shutil.rmtree(work, ignore_errors=True)
         (directory / "COMPLETE").write_text(f"{time.monotonic() - started:.1f}\n")
         sizes = ", ".join(f"{d.name} {d.stat().st_size} B" for d in sorted(directory.glob("*.deb")))
-        log.info("vm image: packages built in %.0fs: %s", time.monotonic() - started, sizes)
-        _prune_old(directory)
+        log.info("vm image: packages built in %.0fs in %s: %s", time.monotonic() - started,
+                 directory.name, sizes)
+        _prune_old(base)
         return directory
 
 
@@ -114,9 +119,20 @@ def _build(project: Path, base: BaseImage, work: Path) -> list[Path]:
         return [kept / deb.name for deb in wanted]
 
 
-def _prune_old(keep: Path) -> None:
+def _prune_old(base: BaseImage) -> None:
+    """Drop the packages of other bases, and those not used for a day.
+
+    Never the ones another worker of this run may be about to install: packages built for
+    this base stay while they are in use (every reuse touches ``COMPLETE``).
+    """
+    now = time.time()
     for entry in CACHE_ROOT.glob("debs-*"):
-        if entry.is_dir() and entry != keep:
+        if not entry.is_dir() or entry.name.endswith(".partial"):
+            continue
+        complete = entry / "COMPLETE"
+        other_base = not entry.name.startswith(f"debs-{base.directory.name}-")
+        unused = not complete.exists() or now - complete.stat().st_mtime > STALE_AFTER
+        if other_base or unused:
             shutil.rmtree(entry, ignore_errors=True)
 
 

@@ -8,10 +8,13 @@ them: a prompt keyhandoff answered never reaches the person.
 
 Scenarios (each prints a timeline and fails loudly when the promise is broken):
 
-1. ``full-reboot``: boot 1 the person types once, pam_gdm gets the passphrase; the runner
-   arms (``reboot="full", boots=2, login=True``) and reboots into ``system-update.target``;
-   boot 2 opens the volume unasked, writes the update marker, ``rearm()``; boot 3 opens
-   unasked, the autologin stacks (pam_gdm, pam_keyhandoff) receive the passphrase.
+1. ``full-reboot``: boot 1 the person types once, pam_gdm gets the passphrase and the
+   person's first automatic login makes their GNOME login keyring with it; the runner arms
+   (``reboot="full", boots=2, login=True``) and reboots into ``system-update.target``; boot 2
+   opens the volume unasked, writes the update marker, ``rearm()``; boot 3 opens unasked, the
+   autologin stacks (pam_gdm, pam_systemd_loadkey, pam_keyhandoff) receive the passphrase,
+   the login keyring unlocks (the Secret Service on the person's bus says so) and a wrong
+   password leaves it locked.
    Prompts: 1.  Afterwards: no passphrase in ``OVMF_VARS``, no one-time keyslot or token.
 2. ``soft-reboot``: ``reboot="soft"``; the volume is closed and ``systemctl soft-reboot``
    runs; it reopens unasked.  Prompts: 1.
@@ -20,6 +23,9 @@ Scenarios (each prints a timeline and fails loudly when the promise is broken):
    usual, and the stale record and one-time keyslot are wiped.  Prompts: 3 in 3 boots.
 4. ``tampered``: the host flips one byte of the record in ``OVMF_VARS`` between boots: it
    is refused, the person is prompted, nothing is left.  Prompts: 2 in 2 boots.
+
+The encrypted-root scenarios are in :mod:`.demo_root`, the offline updates PackageKit itself
+downloads, schedules and applies in :mod:`.demo_packagekit`.
 
 Run with ``python3 -m tests.vm.demo [scenario ...]`` (``make demo``) as root.
 """
@@ -41,8 +47,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .debs import preset
-from .image import REPO_ROOT, ImageBuildError, build_run_image, ensure_base
+from .image import (
+    REPO_ROOT,
+    ImageBuildError,
+    _chroot,
+    _chroot_mounts,
+    build_run_image,
+    ensure_base,
+)
 from .machine import BOOTED_RE, DONE_RE, Disk, Machine, MachineError, PersonPort
+from .root_image import reencryption_lock
 from .runner import GuestJob
 
 if TYPE_CHECKING:
@@ -62,6 +76,11 @@ ANSWERED_ID = "4b7d2a0c1f3e4e6b9a51c1f0d6e2a720"
 RECORD_REFUSED_ID = "4b7d2a0c1f3e4e6b9a51c1f0d6e2a742"
 #: how long one job may run inside the guest (PBKDFs under TCG are slow)
 JOB_TIMEOUT = 240
+#: the same for full-reboot's login boots (1 and 3): their keyring logins start daemons
+LOGIN_JOB_TIMEOUT = 360
+#: the person who logs in automatically (guest/demo/demo_lib.py has the same two names)
+PERSON = "person"
+PERSON_UID = 1000
 
 
 # --- the guest ---------------------------------------------------------------------------------
@@ -84,6 +103,11 @@ def _install(src: Path, dst: Path, mode: int = 0o644) -> None:
 
 def customize(rootfs: Path) -> None:
     """keyhandoff enabled as its package's vendor preset says, plus the demo's person and PAM.
+
+    The PAM stacks (``guest/demo/pam-*``, in ``/etc/pam.d`` without the prefix) are the
+    autologin lines of the display managers' stacks: ``kh-gdm``, ``kh-ours``, ``kh-loadkey``
+    end in a probe that keeps PAM_AUTHTOK's SHA-256; ``kh-gkr-*`` unlock the person's GNOME
+    login keyring (``kh-gkr-wrong``: the negative control).
 
     The packages are installed already (:func:`.image._install_project`: the .deb files this
     tree builds); their units, in /usr/lib/systemd/system, are enabled here by
@@ -114,8 +138,26 @@ def customize(rootfs: Path) -> None:
     _install(GUEST_DEMO / "vm-person.service", systemd / "vm-person.service")
     _enable(rootfs, "sysinit.target", "vm-person.service")
     _install(GUEST_DEMO / "kh-token-check", rootfs / "usr/local/sbin/kh-token-check", 0o755)
-    _install(GUEST_DEMO / "pam-kh-gdm", rootfs / "etc/pam.d/kh-gdm")
-    _install(GUEST_DEMO / "pam-kh-ours", rootfs / "etc/pam.d/kh-ours")
+    for stack in ("kh-gdm", "kh-ours", "kh-loadkey", "kh-gkr-gdm", "kh-gkr-loadkey",
+                  "kh-gkr-wrong"):
+        _install(GUEST_DEMO / f"pam-{stack}", rootfs / "etc/pam.d" / stack)
+    _install(GUEST_DEMO / "kh-person-env.conf", rootfs / "etc/security/kh-person-env.conf")
+    _add_person(rootfs, build_log)
+
+
+def _add_person(rootfs: Path, build_log: Path) -> None:
+    """The person who logs in automatically: uid 1000, a home, no password.
+
+    The account's password plays no part (autologin); their login keyring's password is the
+    disk passphrase, set when their first login creates it (boot 1 of ``full-reboot``).
+    """
+    with _chroot_mounts(rootfs):
+        _chroot(rootfs, "useradd", "--create-home", "--uid", str(PERSON_UID), "--user-group",
+                "--shell", "/bin/bash", PERSON, log_file=build_log)
+        # gnome-keyring's postinst enables its user socket for every user already
+        # (deb-systemd-helper --user enable): said here too, so the demo does not depend on it.
+        _chroot(rootfs, "systemctl", "--global", "enable", "gnome-keyring-daemon.socket",
+                log_file=build_log)
 
 
 def make_data_disk(path: Path, passphrase: bytes) -> None:
@@ -125,12 +167,14 @@ def make_data_disk(path: Path, passphrase: bytes) -> None:
                    capture_output=True, timeout=120)
     subprocess.run(["truncate", "-s", "96M", str(path)], check=True, timeout=30)
     # The person's keyslot uses argon2id (bounded so that TCG takes seconds, not minutes).
-    subprocess.run(
-        ["cryptsetup", "reencrypt", "--encrypt", "--type", "luks2", "--reduce-device-size",
-         "16M", "--pbkdf", "argon2id", "--pbkdf-force-iterations", "4", "--pbkdf-memory",
-         "32768", "--uuid", DATA_UUID, "--batch-mode", "--key-file=-", str(path)],
-        input=passphrase, check=True, capture_output=True, timeout=300,
-    )
+    with reencryption_lock():  # one UUID for every data disk: one encryption at a time
+        subprocess.run(
+            ["cryptsetup", "reencrypt", "--encrypt", "--type", "luks2", "--reduce-device-size",
+             "16M", "--pbkdf", "argon2id", "--pbkdf-force-iterations", "4", "--pbkdf-memory",
+             "32768", "--uuid", DATA_UUID, "--batch-mode", "--key-file=-", str(path)],
+            input=passphrase, check=True, capture_output=True, timeout=300,
+            cwd=path.parent,  # its temporary header file: not shared with another worker's
+        )
 
 
 def luks_state(path: Path) -> tuple[list[str], list[str]]:
@@ -158,7 +202,10 @@ UUID = "{DATA_UUID}"
 
 def job(body: str, passphrase: bytes, *, action: str, prelude: str = PRELUDE,
         timeout: int = JOB_TIMEOUT) -> GuestJob:
-    """A Python job with demo_lib and the passphrase's SHA-256 (never the passphrase)."""
+    """A Python job with demo_lib and SHA-256 digests (never the passphrase).
+
+    ``expect.sha256``: the passphrase's.
+    """
     files = {
         "demo_lib.py": (GUEST_DEMO / "demo_lib.py").read_bytes(),
         "expect.sha256": hashlib.sha256(passphrase).hexdigest().encode(),
@@ -185,6 +232,17 @@ lat = [int(e.get("KEYHANDOFF_LATENCY_US", "0")) for e in journal("@ANSWERED@")]
 print("KH-LATENCY-US", ",".join(map(str, lat)), flush=True)
 result("answered-by-keyhandoff", bool(lat), f"prompt to answer {lat} us")
 """.replace("@ANSWERED@", ANSWERED_ID)
+#: Where the demo's own "runner" points /system-update.  Not /var/cache: the guests have
+#: PackageKit, whose packagekit-offline-update.service (in every update boot, before
+#: system-update.target) takes a link to /var/cache, /var/cache/PackageKit or its
+#: prepared-update file for its own (client/pk-offline-update.c, main()): it would remove the
+#: link, find no prepared update and reboot (FailureAction=reboot) under the demo's job.  A
+#: link anywhere else is "another framework set up the trigger": it exits and leaves the boot.
+DEMO_UPDATE_DIR = "/var/lib/kh-demo-update"
+SCHEDULE_DEMO_UPDATE = f"""
+os.makedirs("{DEMO_UPDATE_DIR}", exist_ok=True)
+os.symlink("{DEMO_UPDATE_DIR}", "/system-update")
+"""
 REFUSED = """
 refused = [e.get("MESSAGE", "") for e in journal("@REFUSED@")]
 print("KH-REFUSED", refused, flush=True)
@@ -193,6 +251,53 @@ result("no-onetime-left", onetime_tokens(DEVICE) == 0, "stale one-time keyslot d
 from keyhandoff import efi
 result("record-gone", not efi.RECORD_VARIABLE.exists(), "the record was deleted")
 """.replace("@REFUSED@", RECORD_REFUSED_ID)
+
+
+# The person's first automatic login (boot 1 of full-reboot): no login keyring yet, so
+# pam_gnome_keyring's password (pam_gdm's PAM_AUTHTOK: what the person typed at the disk prompt)
+# becomes its password, as gnome-keyring-daemon does (gkd-login.c, unlock_or_create_login).
+# An application stores an item in it.  The job never has the passphrase: only the stacks do.
+FIRST_LOGIN = """
+result("person-session", start_person_session(),
+       "the person's user manager: session bus and gnome-keyring's socket in /run/user/1000")
+fresh = not os.path.exists(LOGIN_KEYRING)
+locked, lines = keyring_login("kh-gkr-gdm")
+# The item is stored when the Secret Service answers; in the VM runs so far it did not at
+# this first login (busctl's error is printed by keyring_locked), though it does in boot 3.
+stored = locked is False and store_item()
+os.sync()
+written = wait_until(lambda: os.path.exists(LOGIN_KEYRING), 30)
+result("gnome-keyring-created", fresh and written and said(lines, UNLOCKED_SAID),
+       f"first autologin made the login keyring from pam_gdm's PAM_AUTHTOK (none before: "
+       f"{fresh}; {LOGIN_KEYRING} written: {written}; Locked={locked}; an item stored: {stored})")
+stop_keyring_daemon()
+"""
+# The last boot's automatic logins, each in a fresh daemon (the keyring locked on disk):
+# unlocked through the stock pam_gdm and through pam_systemd_loadkey, checked through the
+# Secret Service on the person's bus, with the item stored at the first login read back; then
+# the negative control, a wrong password through the same stack, which must leave it locked.
+# Positives first: systemd's
+# "cryptsetup" key lives [login] timeout (120 s) after keyhandoff-finish.
+LOGIN_KEYRING_CHECKS = """
+result("person-session", person_ready,
+       "the person's user manager: session bus and gnome-keyring's socket in /run/user/1000")
+existed = os.path.exists(LOGIN_KEYRING)  # boot 1's: this login must unlock, not create it
+locked, lines = keyring_login("kh-gkr-gdm")
+item = lookup_item() if locked is False else None
+result("gnome-keyring-unlocked",
+       existed and locked is False and said(lines, UNLOCKED_SAID),
+       f"autologin, pam_gdm + pam_gnome_keyring: boot 1's keyring there: {existed}; the "
+       f"Secret Service says Locked={locked}; an item stored at the first login reads back: "
+       f"{item == ITEM_SECRET}")
+locked, lines = keyring_login("kh-gkr-loadkey")
+result("gnome-keyring-loadkey", locked is False and said(lines, UNLOCKED_SAID),
+       f"autologin, pam_systemd_loadkey + pam_gnome_keyring: Locked={locked}")
+locked, lines = with_wrong_key(lambda: keyring_login("kh-gkr-wrong"))
+result("gnome-keyring-wrong-stays-locked",
+       locked is True and said(lines, REFUSED_SAID) and not said(lines, UNLOCKED_SAID),
+       f"negative control, a wrong password through the same stack: refused, Locked={locked}")
+stop_keyring_daemon()
+"""
 
 
 def refused(reason: str) -> str:
@@ -234,6 +339,8 @@ class Boot:
     prompts: int
     results: list[tuple[str, bool, str]]
     console: str
+    #: the job's exit status (VMTEST-DONE), None when not seen (a soft reboot's boot)
+    rc: int | None = None
 
 
 def run_boot(m: Machine, person: Person, job_: GuestJob, label: str, *, phases: int = 1) -> Boot:
@@ -249,9 +356,9 @@ def run_boot(m: Machine, person: Person, job_: GuestJob, label: str, *, phases: 
         for _ in range(phases - 1):  # a soft reboot ends that userspace before its report
             m.wait_for(BOOTED_RE, 300)
         m.wait_for(BOOTED_RE, 300)
-        done = m.wait_for(DONE_RE, JOB_TIMEOUT + 60) if phases == 1 else None
+        done = m.wait_for(DONE_RE, job_.timeout + 60) if phases == 1 else None
         if done is None or done.group(2) != "none":
-            m.wait_exit(JOB_TIMEOUT + 60)
+            m.wait_exit(job_.timeout + 60)
     except BaseException:
         m.kill()
         raise
@@ -262,7 +369,7 @@ def run_boot(m: Machine, person: Person, job_: GuestJob, label: str, *, phases: 
     console = m.console()
     results = [(r.name, r.passed, r.detail) for r in m.results()]
     boot = Boot(label, time.monotonic() - started, len(person.prompts) - before, results,
-                console)
+                console, int(done.group(1)) if done is not None else None)
     log.info("  %s: %.0f s, %d prompt(s) to the person, %s", label, boot.seconds, boot.prompts,
              ", ".join(f"{n} {'ok' if ok else 'FAILED'}" for n, ok, _ in results) or "no results")
     return boot
@@ -293,6 +400,10 @@ class Outcome:
                               if not ok]
             if not boot.results:
                 self.problems.append(f"{boot.label}: the guest reported nothing")
+            # A job that died part way would leave its later checks unreported, not failed.
+            if boot.rc not in (None, 0):
+                self.problems.append(f"{boot.label}: the job exited {boot.rc}; the results "
+                                     "after its failure are missing")
         if self.prompts != self.expected_prompts:
             self.problems.append(
                 f"{self.prompts} prompt(s) reached the person, expected {self.expected_prompts}")
@@ -356,16 +467,19 @@ def scenario_full_reboot(image: RunImage, workdir: Path) -> Outcome:
     out = Outcome("full-reboot", expected_prompts=1)
     m, person, data = _setup(image, workdir, pw)
     try:
-        out.boots.append(run_boot(m, person, job(WAIT_OPEN + WAIT_CAPTURED + """
+        out.boots.append(run_boot(m, person, job("""
+linger_person()  # the person's user manager starts while the volume opens
+""" + WAIT_OPEN + WAIT_CAPTURED + """
 result("pam-gdm", token_sha("kh-gdm") == expected_sha(),
        "autologin: pam_gdm gave PAM_AUTHTOK = the passphrase (systemd's cache)")
+""" + FIRST_LOGIN + """
 from keyhandoff import update
 report = update.arm(reboot="full", boots=2, ttl=timedelta(minutes=30), login=True, ask=None)
 print(report.summary(), flush=True)
 result("armed", report.channel == "efi" and all(v.armed for v in report.volumes),
        report.channel)
-os.symlink("/var/cache", "/system-update")
-""" + NO_LEAK, pw, action="reboot"), "boot 1 (person types; arm)"))
+""" + SCHEDULE_DEMO_UPDATE + NO_LEAK, pw, action="reboot", timeout=LOGIN_JOB_TIMEOUT),
+            "boot 1 (person types; arm)"))
         out.boots.append(run_boot(m, person, job(WAIT_OPEN + LATENCY + """
 default = subprocess.run(["systemctl", "get-default"], capture_output=True, text=True)
 state = default.stdout.strip()
@@ -382,11 +496,15 @@ result("one-onetime-slot", onetime_tokens(DEVICE) == 1,
 os.unlink("/system-update")
 """ + NO_LEAK, pw, action="reboot"), "boot 2 (update applied; rearm)"))
         out.boots.append(run_boot(m, person, job(WAIT_OPEN + LATENCY + """
+person_ready = start_person_session()
 result("update-marker", os.path.exists("/data/update-applied"), "the update wrote into the volume")
 wait_until(lambda: active("keyhandoff-finish.service"), 60)
 result("pam-gdm", token_sha("kh-gdm") == expected_sha(), "autologin via the stock pam_gdm")
+result("pam-systemd-loadkey", token_sha("kh-loadkey") == expected_sha(),
+       "autologin via systemd's pam_systemd_loadkey (PAM_AUTHTOK = the passphrase)")
 result("pam-keyhandoff", token_sha("kh-ours") == expected_sha(), "autologin via pam_keyhandoff.so")
 result("one-shot", token_sha("kh-ours") is None, "pam_keyhandoff's key is gone after use")
+""" + LOGIN_KEYRING_CHECKS + """
 from keyhandoff import update
 result("disarmed", not update.status()["armed"], "nothing armed any more")
 result("no-onetime-left", onetime_tokens(DEVICE) == 0, "no one-time keyslot or token left")
@@ -394,7 +512,7 @@ for unit in ("keyhandoff-agent", "keyhandoff-restore", "keyhandoff-finish", "key
     sec = subprocess.run(["systemd-analyze", "security", "--no-pager", unit + ".service"],
                          capture_output=True, text=True).stdout.strip().splitlines()
     print("KH-SECURITY", unit, sec[-1] if sec else "?", flush=True)
-""" + NO_LEAK, pw, action="poweroff"), "boot 3 (autologin)"))
+""" + NO_LEAK, pw, action="poweroff", timeout=LOGIN_JOB_TIMEOUT), "boot 3 (autologin)"))
     finally:
         m.kill()
     out.check()
@@ -518,12 +636,13 @@ def table(outcomes: list[Outcome]) -> str:
 
 def main(argv: list[str]) -> int:
     """Build (or reuse) the image, run the scenarios, print the table; non-zero on failure."""
-    # The encrypted-root scenarios build on this module's parts; imported here, not above,
-    # because demo_root imports this module.
-    from .demo_root import ROOT_SCENARIOS, RootImages  # noqa: PLC0415
+    # The encrypted-root and PackageKit scenarios build on this module's parts; imported
+    # here, not above, because demo_root and demo_packagekit import this module.
+    from .demo_root import RootImages, all_root_scenarios  # noqa: PLC0415
 
     logging.basicConfig(level=logging.INFO, format="[vm] %(message)s")
-    every = [*SCENARIOS, *ROOT_SCENARIOS]
+    root_scenarios = all_root_scenarios()
+    every = [*SCENARIOS, *root_scenarios]
     names = argv or every
     unknown = [n for n in names if n not in every]
     if unknown:
@@ -541,8 +660,8 @@ def main(argv: list[str]) -> int:
             work = Path(tmp) / name
             work.mkdir(parents=True)
             try:
-                if name in ROOT_SCENARIOS:
-                    outcome = ROOT_SCENARIOS[name](roots, work)
+                if name in root_scenarios:
+                    outcome = root_scenarios[name](roots, work)
                 else:
                     assert image is not None
                     outcome = SCENARIOS[name](image, work)

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING
 
 from .demo import (
     NO_LEAK,
+    SCHEDULE_DEMO_UPDATE,
     Boot,
     Outcome,
     Person,
@@ -60,7 +61,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
     from pathlib import Path
 
-    from .image import RunImage
+    from .image import Customize, RunImage
     from .runner import GuestJob
 
 from passphrases import make
@@ -80,19 +81,26 @@ def customize_root(rootfs: Path) -> None:
 
 @dataclass
 class RootImages:
-    """Encrypted-root images, one per generator, built on first use in ``workdir``."""
+    """Encrypted-root images, one per generator (and flavour), built on first use in ``workdir``."""
 
     workdir: Path
     built: dict[str, tuple[RunImage, bytes]] = field(default_factory=dict)
 
-    def get(self, generator: str) -> tuple[RunImage, bytes]:
-        """The image for ``generator`` and the person's passphrase it was encrypted with."""
-        if generator not in self.built:
-            pw = make(f"demo-root-{generator}")
-            image = build_root_luks_image(self.workdir / generator, generator=generator,
-                                          passphrase=pw, customize=customize_root)
-            self.built[generator] = (image, pw)
-        return self.built[generator]
+    def get(self, generator: str, *, flavour: str = "",
+            customize: Customize = customize_root) -> tuple[RunImage, bytes]:
+        """The image for ``generator`` and the person's passphrase it was encrypted with.
+
+        ``flavour`` names a variant with its own ``customize`` (the PackageKit scenarios'
+        guests, :mod:`.demo_packagekit`); :data:`ROOT_GENERATOR` names each scenario's image
+        as ``generator`` or ``generator-flavour``, the key used here.
+        """
+        key = f"{generator}-{flavour}" if flavour else generator
+        if key not in self.built:
+            pw = make(f"demo-root-{key}")
+            image = build_root_luks_image(self.workdir / key, generator=generator,
+                                          passphrase=pw, customize=customize)
+            self.built[key] = (image, pw)
+        return self.built[key]
 
 
 PRELUDE = f"""
@@ -286,9 +294,8 @@ def _full_reboot(generator: str, images: RootImages, workdir: Path) -> Outcome:
     m, console, person = _machine(image, workdir, pw)
     try:
         out.boots.append(run_root_boot(m, console, person, root_job(
-            ROOT_OPEN + WAIT_CAPTURED + UNLOCK_TIME + arm(2, login=True) + """
-os.symlink("/var/cache", "/system-update")
-""" + NO_LEAK, pw, action="reboot"), "boot 1 (person types in the initramfs; arm)"))
+            ROOT_OPEN + WAIT_CAPTURED + UNLOCK_TIME + arm(2, login=True) + SCHEDULE_DEMO_UPDATE
+            + NO_LEAK, pw, action="reboot"), "boot 1 (person types in the initramfs; arm)"))
         out.boots.append(run_root_boot(m, console, person, root_job(
             ROOT_OPEN + UNLOCK_TIME + CRYPTSETUP_LOG + """
 default = subprocess.run(["systemctl", "get-default"], capture_output=True, text=True)
@@ -371,11 +378,24 @@ ROOT_SCENARIOS: dict[str, Callable[[RootImages, Path], Outcome]] = {
     "root-initramfs-tools": scenario_root_initramfs_tools,
     "root-tampered": scenario_root_tampered,
 }
-# The generator whose image each scenario boots: tests/vm puts the scenarios of one image on one
+# The image each scenario boots (RootImages' key: the generator, or generator-flavour), for
+# every scenario of all_root_scenarios(): tests/vm puts the scenarios of one image on one
 # pytest-xdist worker, so each image is built once (a request that pytest-xdist 3.8 with
 # pytest 9.2 ignores: see tests/vm/README.md; a worker then builds the image itself).
 ROOT_GENERATOR: dict[str, str] = {
+    "packagekit-offline-update": "dracut-packagekit",
+    "packagekit-nothing-captured": "dracut-packagekit-short-capture",
     "root-full-reboot": "dracut",
     "root-initramfs-tools": "initramfs-tools",
     "root-tampered": "dracut",
 }
+
+
+def all_root_scenarios() -> dict[str, Callable[[RootImages, Path], Outcome]]:
+    """Every encrypted-root scenario: the PackageKit ones (the longest) first, then these.
+
+    :mod:`.demo_packagekit` builds on this module, so it is imported here, when asked.
+    """
+    from .demo_packagekit import PK_SCENARIOS  # noqa: PLC0415  (it imports this module)
+
+    return {**PK_SCENARIOS, **ROOT_SCENARIOS}

@@ -3,8 +3,9 @@
 Two layers:
 
 * The **base** (slow, cached): a debootstrapped trixie root filesystem with systemd, udev,
-  cryptsetup, python3 and the build dependencies of keyhandoff, the trixie kernel's modules, the
-  unpacked kernel, ``pam_gdm.so`` from trixie's ``gdm3`` and a busybox initramfs. It lives under
+  cryptsetup, python3, gnome-keyring and the build dependencies of keyhandoff, the trixie
+  kernel's modules, the unpacked kernel, ``pam_gdm.so`` from trixie's ``gdm3`` and a busybox
+  initramfs. It lives under
   ``/var/cache/keyhandoff-vm/<hash>/`` (outside the checkout; ``KEYHANDOFF_VM_CACHE`` overrides
   it); the hash covers the suite, the package list, the mirror and this file's own source, so
   editing any of them builds a new base.
@@ -99,6 +100,23 @@ PACKAGES: tuple[str, ...] = (
     "libssl-dev",
     "libjson-c-dev",
     "make",
+    # The PackageKit scenarios (demo_packagekit): the real packagekitd with its apt backend
+    # (libpk_backend_apt.so is in the packagekit package), pk-offline-update and its unit,
+    # and pkcon (packagekit-tools: only a Recommends of packagekit, which debootstrap does not
+    # install).  33 packages more than the base had (polkitd, GLib, libappstream5, ...), about
+    # 36 MiB installed, 9 MiB to download (trixie's Packages, 1.3.1-1+deb13u1).
+    "packagekit",
+    "packagekit-tools",
+    # The person's login keyring (demo.py's full-reboot scenario): the GNOME keyring daemon and
+    # its PAM module as Debian installs them (the daemon's systemd user socket is enabled for
+    # every user by its postinst), the per-user D-Bus session bus of systemd's user manager, and
+    # secret-tool (libsecret), a Secret Service client.  Trixie's Packages file: 104 packages,
+    # about 152 MiB installed and 33 MiB to download, nearly all of it GTK 3 and 4, which
+    # gnome-keyring's Depends (gcr, pinentry-gnome3) bring.
+    "gnome-keyring",
+    "libpam-gnome-keyring",
+    "dbus-user-session",
+    "libsecret-tools",
 )
 
 # Modules the initramfs loads (with their modules.dep closure) to mount a virtio-blk ext4 root.

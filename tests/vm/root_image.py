@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 
 from .debs import ensure_debs, install
 from .image import (
+    CACHE_ROOT,
     REPO_ROOT,
     STEP_TIMEOUT,
     BaseImage,
@@ -38,6 +39,7 @@ from .image import (
     _chroot_mounts,
     _install_project,
     _install_runner,
+    _locked,
     _run,
     _writable_copy,
     ensure_base,
@@ -45,6 +47,7 @@ from .image import (
 )
 
 if TYPE_CHECKING:
+    import contextlib
     from pathlib import Path
 
 log = logging.getLogger("keyhandoff.vmtest")
@@ -133,6 +136,16 @@ def _ours(listing: str) -> list[str]:
             or line.strip() == "keyhandoff"]
 
 
+def reencryption_lock() -> contextlib.AbstractContextManager[None]:
+    """One ``cryptsetup reencrypt --encrypt`` at a time on this machine.
+
+    cryptsetup locks a reencryption by the volume's UUID ("Reencryption process is already
+    running"), and the images of a scenario family share one fixed UUID: two pytest-xdist
+    workers encrypting at once made one of them fail.  A few seconds each.
+    """
+    return _locked(CACHE_ROOT / ".reencrypt.lock", timeout=STEP_TIMEOUT)
+
+
 def encrypt_root(image: Path, passphrase: bytes) -> None:
     """Encrypt the packed ext4 root in place as LUKS2 (user space: no dm-crypt on the host).
 
@@ -140,12 +153,16 @@ def encrypt_root(image: Path, passphrase: bytes) -> None:
     bounded like the data disk's so that TCG takes seconds, not minutes.
     """
     _run(["truncate", "-s", "+16M", image])
-    done = subprocess.run(
-        ["cryptsetup", "reencrypt", "--encrypt", "--type", "luks2", "--reduce-device-size",
-         "16M", "--pbkdf", "argon2id", "--pbkdf-force-iterations", "4", "--pbkdf-memory",
-         "32768", "--uuid", ROOT_LUKS_UUID, "--batch-mode", "--key-file=-", str(image)],
-        input=passphrase, capture_output=True, timeout=STEP_TIMEOUT, check=False,
-    )
+    with reencryption_lock():
+        done = subprocess.run(
+            ["cryptsetup", "reencrypt", "--encrypt", "--type", "luks2", "--reduce-device-size",
+             "16M", "--pbkdf", "argon2id", "--pbkdf-force-iterations", "4", "--pbkdf-memory",
+             "32768", "--uuid", ROOT_LUKS_UUID, "--batch-mode", "--key-file=-", str(image)],
+            input=passphrase, capture_output=True, timeout=STEP_TIMEOUT, check=False,
+            # reencrypt writes its temporary header (LUKS2-temp-<UUID>.new) in the working
+            # directory: the image's own, not one another worker shares
+            cwd=image.parent,
+        )
     if done.returncode != 0:
         msg = f"cryptsetup reencrypt --encrypt failed: {done.stderr.decode(errors='replace')}"
         raise ImageBuildError(msg)
