@@ -28,10 +28,10 @@ settings.load_profile("keyhandoff")
 
 #: pam_module, pam_gdm, checker: real PAM stacks; person, image: a LUKS2 image file;
 #: efivars: a scratch efivarfs directory; querier: real systemd-ask-password queriers;
-#: stack_guard: the Debian-stack pass's guard
+#: stack_guard: the Debian-stack pass's guard; built: the Debian packages of this tree
 pytest_plugins = [
-    "support.agent_process", "support.luks_images", "support.pam_stack", "support.scratch_efi",
-    "support.stack_guard", "support.vm_progress",
+    "support.agent_process", "support.debian_build", "support.luks_images", "support.pam_stack",
+    "support.scratch_efi", "support.stack_guard", "support.vm_progress",
 ]
 
 

@@ -2,108 +2,39 @@
 
 One ``dpkg-buildpackage -us -uc -b`` in a scratch copy of the tracked files (``git
 ls-files``, as a clean clone has them: no build products, no venv) builds keyhandoff,
-libpam-keyhandoff and cryptsetup-keyhandoff.  Then: each .deb holds exactly the files
-listed here, under Debian 12's paths; its control fields and maintainer scripts are what
-debian/ promises (the boot steps are never started, stopped or restarted); lintian finds
-nothing, not even at ``-I --pedantic`` (every override in debian/ carries its reason).
-The source package (``dpkg-source -b`` of the same copy) is linted too.  The Fedora spec
-expands with Fedora's macros (rpm/fedora.macros) and rpmlint passes it.
+libpam-keyhandoff and cryptsetup-keyhandoff (tests/support/debian_build.py; the same build
+is installed in a fresh Debian 12 root by test_debian_install.py).  Then: each .deb holds
+exactly the files listed here, under Debian 12's paths; its control fields and maintainer
+scripts are what debian/ promises (the boot steps are never started, stopped or
+restarted); lintian finds nothing, not even at ``-I --pedantic`` (every override in debian/
+carries its reason).  The source package (``dpkg-source -b`` of the same copy) is linted
+too.  The Fedora spec expands with Fedora's macros (rpm/fedora.macros) and rpmlint passes it.
 """
 
 from __future__ import annotations
 
 import re
-import shutil
-import subprocess
-import tempfile
-import time
-from dataclasses import dataclass
-from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pytest
-from support.parts import require, require_binary
+from support.debian_build import (
+    BOOT_STEPS,
+    ENV,
+    REPO,
+    TRIGGERED,
+    VERSION,
+    WATCHERS,
+    arch,
+    contents,
+    copy_tracked,
+    multiarch,
+    run,
+)
+from support.parts import require_binary
 
-import keyhandoff
+if TYPE_CHECKING:
+    from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-VERSION = keyhandoff.__version__
-# HOME: lintian and python3-build write caches there; a scratch one, not root's
-ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C.UTF-8",
-       "HOME": tempfile.gettempdir()}
-BOOT_STEPS = ("keyhandoff-restore.service", "keyhandoff-capture-initrd.service",
-              "keyhandoff-finish.service", "keyhandoff-login.service",
-              "keyhandoff-rearm.service", "keyhandoff-schedule-shutdown.service")
-# started by keyhandoff-schedule.path only: no [Install], never enabled, never invoked
-TRIGGERED = ("keyhandoff-schedule.service",)
-# started on install, restarted on upgrade, stopped on removal
-WATCHERS = ("keyhandoff-agent.service", "keyhandoff-schedule.path")
 APT = "apt-get install debhelper dh-python lintian fakeroot"
-
-
-def run(*argv: str | Path, **kwargs: object) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(a) for a in argv], capture_output=True, text=True,
-                          check=False, timeout=1200, **kwargs)  # type: ignore[call-overload]
-
-
-def multiarch() -> str:
-    return run("dpkg-architecture", "-qDEB_HOST_MULTIARCH", env=ENV).stdout.strip()
-
-
-def arch() -> str:
-    return run("dpkg-architecture", "-qDEB_HOST_ARCH", env=ENV).stdout.strip()
-
-
-@dataclass(frozen=True)
-class Build:
-    out: Path
-    src: Path
-    seconds: float
-
-    def deb(self, package: str) -> Path:
-        return self.out / f"{package}_{VERSION}_{arch()}.deb"
-
-
-def copy_tracked(dest: Path) -> None:
-    """The tracked files only, as a clean clone has them."""
-    git = require_binary("git", "apt-get install git")
-    require((REPO / ".git").exists(), "a git checkout", "git clone")
-    files = run(git, "-C", REPO, "ls-files", "-z", env=ENV).stdout.split("\0")
-    dest.mkdir()
-    for name in filter(None, files):
-        source = REPO / name
-        if not source.exists():  # deleted in the work tree, not yet committed
-            continue
-        target = dest / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(source, target)
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory) -> Build:
-    for tool, package in (("dpkg-buildpackage", "dpkg-dev"), ("dh", "debhelper"),
-                          ("dh_python3", "dh-python"), ("lintian", "lintian")):
-        require_binary(tool, f"apt-get install {package}")
-    proc = run("dpkg-checkbuilddeps", cwd=REPO, env=ENV)
-    require(proc.returncode == 0, f"the build dependencies ({proc.stderr.strip()})",
-            "scripts/setup-host")
-    out = tmp_path_factory.mktemp("debs")
-    src = out / "keyhandoff"
-    copy_tracked(src)
-    start = time.monotonic()
-    proc = run("dpkg-buildpackage", "-us", "-uc", "-b", cwd=src, env=ENV)
-    seconds = time.monotonic() - start
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    print(f"dpkg-buildpackage -us -uc -b: {seconds:.1f} s")
-    return Build(out=out, src=src, seconds=seconds)
-
-
-def contents(deb: Path) -> set[str]:
-    """The regular files and symlinks of a .deb, as absolute paths."""
-    proc = run("dpkg-deb", "-c", deb, env=ENV)
-    assert proc.returncode == 0, proc.stderr
-    listing = proc.stdout.splitlines()
-    return {line.split(None, 5)[5].split(" -> ")[0].removeprefix(".")
-            for line in listing if not line.startswith("d")}
 
 
 def field(deb: Path, name: str) -> str:
