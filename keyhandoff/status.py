@@ -136,6 +136,28 @@ def _efi_section() -> dict[str, Any]:
     return {"runtime_variables": True, "record_present": efi.RECORD_VARIABLE.exists()}
 
 
+def _kexec_section(root: str = "/") -> dict[str, Any]:
+    # Reads files only: a probe load would use up one of kexec_load_limit_reboot.
+    from keyhandoff import kexec
+    from keyhandoff.errors import KexecError
+
+    st = kexec.state(root=root)
+    out: dict[str, Any] = {"possible": st.possible, "reason": st.reason or None,
+                           "needs_signed_kernel": st.needs_signed_kernel, "loaded": st.loaded}
+    if not st.possible:
+        out["next_kernel"] = None
+        return out
+    try:
+        nxt = kexec.running_kernel(root=root)
+    except KexecError as exc:
+        out["next_kernel"] = None
+        out["next_kernel_problem"] = str(exc)
+        return out
+    # not the command line: it is the running one's, and may carry what a status need not show
+    out["next_kernel"] = {"release": nxt.release, "kernel": nxt.kernel, "initrd": nxt.initrd}
+    return out
+
+
 def _volumes_section() -> dict[str, Any]:
     from keyhandoff import crypttab, onetime
     from keyhandoff.luks import LuksHeader
@@ -160,6 +182,7 @@ SECTIONS: dict[str, Any] = {
     "schedule": _schedule_section,
     "channels": _channels_section,
     "efi": _efi_section,
+    "kexec": _kexec_section,
     "volumes": _volumes_section,
 }
 

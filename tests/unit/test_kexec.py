@@ -14,7 +14,7 @@ import pytest
 from support.parts import require_binary
 from support.passphrases import make
 
-from keyhandoff import kexec
+from keyhandoff import kexec, status
 from keyhandoff._bindings._linux import ffi, lib
 from keyhandoff.errors import (
     InvalidArchiveEntry,
@@ -403,3 +403,41 @@ def test_the_real_kernel_refuses_a_memfd_of_zeros_and_keeps_what_was_loaded():
         os.close(fd)
     assert info.value.errno in {errno.ENOEXEC, errno.EPERM, errno.ENOSYS}
     assert _text(kexec.KEXEC_LOADED) == before  # nothing loaded, nothing to unload
+
+
+# --- keyhandoff status: the kexec section ---------------------------------------------------
+
+
+def test_status_names_the_kernel_kexec_would_load_without_its_command_line(tmp_path):
+    root = _debian(tmp_path, "root=UUID=1234 ro kh-secret-looking-arg=1\n")
+    section = status._kexec_section(root)
+    assert section == {
+        "possible": True, "reason": None, "needs_signed_kernel": False, "loaded": False,
+        "next_kernel": {"release": RELEASE, "kernel": f"{root}/boot/vmlinuz-{RELEASE}",
+                        "initrd": f"{root}/boot/initrd.img-{RELEASE}"}}
+    assert "kh-secret-looking-arg" not in repr(section)
+
+
+def test_status_says_why_kexec_is_not_possible(tmp_path):
+    section = status._kexec_section(_kexec_host(tmp_path, **{
+        "proc/sys/kernel/kexec_load_disabled": "1\n"}))
+    assert section["possible"] is False
+    assert "kexec_load_disabled = 1" in section["reason"]
+    assert section["next_kernel"] is None
+
+
+def test_status_says_what_is_missing_for_the_next_kernel(tmp_path):
+    root = _kexec_host(tmp_path, **{f"boot/vmlinuz-{RELEASE}": "MZ kernel",
+                                    "proc/cmdline": "ro\n"})
+    section = status._kexec_section(root)
+    assert section["possible"] is True
+    assert section["next_kernel"] is None
+    assert f"initrd.img-{RELEASE}" in section["next_kernel_problem"]
+
+
+def test_status_has_a_kexec_section_on_this_machine():
+    report = status.collect()
+    section = report.sections["kexec"]
+    assert "error" not in section, section
+    assert section["possible"] is kexec.state().possible
+    assert "kexec" in report.as_text()
