@@ -175,6 +175,10 @@ install-token:
 install-initramfs:
 	install -D -m 0755 initramfs/dracut/90keyhandoff/module-setup.sh \
 		$(DESTDIR)$(DRACUTMODULESDIR)/90keyhandoff/module-setup.sh
+	install -D -m 0755 initramfs/dracut/90keyhandoff/keyhandoff-keep-typed.sh \
+		$(DESTDIR)$(DRACUTMODULESDIR)/90keyhandoff/keyhandoff-keep-typed.sh
+	install -D -m 0644 initramfs/dracut/90keyhandoff/keyhandoff-keep-typed.service \
+		$(DESTDIR)$(DRACUTMODULESDIR)/90keyhandoff/keyhandoff-keep-typed.service
 	install -D -m 0755 initramfs/initramfs-tools/hooks/keyhandoff \
 		$(DESTDIR)$(INITRAMFSTOOLSDIR)/hooks/keyhandoff
 	install -D -m 0755 initramfs/initramfs-tools/scripts/local-top/keyhandoff \

@@ -108,6 +108,8 @@ def test_cryptsetup_keyhandoff_holds_the_plugin_and_the_initramfs_parts(built):
     assert contents(built.deb("cryptsetup-keyhandoff")) == {
         f"{tokendir[1]}/libcryptsetup-token-keyhandoff-onetime.so",
         "/usr/lib/dracut/modules.d/90keyhandoff/module-setup.sh",
+        "/usr/lib/dracut/modules.d/90keyhandoff/keyhandoff-keep-typed.sh",
+        "/usr/lib/dracut/modules.d/90keyhandoff/keyhandoff-keep-typed.service",
         "/usr/share/initramfs-tools/hooks/keyhandoff",
         "/usr/share/initramfs-tools/scripts/local-top/keyhandoff",
         "/usr/share/initramfs-tools/scripts/local-premount/keyhandoff",
@@ -134,6 +136,8 @@ def test_control_fields(built):
     token = built.deb("cryptsetup-keyhandoff")
     assert "libcryptsetup12" in field(token, "Depends")
     assert "libjson-c5" in field(token, "Depends")
+    # keyctl for the dracut module's keep-typed unit (and Debian's decrypt_keyctl)
+    assert "keyutils" in field(token, "Recommends").split(", ")
 
 
 def test_maintainer_scripts_never_start_stop_or_restart_the_boot_steps(built, tmp_path):

@@ -39,6 +39,7 @@ import pytest
 from support.luks_images import FAST, cryptsetup, format_image
 from support.parts import require, require_binary
 
+from keyhandoff.cache import SystemdCache
 from keyhandoff.names import TOKEN_TYPE
 
 if TYPE_CHECKING:
@@ -360,6 +361,9 @@ def test_no_python_and_nothing_else_of_ours(images: Images) -> None:
     if images.generator == "initramfs-tools":
         expected |= {"scripts/local-top/keyhandoff", "scripts/local-premount/keyhandoff",
                      "scripts/local-bottom/keyhandoff"}
+    else:  # the keep-typed unit, enabled, and its script
+        expected |= {"usr/lib/keyhandoff", f"usr/lib/systemd/system/{KEEP_TYPED}",
+                     f"etc/systemd/system/initrd.target.wants/{KEEP_TYPED}"}
     assert files_named(images.root, "keyhandoff") == expected
 
 
@@ -378,6 +382,73 @@ def test_dracut_image_has_what_tries_tokens(built: Callable[[str], Images]) -> N
     modules = inside(images.root, "/usr/lib/dracut/modules.txt").read_text().split()
     assert "keyhandoff" in modules
     assert "keyhandoff" not in inside(images.bare, "/usr/lib/dracut/modules.txt").read_text()
+
+
+KEEP_TYPED = "keyhandoff-keep-typed.service"
+DRACUT_MODULE = INITRAMFS / "dracut" / "90keyhandoff"
+
+
+def test_dracut_image_keeps_what_was_typed_until_the_switch(
+    built: Callable[[str], Images],
+) -> None:
+    """The keep-typed unit is in the image, enabled for initrd.target, with keyctl.
+
+    It runs the same script at start (after cryptsetup.target: the volumes are open) and at
+    stop (the isolation to initrd-switch-root.target, ordered before the switch); the
+    script, run in the unpacked image with the image's own sh and keyctl on this kernel's
+    keyring, gives systemd's ``cryptsetup`` key 150 s again.  The boot itself is the VM's
+    (tests/vm: the root scenarios' capture).
+    """
+    images = built("dracut")
+    unit = inside(images.root, f"/usr/lib/systemd/system/{KEEP_TYPED}")
+    assert unit.read_bytes() == (DRACUT_MODULE / KEEP_TYPED).read_bytes()
+    wants = images.root / "etc/systemd/system/initrd.target.wants" / KEEP_TYPED
+    # systemctl --root enable: a link to dracut's systemdsystemunitdir (/lib/... on Debian 12)
+    assert inside(images.root, os.readlink(wants)).samefile(unit)
+    lines = unit.read_text().splitlines()
+    assert "ExecStart=/usr/lib/keyhandoff/keep-typed" in lines
+    assert "ExecStop=/usr/lib/keyhandoff/keep-typed" in lines
+    assert {"RemainAfterExit=yes", "After=cryptsetup.target", "KeyringMode=shared",
+            "Before=initrd-switch-root.target initrd-switch-root.service"} <= set(lines)
+    script = inside(images.root, "/usr/lib/keyhandoff/keep-typed")
+    assert script.read_bytes() == (DRACUT_MODULE / "keyhandoff-keep-typed.sh").read_bytes()
+    assert inside(images.root, "/usr/bin/keyctl").is_file()
+    keyctl = require_binary("keyctl", "apt-get install keyutils")
+    SystemdCache().clear()  # the one "cryptsetup" key the script finds
+    added = run([keyctl, "padd", "user", "cryptsetup", "@u"], input="typed", check=True)
+    serial = added.stdout.strip()
+    try:
+        run([keyctl, "timeout", serial, "30"], check=True)
+        done = run(["chroot", images.root, "/usr/lib/keyhandoff/keep-typed"])
+        assert (done.returncode, done.stdout + done.stderr) == (0, "")
+        line = next(x for x in Path("/proc/keys").read_text().splitlines()
+                    if int(x.split()[0], 16) == int(serial))
+        assert line.split()[3] == "2m"  # 120-179 s: the 150 s set again
+    finally:
+        run([keyctl, "unlink", serial, "@u"])
+
+
+def test_dracut_module_without_keyctl_installs_the_plugin_only(tmp_path: Path) -> None:
+    """No keyutils on the machine: the module still installs the plugin, says why, no unit."""
+    calls = tmp_path / "calls"
+    shim = f"""
+dinfo() {{ echo "dinfo $*" >> {calls}; }}
+inst_libdir_file() {{ echo "inst_libdir_file $*" >> {calls}; }}
+inst_multiple() {{ echo "inst_multiple $*" >> {calls}; }}
+inst_script() {{ echo "inst_script $*" >> {calls}; }}
+inst_simple() {{ echo "inst_simple $*" >> {calls}; }}
+find_binary() {{ command -v "$1"; }}
+SYSTEMCTL=false
+source "$1"
+install
+"""
+    script = DRACUT_MODULE / "module-setup.sh"
+    done = run(["/bin/bash", "-c", shim, "sh", str(script)], env={"PATH": "/nonexistent"})
+    assert done.returncode == 0, done.stderr
+    said = calls.read_text().splitlines()
+    assert said[0] == "inst_libdir_file cryptsetup/libcryptsetup-token-keyhandoff-onetime.so"
+    assert len(said) == 2, said
+    assert said[1].startswith("dinfo keyhandoff: no keyctl"), said
 
 
 # --------------------------------------------------------------------------- running the image

@@ -5,11 +5,16 @@
 # systemd-cryptsetup tries every LUKS2 token through libcryptsetup's external token plugins
 # before it asks for a passphrase, whenever no key file is configured; so the plugin
 # libcryptsetup-token-keyhandoff-onetime.so in libcryptsetup's token directory is all the
-# initramfs needs: no unit, no hook, no crypttab change.  Installed like dracut's own
-# 91tpm2-tss and 91fido2 install systemd's plugins (inst_libdir_file "cryptsetup/..."),
+# initramfs needs to open the root: no hook, no crypttab change.  Installed like dracut's
+# own 91tpm2-tss and 91fido2 install systemd's plugins (inst_libdir_file "cryptsetup/..."),
 # with the libraries it links (libcryptsetup, libcrypto, json-c).  The record arrives in
-# efivarfs, which 00systemd's module installs and systemd mounts.  No Python and no other
-# part of keyhandoff goes into the image.
+# efivarfs, which 00systemd's module installs and systemd mounts.
+#
+# Where keyctl (keyutils) is installed, one small unit comes along, keyhandoff-keep-typed:
+# when the person typed, what systemd-cryptsetup kept of it for 150 s gets 150 s again once
+# the volumes are open and again just before the switch, so that the real root's
+# `keyhandoff capture-initrd` finds it on a slow machine too (keyhandoff-keep-typed.sh).
+# No Python and no other part of keyhandoff goes into the image.
 
 keyhandoff_plugin=libcryptsetup-token-keyhandoff-onetime.so
 
@@ -40,4 +45,13 @@ depends() {
 # called by dracut
 install() {
     inst_libdir_file "cryptsetup/$keyhandoff_plugin"
+    if ! find_binary keyctl >/dev/null; then
+        dinfo "keyhandoff: no keyctl (apt-get install keyutils): what is typed in the initramfs keeps systemd's 150 s only"
+        return 0
+    fi
+    inst_multiple keyctl
+    inst_script "$moddir/keyhandoff-keep-typed.sh" /usr/lib/keyhandoff/keep-typed
+    inst_simple "$moddir/keyhandoff-keep-typed.service" \
+        "$systemdsystemunitdir/keyhandoff-keep-typed.service"
+    $SYSTEMCTL -q --root "$initdir" enable keyhandoff-keep-typed.service
 }
