@@ -398,6 +398,13 @@ class Outcome:
         for boot in self.boots:
             self.problems += [f"{boot.label}: {n} failed ({d})" for n, ok, d in boot.results
                               if not ok]
+            # what the job printed after its first failed result (a journal excerpt, where it
+            # prints one): the CI's log is all there is of a guest that is gone
+            failed = next((n for n, ok, _ in boot.results if not ok), None)
+            at = boot.console.find(f"VMTEST-RESULT {failed} FAIL") if failed else -1
+            if at >= 0:
+                self.notes.append(f"{boot.label}: the console after {failed} failed:\n"
+                                  + boot.console[at:at + 6000])
             if not boot.results:
                 self.problems.append(f"{boot.label}: the guest reported nothing")
             # A job that died part way would leave its later checks unreported, not failed.
