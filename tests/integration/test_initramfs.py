@@ -396,8 +396,8 @@ def test_dracut_image_keeps_what_was_typed_until_the_switch(
     It runs the same script at start (after cryptsetup.target: the volumes are open) and at
     stop (the isolation to initrd-switch-root.target, ordered before the switch); the
     script, run in the unpacked image with the image's own sh and keyctl on this kernel's
-    keyring, gives systemd's ``cryptsetup`` key 150 s again.  The boot itself is the VM's
-    (tests/vm: the root scenarios' capture).
+    keyring, gives systemd's ``cryptsetup`` key the seconds it is given (150 by default).
+    The boot itself is the VM's (tests/vm: the root scenarios' capture).
     """
     images = built("dracut")
     unit = inside(images.root, f"/usr/lib/systemd/system/{KEEP_TYPED}")
@@ -406,8 +406,8 @@ def test_dracut_image_keeps_what_was_typed_until_the_switch(
     # systemctl --root enable: a link to dracut's systemdsystemunitdir (/lib/... on Debian 12)
     assert inside(images.root, os.readlink(wants)).samefile(unit)
     lines = unit.read_text().splitlines()
-    assert "ExecStart=/usr/lib/keyhandoff/keep-typed" in lines
-    assert "ExecStop=/usr/lib/keyhandoff/keep-typed" in lines
+    assert "ExecStart=/usr/lib/keyhandoff/keep-typed 150" in lines  # the volumes are open
+    assert "ExecStop=/usr/lib/keyhandoff/keep-typed 300" in lines   # the switch
     assert {"RemainAfterExit=yes", "After=cryptsetup.target", "KeyringMode=shared",
             "Before=initrd-switch-root.target initrd-switch-root.service"} <= set(lines)
     script = inside(images.root, "/usr/lib/keyhandoff/keep-typed")
@@ -417,13 +417,20 @@ def test_dracut_image_keeps_what_was_typed_until_the_switch(
     SystemdCache().clear()  # the one "cryptsetup" key the script finds
     added = run([keyctl, "padd", "user", "cryptsetup", "@u"], input="typed", check=True)
     serial = added.stdout.strip()
-    try:
-        run([keyctl, "timeout", serial, "30"], check=True)
-        done = run(["chroot", images.root, "/usr/lib/keyhandoff/keep-typed"])
-        assert (done.returncode, done.stdout + done.stderr) == (0, "")
+
+    def shown() -> str:  # the timeout /proc/keys shows: 120-179 s is "2m"
         line = next(x for x in Path("/proc/keys").read_text().splitlines()
                     if int(x.split()[0], 16) == int(serial))
-        assert line.split()[3] == "2m"  # 120-179 s: the 150 s set again
+        return line.split()[3]
+
+    try:
+        # from 30 s each time; "x1" is not a number: nothing changes
+        for args, after in (([], {"2m"}), (["150"], {"2m"}), (["300"], {"4m", "5m"}),
+                            (["x1"], {"29s", "30s"})):
+            run([keyctl, "timeout", serial, "30"], check=True)
+            done = run(["chroot", images.root, "/usr/lib/keyhandoff/keep-typed", *args])
+            assert (done.returncode, done.stdout + done.stderr) == (0, ""), args
+            assert shown() in after, args
     finally:
         run([keyctl, "unlink", serial, "@u"])
 

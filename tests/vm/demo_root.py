@@ -126,7 +126,7 @@ if not result("captured", wait_until(lambda: UUID in cached_volumes(), 120),
                          capture_output=True, text=True).stdout[-5000:], flush=True)
 """
 # dracut: the initramfs's keyhandoff-keep-typed.service gave systemd's "cryptsetup" key 150 s
-# again after the unlock (its start) and before the switch (its stop), PID 1's job lines say;
+# after the unlock (its start) and 300 s before the switch (its stop), PID 1's job lines say;
 # then the seconds from the root being open to the switch and to capture-initrd's start
 # (what the key's 150 s had to cover before the unit existed).
 KEPT_TYPED = """
@@ -293,8 +293,8 @@ def _figures(out: Outcome, image: RunImage) -> None:
         for match in re.finditer(r"KH-KEPT ([0-9.]+) ([0-9.]+)", boot.console):
             switch, capture = float(match.group(1)), float(match.group(2))
             out.notes.append(f"{boot.label}: root open to the switch {switch:.0f} s, to "
-                             f"capture-initrd {capture:.0f} s (systemd's key has 150 s from "
-                             "each of keep-typed's two steps)")
+                             f"capture-initrd {capture:.0f} s (keep-typed gave systemd's "
+                             "key 150 s at the first, 300 s at the switch)")
         for match in re.finditer(r"KH-(BLAME|ANALYZE) (.*)", boot.console):
             out.notes.append(f"{boot.label}: systemd-analyze {match.group(2).strip()}")
 

@@ -12,7 +12,7 @@
 #
 # Where keyctl (keyutils) is installed, one small unit comes along, keyhandoff-keep-typed:
 # when the person typed, what systemd-cryptsetup kept of it for 150 s gets 150 s again once
-# the volumes are open and again just before the switch, so that the real root's
+# the volumes are open and 300 s just before the switch, so that the real root's
 # `keyhandoff capture-initrd` finds it on a slow machine too (keyhandoff-keep-typed.sh).
 # No Python and no other part of keyhandoff goes into the image.
 
