@@ -39,6 +39,7 @@ import pytest
 from support.luks_images import FAST, cryptsetup, format_image
 from support.parts import require, require_binary
 
+from keyhandoff import keyring
 from keyhandoff.cache import SystemdCache
 from keyhandoff.names import TOKEN_TYPE
 
@@ -419,9 +420,7 @@ def test_dracut_image_keeps_what_was_typed_until_the_switch(
     serial = added.stdout.strip()
 
     def shown() -> str:  # the timeout /proc/keys shows: 120-179 s is "2m"
-        line = next(x for x in Path("/proc/keys").read_text().splitlines()
-                    if int(x.split()[0], 16) == int(serial))
-        return line.split()[3]
+        return next(info.expiry for info in keyring.proc_keys({int(serial)}))
 
     try:
         # from 30 s each time; "x1" is not a number: nothing changes

@@ -201,12 +201,8 @@ SHOWN_AFTER = {"local-premount": {"2m"},        # 120-179 s: 150 s
 
 
 def timeout_of(serial: int) -> str:
-    """The key's timeout as /proc/keys shows it (``59s``, ``2m``, ``perm``)."""
-    for line in Path("/proc/keys").read_text().splitlines():
-        fields = line.split()
-        if int(fields[0], 16) == serial:
-            return fields[3]
-    return "gone"
+    """The key's timeout as /proc/keys shows it (``59s``, ``2m``, ``perm``), or ``gone``."""
+    return next((info.expiry for info in keyring.proc_keys({serial})), "gone")
 
 
 def run_script(where: str, env: dict[str, str] | None = None,
