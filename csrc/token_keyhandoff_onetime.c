@@ -3,8 +3,8 @@
  *
  * libcryptsetup-token-keyhandoff-onetime.so answers libcryptsetup's token open for a LUKS2
  * token of type "keyhandoff-onetime" (keyhandoff/onetime.py): the one-time keyslot an
- * `arm reboot=full` made, whose key travels in the sealed handoff record in an EFI
- * variable.  It runs inside libcryptsetup (systemd-cryptsetup in the initramfs,
+ * `arm reboot=full` (or `reboot=kexec`) made, whose key travels in the sealed handoff
+ * record in an EFI variable (or in the loaded kernel's initrd segment).  It runs inside libcryptsetup (systemd-cryptsetup in the initramfs,
  * `cryptsetup open`), with only libcryptsetup, libcrypto and libc beside it.
  *
  * What an open does:
@@ -15,7 +15,11 @@
  *   2. The record: the user key "keyhandoff:record" in our "keyhandoff" keyring in root's
  *      @u, read only under the trust rule (found by keyctl_search from @u, which we possess;
  *      a "user" key of exactly that description, owned by uid 0, permissions exactly
- *      0x3f010000).  Else the EFI variable KeyHandoffStash-<vendor GUID> (in
+ *      0x3f010000).  Else the kexec channel's file, which the initramfs moved out of the
+ *      loaded initrd segment ($KEYHANDOFF_KEXEC_RECORD, default
+ *      /run/keyhandoff/kexec-record): only root's private regular file holding a record
+ *      sealed for the kexec channel is read, published as below, then unlinked (under an
+ *      flock on the file).  Else the EFI variable KeyHandoffStash-<vendor GUID> (in
  *      $EFIVARFS_PATH, default /sys/firmware/efi/efivars/): read it, publish its record
  *      (without the 4 attribute bytes, unpadded: it is ciphertext) as "keyhandoff:record"
  *      with a kernel timeout of min(not_after - now, 600) s, then delete the variable
@@ -23,8 +27,10 @@
  *      and nothing is answered: a record is never used without being deleted first.  The
  *      whole step holds an flock on the efivars directory, so two volumes opened at once
  *      take the variable once.  A record whose framing is not ours stays where it is, for
- *      the real root's `keyhandoff restore` to refuse and log.
- *   3. The check: khr_open, exactly record.open_record (channel efi) with the token's record
+ *      the real root's `keyhandoff restore` to refuse and log; so does one sealed for
+ *      another channel than the one it travelled by.
+ *   3. The check: khr_open, exactly record.open_record (channel efi or kexec, the record's
+ *      own: its source was checked in step 2) with the token's record
  *      key, the running boot id and the real clock, then the one-time key of this volume's
  *      UUID, answered as onetime.key_text gives it (64 lower-case hex digits).
  *   The plugin never deletes "keyhandoff:record": further volumes of the same record find

@@ -70,7 +70,7 @@ enum khr_verdict khr_parse_header(const uint8_t *blob, size_t len, struct khr_he
     memcpy(out->boot_id, blob + 23, KHR_UUID_LEN);
     memcpy(out->key_id, blob + 39, KHR_KEY_ID_LEN);
     memcpy(out->nonce, blob + 47, KHR_NONCE_LEN);
-    if (out->channel < 1 || out->channel > 3)
+    if (out->channel < 1 || out->channel > 4)
         return KHR_MALFORMED;                           /* unknown channel */
     return KHR_OK;
 }
@@ -206,8 +206,8 @@ enum khr_verdict khr_open(const uint8_t *blob, size_t len, const uint8_t key[KHR
     v = khr_parse_header(blob, len, &h);
     if (v != KHR_OK)
         return v;
-    if (h.channel != KHR_CHANNEL_EFI)
-        return KHR_FOREIGN;                             /* sealed for another channel */
+    if (h.channel != KHR_CHANNEL_EFI && h.channel != KHR_CHANNEL_KEXEC)
+        return KHR_FOREIGN;                             /* not a one-time key record */
     if (khr_key_id(key, id) != 0)
         return KHR_INTERNAL;
     if (CRYPTO_memcmp(id, h.key_id, KHR_KEY_ID_LEN) != 0)

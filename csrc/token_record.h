@@ -19,6 +19,7 @@
 
 #define KHR_VERSION 1
 #define KHR_CHANNEL_EFI 2
+#define KHR_CHANNEL_KEXEC 4
 #define KHR_HEADER_LEN 59
 #define KHR_NONCE_LEN 12
 #define KHR_TAG_LEN 16

@@ -1,6 +1,7 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 /* token_store.c - where the token plugin finds the handoff record: our kernel keyring, else
- * the EFI variable (taken: published in the keyring, then deleted).  See
+ * the kexec channel's file in /run, else the EFI variable (either taken: published in the
+ * keyring, then removed).  See
  * token_keyhandoff_onetime.c for the rules; this file is their I/O: keyring calls by
  * syscall(2) (no libkeyutils), the efivarfs file, the boot id and the clock.
  */
@@ -12,6 +13,7 @@
 #include <string.h>
 #include <sys/file.h>
 #include <sys/ioctl.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
@@ -32,6 +34,7 @@
 #define RECORD_TIMEOUT 600                              /* at most, seconds */
 #define EFI_RECORD_FILE "KeyHandoffStash-7ec2927b-59f1-4933-8945-01041e7137eb"
 #define EFIVARS_DEFAULT "/sys/firmware/efi/efivars/"
+#define KEXEC_RECORD_DEFAULT "/run/keyhandoff/kexec-record"   /* names.KEXEC_RECORD */
 #define BOOT_ID_PATH "/proc/sys/kernel/random/boot_id"
 #define EFI_ATTR_LEN 4
 
@@ -147,6 +150,97 @@ static int32_t kh_publish(const uint8_t *blob, size_t len, long timeout)
     return ok ? serial : -1;
 }
 
+/* A record's kernel timeout in our keyring: min(not_after - now, RECORD_TIMEOUT), >= 1. */
+static long kh_record_timeout(const struct khr_header *header)
+{
+    int64_t left = header->not_after >= (UINT64_C(1) << 63)
+                   ? RECORD_TIMEOUT : (int64_t)header->not_after - kh_now();
+
+    return left > RECORD_TIMEOUT ? RECORD_TIMEOUT : left < 1 ? 1 : (long)left;
+}
+
+/* ------------------------------------------------------------------------- kexec file */
+
+/* The kexec channel's record: the file the initramfs moved out of the loaded initrd segment
+ * ($KEYHANDOFF_KEXEC_RECORD, default /run/keyhandoff/kexec-record).  Read only when it is a
+ * regular file owned by root with no group or other permission, framed as ours and sealed
+ * for the kexec channel; then published in the keyring and unlinked (the key invalidated
+ * and nothing used when the unlink fails).  An flock on the file makes two volumes take it
+ * once.  Its length into buf; 0 none; -EPERM / -EINVAL refused (the file left as it is). */
+static long kh_take_kexec_file(struct crypt_device *cd, uint8_t *buf)
+{
+    const char *path = secure_getenv("KEYHANDOFF_KEXEC_RECORD");
+    struct khr_header header;
+    struct stat st;
+    size_t got = 0;
+    ssize_t n;
+    long rc;
+    int32_t serial;
+    int fd;
+
+    if (path == NULL || *path == '\0')
+        path = KEXEC_RECORD_DEFAULT;
+    fd = open(path, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
+    if (fd < 0) {
+        if (errno == ENOENT)
+            return 0;
+        kh_say(cd, "kexec record refused: it cannot be opened (a link?)");
+        return -EPERM;
+    }
+    if (flock(fd, LOCK_EX) != 0) {
+        rc = -EPERM;
+        goto out;
+    }
+    rc = kh_keyring_record(buf, KHR_MAX_RECORD + 1);   /* taken meanwhile by another volume */
+    if (rc > 0)
+        goto out;
+    if (fstat(fd, &st) != 0 || st.st_nlink == 0) {
+        rc = 0;                                         /* gone meanwhile: no record here */
+        goto out;
+    }
+    if (!S_ISREG(st.st_mode) || st.st_uid != 0 || (st.st_mode & 077) != 0 ||
+        st.st_size > KHR_MAX_RECORD) {
+        kh_say(cd, "kexec record refused: not root's private file of a record's size");
+        rc = -EPERM;
+        goto out;
+    }
+    while (got < KHR_MAX_RECORD + 1) {
+        n = read(fd, buf + got, KHR_MAX_RECORD + 1 - got);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            break;
+        got += (size_t)n;
+    }
+    if (got > KHR_MAX_RECORD || khr_parse_header(buf, got, &header) != KHR_OK ||
+        header.channel != KHR_CHANNEL_KEXEC) {
+        kh_say(cd, "kexec record refused: not a kexec record of ours (left for keyhandoff "
+               "restore)");
+        rc = -EINVAL;
+        goto out;
+    }
+    serial = kh_publish(buf, got, kh_record_timeout(&header));
+    if (serial < 0) {
+        kh_say(cd, "cannot publish the kexec record in the keyring: not used");
+        rc = -EPERM;
+        goto out;
+    }
+    if (unlink(path) != 0) {
+        /* removed before use: a record that stays behind is never answered from */
+        kh_keyctl(KEYCTL_INVALIDATE, (unsigned long)serial, 0, 0, 0);
+        kh_say(cd, "cannot remove the kexec record file: record not used");
+        rc = -EPERM;
+        goto out;
+    }
+    kh_say(cd, "record taken from the kexec segment's file");
+    rc = (long)got;
+out:
+    if (rc <= 0)
+        OPENSSL_cleanse(buf, KHR_MAX_RECORD + 1);
+    close(fd);                                          /* releases the flock */
+    return rc;
+}
+
 /* ------------------------------------------------------------------------- EFI variable */
 
 /* The efivars directory (with a trailing '/') into out. */
@@ -212,8 +306,7 @@ long kh_take_record(struct crypt_device *cd, uint8_t *buf)
     struct khr_header header;
     enum khr_verdict framing;
     char line[128];
-    int64_t left;
-    long n, timeout;
+    long n;
     int dirfd, rc;
 
     n = kh_keyring_record(buf, KHR_MAX_RECORD + 1);
@@ -221,6 +314,9 @@ long kh_take_record(struct crypt_device *cd, uint8_t *buf)
         kh_say(cd, "record from the keyring");
         return n;
     }
+    n = kh_take_kexec_file(cd, buf);
+    if (n != 0)
+        return n;
     if (kh_efivars_dir(dir, sizeof dir) != 0)
         return 0;
     dirfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
@@ -248,6 +344,8 @@ long kh_take_record(struct crypt_device *cd, uint8_t *buf)
     }
     framing = n <= EFI_ATTR_LEN ? KHR_UNKNOWN_FORMAT
               : khr_parse_header(raw + EFI_ATTR_LEN, (size_t)n - EFI_ATTR_LEN, &header);
+    if (framing == KHR_OK && header.channel != KHR_CHANNEL_EFI)
+        framing = KHR_FOREIGN;                          /* only efi records travel there */
     if (framing != KHR_OK) {
         snprintf(line, sizeof line, "record refused: %s (left in the EFI variable for "
                  "keyhandoff restore)", khr_verdict_name(framing));
@@ -257,11 +355,8 @@ long kh_take_record(struct crypt_device *cd, uint8_t *buf)
     }
     n -= EFI_ATTR_LEN;
     memcpy(buf, raw + EFI_ATTR_LEN, (size_t)n);
-    left = header.not_after >= (UINT64_C(1) << 63) ? RECORD_TIMEOUT
-                                                   : (int64_t)header.not_after - kh_now();
-    timeout = left > RECORD_TIMEOUT ? RECORD_TIMEOUT : left < 1 ? 1 : (long)left;
     {
-        int32_t serial = kh_publish(buf, (size_t)n, timeout);
+        int32_t serial = kh_publish(buf, (size_t)n, kh_record_timeout(&header));
 
         if (serial < 0) {
             kh_say(cd, "cannot publish the record in the keyring: not used");

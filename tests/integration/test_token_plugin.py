@@ -30,9 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from support.luks_images import format_image
+from support.onetime_images import Armed, arm_image, seal
 from support.parts import require, require_binary
-from support.passphrases import make
 
 from keyhandoff import keyring, names, onetime, record
 from keyhandoff.cache import PassphraseCache
@@ -94,42 +93,6 @@ def no_record_key():
     PassphraseCache().forget_key(names.RECORD_BLOB_KEY)
 
 
-@dataclass
-class Armed:
-    """A LUKS2 image with a one-time keyslot and its token, as ``arm`` makes them."""
-
-    path: Path
-    volume: uuid.UUID
-    slot: onetime.OnetimeSlot
-    key: Secret  # the raw one-time key
-
-    def entry(self, volume: uuid.UUID | None = None) -> record.Entry:
-        return record.Entry(volume or self.volume, record.EntryKind.ONETIME_KEY, self.key.copy())
-
-
-def arm_image(path: Path, record_key: Secret, *, not_after: int | None = None) -> Armed:
-    passphrase = make("token")
-    format_image(path, passphrase)
-    with LuksHeader.open(str(path)) as header:
-        _slot, vk = header.volume_key(Secret.passphrase(passphrase))
-        with vk, record_key.copy() as kept:
-            slot, key = onetime.add(header, vk, not_after=not_after or int(time.time()) + 3600,
-                                    boot_id=str(uuid.uuid4()), record_key=kept)
-        volume = uuid.UUID(header.uuid)
-    return Armed(path, volume, slot, key)
-
-
-def seal(entries: list[record.Entry], record_key: Secret, *, created: int | None = None,
-         lifetime: int = 3600, boots_left: int = 1, boot: uuid.UUID | None = None,
-         channel: record.RecordChannel = record.RecordChannel.EFI) -> bytes:
-    created = int(time.time()) if created is None else created
-    handoff = record.HandoffRecord(channel=channel, created=created,
-                                   not_after=created + lifetime, boots_left=boots_left,
-                                   boot_id=boot or uuid.uuid4(), entries=tuple(entries))
-    with handoff:
-        return record.seal(handoff, record_key)
-
-
 def write_variable(efivars: Path, blob: bytes) -> Path:
     efivars.mkdir(exist_ok=True)
     path = efivars / VARIABLE
@@ -173,21 +136,30 @@ def armed_with_record(tmp_path: Path, **seal_args: int) -> tuple[Armed, Path, by
 
 
 def plugin_open(plugin_dir: Path, image: Path, efivars: Path, *,
-                readonly_efivars: bool = False) -> Opened:
-    """``cryptsetup open --test-passphrase --token-only`` with only our plugin loadable."""
+                readonly_efivars: bool = False, kexec_record: Path | None = None,
+                readonly_kexec_dir: bool = False) -> Opened:
+    """``cryptsetup open --test-passphrase --token-only`` with only our plugin loadable.
+
+    The kexec channel's file is ``kexec_record`` (default: a name in ``efivars``' parent
+    that does not exist), never the machine's own /run/keyhandoff.
+    """
     require_binary("unshare", "apt-get install util-linux")
+    kexec_record = kexec_record or efivars.parent / "no-kexec-record"
     script = 'mount --bind "$1" "$2" || exit 90\n'
     if readonly_efivars:
         script += 'mount --bind "$3" "$3" && mount -o remount,bind,ro "$3" || exit 91\n'
+    if readonly_kexec_dir:
+        script += 'mount --bind "$5" "$5" && mount -o remount,bind,ro "$5" || exit 92\n'
     script += ('exec cryptsetup open --test-passphrase --token-only --debug '
                '--token-type keyhandoff-onetime "$4"\n')
     proc = subprocess.run(
         ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh",
-         str(plugin_dir), TOKEN_DIR, str(efivars), str(image)],
-        env={**os.environ, "EFIVARFS_PATH": f"{efivars}/"}, capture_output=True, text=True,
-        check=False, timeout=60,
+         str(plugin_dir), TOKEN_DIR, str(efivars), str(image), str(kexec_record.parent)],
+        env={**os.environ, "EFIVARFS_PATH": f"{efivars}/",
+             "KEYHANDOFF_KEXEC_RECORD": str(kexec_record)},
+        capture_output=True, text=True, check=False, timeout=60,
     )
-    assert proc.returncode not in {90, 91}, proc.stderr
+    assert proc.returncode not in {90, 91, 92}, proc.stderr
     lines = [line.split("keyhandoff-onetime: ", 1)[1]
              for line in proc.stdout.splitlines() + proc.stderr.splitlines()
              if "keyhandoff-onetime: " in line]
@@ -292,6 +264,8 @@ RECORD_CASES = {
                            "foreign"),
     "another-channel": (lambda c: seal(
         [c.armed.entry()], c.rk, channel=record.RecordChannel.KEYRING), "foreign"),
+    "a-kexec-record-in-the-efi-variable": (lambda c: seal(
+        [c.armed.entry()], c.rk, channel=record.RecordChannel.KEXEC), "foreign"),
     "unknown-channel-byte": (lambda c: c.good[:5] + b"\x09" + c.good[6:], "malformed"),
     "expired": (lambda c: seal([c.armed.entry()], c.rk, created=int(time.time()) - 1000,
                                          lifetime=990), "expired"),
@@ -452,3 +426,94 @@ def test_the_dump_never_shows_the_record_key(plugin_dir, tmp_path):
                           capture_output=True, text=True, check=True)
     assert armed.slot.binding in proc.stdout  # our dump ran
     assert armed.slot.record_key_b64 not in proc.stdout + proc.stderr
+
+
+# --------------------------------------------------------------------------- the kexec file
+
+
+def kexec_file(tmp_path: Path, blob: bytes, mode: int = 0o600) -> Path:
+    """The record as the initramfs leaves it: /run/keyhandoff/kexec-record, here scratch."""
+    directory = tmp_path / "run-keyhandoff"
+    directory.mkdir(mode=0o700, exist_ok=True)
+    path = directory / "kexec-record"
+    path.write_bytes(blob)
+    path.chmod(mode)
+    return path
+
+
+def kexec_armed(tmp_path: Path, channel: record.RecordChannel = record.RecordChannel.KEXEC
+                ) -> tuple[Armed, Path, bytes]:
+    with record.new_record_key() as rk:
+        armed = arm_image(tmp_path / "img", rk)
+        with armed.key:
+            blob = seal([armed.entry()], rk, channel=channel)
+    (tmp_path / "efivars").mkdir()
+    return armed, kexec_file(tmp_path, blob), blob
+
+
+def test_a_kexec_record_opens_its_keyslot_and_is_taken(plugin_dir, tmp_path):
+    armed, path, blob = kexec_armed(tmp_path)
+    opened = plugin_open(plugin_dir, armed.path, tmp_path / "efivars", kexec_record=path)
+    assert opened.verdict == "ok", opened.log
+    assert "record taken from the kexec segment's file" in opened.log
+    assert not path.exists()  # removed before it was answered from
+    serial = record_key_serial()
+    assert serial is not None  # published for the next volume and for restore
+    assert keyring.describe(serial).perm == names.KEY_PERM
+    with keyring.read(serial) as payload:
+        assert bytes(payload.view()) == blob
+
+
+@pytest.mark.parametrize("mode", [0o640, 0o604, 0o644])
+def test_a_kexec_file_others_could_read_or_write_is_not_used(plugin_dir, tmp_path, mode):
+    armed, path, _blob = kexec_armed(tmp_path)
+    path.chmod(mode)
+    opened = plugin_open(plugin_dir, armed.path, tmp_path / "efivars", kexec_record=path)
+    assert opened.returncode != 0
+    assert "kexec record refused: not root's private file of a record's size" in opened.log
+    assert path.exists()  # left for someone to look at
+    assert record_key_serial() is None
+
+
+def test_a_link_in_place_of_the_kexec_file_is_not_followed(plugin_dir, tmp_path):
+    armed, path, _blob = kexec_armed(tmp_path)
+    link = path.with_name("link")
+    link.symlink_to(path)
+    opened = plugin_open(plugin_dir, armed.path, tmp_path / "efivars", kexec_record=link)
+    assert opened.returncode != 0
+    assert "kexec record refused: it cannot be opened (a link?)" in opened.log
+    assert path.exists()
+
+
+def test_an_efi_record_in_the_kexec_file_is_refused_and_left(plugin_dir, tmp_path):
+    armed, path, _blob = kexec_armed(tmp_path, channel=record.RecordChannel.EFI)
+    opened = plugin_open(plugin_dir, armed.path, tmp_path / "efivars", kexec_record=path)
+    assert opened.returncode != 0
+    assert any(line.startswith("kexec record refused: not a kexec record") for line in opened.log)
+    assert path.exists()
+    assert record_key_serial() is None
+
+
+def test_a_kexec_file_that_cannot_be_removed_is_not_used(plugin_dir, tmp_path):
+    armed, path, _blob = kexec_armed(tmp_path)
+    opened = plugin_open(plugin_dir, armed.path, tmp_path / "efivars", kexec_record=path,
+                         readonly_kexec_dir=True)
+    assert opened.returncode != 0
+    assert "cannot remove the kexec record file: record not used" in opened.log
+    assert path.exists()
+    assert record_key_serial() is None  # published, then invalidated
+
+
+def test_two_volumes_of_one_kexec_record_take_it_once(plugin_dir, tmp_path):
+    with record.new_record_key() as rk:
+        first = arm_image(tmp_path / "a", rk)
+        second = arm_image(tmp_path / "b", rk)
+        with first.key, second.key:
+            blob = seal([first.entry(), second.entry()], rk, channel=record.RecordChannel.KEXEC)
+    (tmp_path / "efivars").mkdir()
+    path = kexec_file(tmp_path, blob)
+    assert plugin_open(plugin_dir, first.path, tmp_path / "efivars",
+                       kexec_record=path).verdict == "ok"
+    again = plugin_open(plugin_dir, second.path, tmp_path / "efivars", kexec_record=path)
+    assert again.verdict == "ok", again.log
+    assert "record from the keyring" in again.log

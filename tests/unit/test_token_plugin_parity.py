@@ -211,9 +211,14 @@ RECORD_KEY = bytes(range(100, 132))
 
 
 def _python_verdict(blob: bytes, now: int, boot: uuid.UUID) -> tuple[str, bytes | None]:
+    # khr_open opens a one-time key record of either channel that carries one (efi, kexec):
+    # the store checked that it came from where records of its channel travel, as restore's
+    # source check does (channels/efi.py _open_record); so: its own channel if kexec
+    kexec = len(blob) > 5 and blob[5] == record.RecordChannel.KEXEC
     try:
         opened = record.open_record(blob, Secret(bytearray(RECORD_KEY)), now=now, boot_id=boot,
-                                    channel=record.RecordChannel.EFI)
+                                    channel=record.RecordChannel.KEXEC if kexec
+                                    else record.RecordChannel.EFI)
     except RecordRefused as exc:
         return PY_NAMES[type(exc).__name__], None
     with opened:
