@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 __all__ = ["CHAIN_KEY", "Chain", "Pending", "Reboot", "Target", "load"]
 
 CHAIN_KEY: Final = names.CHAIN_KEY
-Reboot = Literal["soft", "full"]
+Reboot = Literal["soft", "full", "kexec"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,7 +149,7 @@ def _slot_number(value: object) -> int | None:
 
 def _parse(data: dict[str, Any]) -> Chain:
     reboot = _typed(data["reboot"], str)
-    if reboot not in ("soft", "full"):
+    if reboot not in ("soft", "full", "kexec"):
         raise ValueError(reboot)
     volumes = tuple(
         Target(_typed(v["uuid"], str), _typed(v["path"], str), _typed(v["name"], str))

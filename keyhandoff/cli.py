@@ -275,11 +275,18 @@ def cmd_arm(args: argparse.Namespace) -> int:
     _harden()
     from keyhandoff import jsonout, update
 
+    kernel = None
+    if args.kernel is not None or args.initrd is not None:
+        from keyhandoff import kexec
+
+        if args.reboot != "kexec" or args.kernel is None:
+            raise InvalidArgument("--kernel (and --initrd) go with --reboot kexec")
+        kernel = kexec.named_kernel(args.kernel, args.initrd)
     report = update.arm(  # an InvalidArgument (a --ttl out of range...) is a usage error
         reboot=args.reboot, boots=args.boots, ttl=timedelta(seconds=args.ttl),
         login=args.login, volumes=args.volumes,
         ask=None if args.no_ask else update.SystemdAsk(args.ask_timeout),
-        progress=_progress,
+        progress=_progress, kernel=kernel,
     )
     _emit(args, jsonout.arm(report), report.summary() + "\n")
     return EXIT_OK
@@ -443,8 +450,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_cache_forget)
 
     p = sub.add_parser("arm", help="arm the handoff for the next boot(s) of an update")
-    p.add_argument("--reboot", choices=["soft", "full"], required=True,
-                   help="soft: systemctl soft-reboot (kernel keyring); full: EFI record")
+    p.add_argument("--reboot", choices=["soft", "full", "kexec"], required=True,
+                   help="soft: systemctl soft-reboot (kernel keyring); full: EFI record; "
+                   "kexec: systemctl kexec (the record in the loaded kernel's initrd, RAM)")
+    p.add_argument("--kernel", metavar="FILE",
+                   help="with --reboot kexec: the kernel image to load (default: the one the "
+                   "boot loader would start, /vmlinuz)")
+    p.add_argument("--initrd", metavar="FILE",
+                   help="with --kernel: its initramfs (default: /boot/initrd.img-<release>)")
     p.add_argument("--boots", type=_positive_int, default=1, metavar="N",
                    help="how many boots the handoff covers (default 1)")
     p.add_argument("--ttl", type=_span(least=60, most=_MAX_SPAN), default=1800,

@@ -44,6 +44,7 @@ Example with the defaults::
 
     [update]
     auto_arm = true       # arm the handoff when an offline update is scheduled
+    reboot = "full"       # the reboots it arms for: "full" (EFI record) or "kexec"
 
     [login]
     enabled = false       # hand the passphrase typed at boot to the login path
@@ -88,6 +89,9 @@ DROPIN_DIRS: Final = ("/usr/lib/keyhandoff/keyhandoff.conf.d",
 _MAX_SECONDS: Final = 86400
 #: a file larger than this is not a configuration file (read no further)
 _MAX_BYTES: Final = 1 << 20
+#: What ``[update] reboot`` may say: the reboots of an offline update an automatic arming
+#: carries across (``soft`` is no offline update's: its runners reboot fully or kexec).
+AUTO_REBOOTS: Final = ("full", "kexec")
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +102,8 @@ class Config:
     #: seconds a captured passphrase may wait for a scheduled offline update (auto_arm)
     wait_for_update: int = 8 * 3600
     auto_arm: bool = True
+    #: the reboots an automatic arming is for: ``full`` (efi channel) or ``kexec``
+    auto_reboot: str = "full"
     login_enabled: bool = False
     login_timeout: int = 120
     ask_dir: str = names.ASK_DIR
@@ -112,6 +118,8 @@ class Config:
             raise ConfigError(f"capture.retain must be 0..{_MAX_SECONDS} seconds")
         if not 0 <= self.wait_for_update <= _MAX_SECONDS:
             raise ConfigError("capture.wait_for_update must be 0..24h")
+        if self.auto_reboot not in AUTO_REBOOTS:
+            raise ConfigError('update.reboot must be "full" or "kexec"')
         if not 1 <= self.login_timeout <= 3600:
             raise ConfigError("login.timeout must be 1..3600 seconds")
         if not self.ask_dir.startswith("/"):
@@ -137,6 +145,7 @@ _SCHEMA: Final[dict[tuple[str, str], tuple[str, type | str]]] = {
     ("capture", "retain"): ("retain", int),
     ("capture", "wait_for_update"): ("wait_for_update", _SPAN),
     ("update", "auto_arm"): ("auto_arm", bool),
+    ("update", "reboot"): ("auto_reboot", str),
     ("login", "enabled"): ("login_enabled", bool),
     ("login", "timeout"): ("login_timeout", int),
     ("agent", "ask_dir"): ("ask_dir", str),

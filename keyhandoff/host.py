@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
-from keyhandoff import crypttab
+from keyhandoff import crypttab, names
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -83,6 +83,10 @@ class Host:
     update_target_active: Callable[[], bool] = _systemd_update_target_active
     systemd_version: Callable[[], int | None] = _systemd_version
     systemd_booted: Callable[[], bool] = _systemd_booted
+    #: where the kexec channel's record waits after the initramfs moved it out of the segment
+    kexec_record_path: str = names.KEXEC_RECORD
+    #: the mark that says the loaded kexec image is keyhandoff's
+    kexec_mark_path: str = names.KEXEC_LOADED_MARK
 
     def boot_id(self) -> str:
         """The running boot's id (a soft reboot keeps it; kexec and a full reboot do not)."""

@@ -44,7 +44,8 @@ if TYPE_CHECKING:
     from keyhandoff.secret import Secret
 
 __all__ = ["KEXEC_LOADED", "KexecError", "KexecRefused", "KexecState", "RunningKernel",
-           "combined_initrd", "load", "running_kernel", "state", "unload"]
+           "combined_initrd", "load", "named_kernel", "next_kernel", "running_kernel", "state",
+           "unload"]
 
 #: "1" while a kexec image is loaded (CONFIG_KEXEC_CORE; absent without kexec support).
 KEXEC_LOADED: Final = "/sys/kernel/kexec_loaded"
@@ -200,10 +201,10 @@ def _regular_file(path: str, what: str) -> str:
         st = os.stat(path)
     except OSError as exc:
         raise KexecError(exc.errno or errno.ENOENT,
-                         f"the running kernel's {what} {path} is absent "
+                         f"the kernel's {what} {path} is absent "
                          f"({os.strerror(exc.errno or errno.ENOENT)})") from None
     if not stat.S_ISREG(st.st_mode):
-        raise KexecError(errno.EINVAL, f"the running kernel's {what} {path} is not a file")
+        raise KexecError(errno.EINVAL, f"the kernel's {what} {path} is not a file")
     return path
 
 
@@ -221,6 +222,66 @@ def running_kernel(*, root: str = "/") -> RunningKernel:
         raise KexecError(errno.ENOENT, f"{_under(root, _CMDLINE)} cannot be read")
     return RunningKernel(release=release, kernel=kernel, initrd=initrd,
                          cmdline=_next_cmdline(text))
+
+
+def _link_target(root: str, name: str) -> str | None:
+    """Where the link ``/name`` under ``root`` points, under ``root``; None if it is no link."""
+    link = _under(root, "/" + name)
+    try:
+        target = os.readlink(link)
+    except OSError:
+        return None
+    if os.path.isabs(target):
+        return _under(root, target)
+    return os.path.join(os.path.dirname(link), target)
+
+
+def next_kernel(*, root: str = "/") -> RunningKernel:
+    """The kernel the boot loader would start next, its initrd, and this command line.
+
+    Debian keeps ``/vmlinuz`` and ``/initrd.img`` linking to the newest installed kernel
+    (``linux-base``'s ``do_symlinks``, on by default), which is also GRUB's default entry:
+    after a kernel update, the new one.  Where there is no ``/vmlinuz`` link, the running
+    kernel's files (:func:`running_kernel`).  The command line is the running one without
+    the boot loader's file names.
+    """
+    kernel = _link_target(root, "vmlinuz")
+    if kernel is None:
+        return running_kernel(root=root)
+    base = os.path.basename(kernel)
+    if not base.startswith("vmlinuz-") or base == "vmlinuz-":
+        raise KexecError(errno.EINVAL, f"/vmlinuz links to {base}, which is not named "
+                                       "vmlinuz-<release>")
+    release = base.removeprefix("vmlinuz-")
+    initrd = _link_target(root, "initrd.img") or _under(root, f"/boot/initrd.img-{release}")
+    text = _read(_under(root, _CMDLINE))
+    if text is None:
+        raise KexecError(errno.ENOENT, f"{_under(root, _CMDLINE)} cannot be read")
+    return RunningKernel(release=release, kernel=_regular_file(kernel, "image"),
+                         initrd=_regular_file(initrd, "initrd"), cmdline=_next_cmdline(text))
+
+
+def named_kernel(kernel: str, initrd: str | None = None, cmdline: str | None = None, *,
+                 root: str = "/") -> RunningKernel:
+    """A kernel a runner names: its image, its initrd, and a command line.
+
+    ``initrd`` defaults to Debian's ``/boot/initrd.img-<release>`` for an image named
+    ``vmlinuz-<release>``; ``cmdline`` to the running one without the boot loader's names.
+    """
+    base = os.path.basename(kernel)
+    release = base.removeprefix("vmlinuz-") if base.startswith("vmlinuz-") else ""
+    if initrd is None:
+        if not release:
+            raise KexecError(errno.EINVAL, f"no initrd named for {kernel}, and its name does "
+                                           "not say its release (vmlinuz-<release>)")
+        initrd = _under(root, f"/boot/initrd.img-{release}")
+    if cmdline is None:
+        text = _read(_under(root, _CMDLINE))
+        if text is None:
+            raise KexecError(errno.ENOENT, f"{_under(root, _CMDLINE)} cannot be read")
+        cmdline = _next_cmdline(text)
+    return RunningKernel(release=release, kernel=_regular_file(kernel, "image"),
+                         initrd=_regular_file(initrd, "initrd"), cmdline=cmdline)
 
 
 def _copy_file(src: int, dst: int) -> int:

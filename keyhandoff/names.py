@@ -21,6 +21,9 @@ __all__ = [
     "EFI_PROBE_NAME",
     "EFI_RECORD_NAME",
     "EFI_VENDOR_GUID",
+    "KEXEC_LOADED_MARK",
+    "KEXEC_RECORD",
+    "KEXEC_SEGMENT_RECORD",
     "KEYRING_NAME",
     "KEY_PERM",
     "KEY_PREFIX",
@@ -96,5 +99,15 @@ TOKEN_TYPE: Final = "keyhandoff-onetime"  # noqa: S105  # a LUKS2 token type nam
 
 #: Root's private runtime directory (the state lock, the per-boot step markers).
 RUN_DIR: Final = "/run/keyhandoff"
+#: The kexec channel's record in the new kernel's initramfs, as the loaded initrd segment
+#: carries it (relative to the initramfs root).  The initramfs step moves it to
+#: :data:`KEXEC_RECORD` before any volume is opened (``/run`` survives the switch to the
+#: real root; the initramfs root does not).
+KEXEC_SEGMENT_RECORD: Final = "keyhandoff/kexec-record"
+#: Where that record waits, root's only, until the token plugin or ``restore`` takes it.
+KEXEC_RECORD: Final = RUN_DIR + "/kexec-record"
+#: Marks that the kexec image loaded now is ours (the boot id of the arming boot), so that
+#: ``disarm`` unloads only what keyhandoff loaded.
+KEXEC_LOADED_MARK: Final = RUN_DIR + "/kexec-loaded"
 #: The configuration file.
 CONFIG_PATH: Final = "/etc/keyhandoff/keyhandoff.conf"

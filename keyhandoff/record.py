@@ -2,14 +2,15 @@
 
 Pure: bytes in, values out, no I/O (randomness for keys and nonces comes from
 ``os.urandom``).  Storing the sealed bytes is the channel's business: for ``efi`` and
-``efi-volatile``, :class:`keyhandoff.efi.RecordVariable`.
+``efi-volatile``, :class:`keyhandoff.efi.RecordVariable`; for ``kexec``, a file in the
+RAM-only initrd segment of the loaded kernel (:mod:`keyhandoff.channels.kexec`).
 
 Record layout, version 1 (integers big-endian)::
 
     offset size field
          0    4 magic        b"KHST"
          4    1 version      1
-         5    1 channel      1 keyring, 2 efi, 3 efi-volatile
+         5    1 channel      1 keyring, 2 efi, 3 efi-volatile, 4 kexec
          6    1 boots_left   1..255 (0 is refused: nothing left to hand off)
          7    8 created      unix seconds, when it was armed
         15    8 not_after    unix seconds, deadline (created < not_after <= created + 7 days)
@@ -163,6 +164,7 @@ class RecordChannel(IntEnum):
     KEYRING = 1
     EFI = 2
     EFI_VOLATILE = 3
+    KEXEC = 4
 
 
 class EntryKind(IntEnum):

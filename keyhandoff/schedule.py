@@ -7,7 +7,8 @@ final reboot.  ``keyhandoff-schedule.path`` starts ``keyhandoff schedule`` whene
 link appears or goes, and :func:`reconcile` looks at the machine as it is then:
 
 * an update is scheduled and nothing is armed (``[update] auto_arm``, on by default):
-  arm the ``full`` channel for ``boots=2`` (the update boot and the boot after it) from the
+  arm for ``boots=2`` (the update boot and the boot after it), through the ``full`` channel
+  or, with ``[update] reboot = "kexec"``, the ``kexec`` channel, from the
   passphrases captured at boot, never asking anyone and waiting at most
   :data:`LOCK_WAIT` seconds for the state lock.  The captured passphrases are then removed
   from the cache (the record carries what the boots need).  The chain state records that
@@ -174,13 +175,14 @@ def _arm(host: Host, conf: config_mod.Config, link: str, cache: PassphraseCache,
                               "capture expired): nothing is armed, the update's boots will "
                               "ask for the passphrase as usual", link, missing)
     ttl = max(60, min(conf.capture_timeout, int(update.MAX_TTL.total_seconds())))
+    reboot = "kexec" if conf.auto_reboot == "kexec" else REBOOT
     try:
-        report = update.arm(reboot=REBOOT, boots=BOOTS, ttl=timedelta(seconds=ttl),
+        report = update.arm(reboot=reboot, boots=BOOTS, ttl=timedelta(seconds=ttl),
                             login=conf.login_enabled, ask=None, lock_wait=lock_wait,
                             host=host, automatic=True)
     except ChannelUnavailable as exc:
         return ScheduleReport("unavailable", f"an offline update is scheduled ({link}); the "
-                              f"full-reboot channel is unavailable here ({exc}): the boots "
+                              f"{reboot}-reboot channel is unavailable here ({exc}): the boots "
                               "will ask as usual", link, names)
     except ArmRefused as exc:
         return ScheduleReport("refused", f"an offline update is scheduled ({link}); arming "

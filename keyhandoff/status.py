@@ -143,12 +143,14 @@ def _kexec_section(root: str = "/") -> dict[str, Any]:
 
     st = kexec.state(root=root)
     out: dict[str, Any] = {"possible": st.possible, "reason": st.reason or None,
-                           "needs_signed_kernel": st.needs_signed_kernel, "loaded": st.loaded}
+                           "needs_signed_kernel": st.needs_signed_kernel, "loaded": st.loaded,
+                           "loaded_by_keyhandoff": st.loaded and os.path.exists(
+                               os.path.join(root, names.KEXEC_LOADED_MARK.lstrip("/")))}
     if not st.possible:
         out["next_kernel"] = None
         return out
     try:
-        nxt = kexec.running_kernel(root=root)
+        nxt = kexec.next_kernel(root=root)
     except KexecError as exc:
         out["next_kernel"] = None
         out["next_kernel_problem"] = str(exc)

@@ -16,7 +16,8 @@ last boot of a chain).
 
 ``reboot=`` chooses the channel (:mod:`keyhandoff.channels`): ``"soft"`` keeps the
 passphrases in the kernel keyring (RAM only); ``"full"`` writes a sealed record of one-time
-keys to an EFI variable.  This module does what every channel shares: choosing the
+keys to an EFI variable; ``"kexec"`` loads the next kernel with that record in a RAM-only
+segment of its initrd.  This module does what every channel shares: choosing the
 volumes, asking once, the state lock, the chain state (:mod:`keyhandoff.chain`), the
 one-time keyslot sweeps (:mod:`keyhandoff.sweep`) and the login hand-off on the last boot.
 
@@ -68,6 +69,7 @@ from keyhandoff.reports import ArmReport, FinishReport, RestoreReport, VolumeRep
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
+    from keyhandoff.kexec import RunningKernel
     from keyhandoff.secret import Secret
 
 __all__ = [
@@ -128,13 +130,14 @@ def _harden() -> None:
     process.harden(lock_memory=False)
 
 
-def _work(host: Host, progress: Progress | None = None) -> channels.Work:
-    return channels.Work(PassphraseCache(), host, progress or (lambda _msg: None))
+def _work(host: Host, progress: Progress | None = None,
+          kernel: RunningKernel | None = None) -> channels.Work:
+    return channels.Work(PassphraseCache(), host, progress or (lambda _msg: None), kernel)
 
 
 def _check_args(reboot: str, boots: int, ttl: timedelta) -> int:
-    if reboot not in ("soft", "full"):
-        raise InvalidArgument('reboot must be "soft" or "full"')
+    if reboot not in ("soft", "full", "kexec"):
+        raise InvalidArgument('reboot must be "soft", "full" or "kexec"')
     if not 1 <= boots <= MAX_BOOTS:
         raise InvalidArgument(f"boots must be 1..{MAX_BOOTS}")
     seconds = int(ttl.total_seconds())
@@ -155,6 +158,7 @@ def arm(  # each is a caller's choice, all keyword-only
     lock_wait: float = statelock.DEFAULT_WAIT,
     host: Host = THIS_HOST,
     automatic: bool = False,
+    kernel: RunningKernel | None = None,
 ) -> ArmReport:
     """Arm the handoff for the next ``boots`` boots, until ``ttl`` from now.
 
@@ -174,16 +178,24 @@ def arm(  # each is a caller's choice, all keyword-only
     is the running init and older than 254, which has no ``systemctl soft-reboot``
     (:meth:`Host.soft_reboot_refusal`).
 
+    ``reboot="kexec"`` loads the next kernel (``kernel``, else the one the boot loader
+    would start: :func:`keyhandoff.kexec.next_kernel`) with the record in a RAM-only
+    segment of its initrd; then ``systemctl kexec`` starts it.  Refused, with the reason,
+    where this machine cannot kexec (:func:`keyhandoff.kexec.state`).  ``kernel`` is for
+    that channel only.
+
     ``automatic``: this is :mod:`keyhandoff.schedule`'s own arming (a scheduled offline
     update, nobody asked); the chain state records it with this boot's id, so a cancelled
     schedule in this boot disarms it and nothing else.  A runner leaves it ``False``.
     """
     seconds = _check_args(reboot, boots, ttl)
+    if kernel is not None and reboot != "kexec":
+        raise InvalidArgument('a kernel is named only for reboot="kexec"')
     refusal = host.soft_reboot_refusal() if reboot == "soft" else None
     if refusal is not None:  # before anyone is asked for anything
         raise ChannelUnavailable(f"cannot arm for a soft reboot: {refusal}")
     channel = channels.for_reboot(reboot)
-    work = _work(host, progress)
+    work = _work(host, progress, kernel)
     _harden()
     skipped: list[tuple[str, str]] = []
     chosen = targets(volumes, host=host, skipped=skipped)
@@ -221,7 +233,7 @@ def _supersede(work: channels.Work, channel: channels.Channel, previous: Chain |
     """After a successful arm: remove what the previous arming left (never this one's)."""
     for other in channels.others(channel):
         try:
-            other.discard()  # an earlier arming's record on another channel: superseded
+            other.discard(work.host)  # an earlier arming's record on another channel: superseded
         except (KeyhandoffError, OSError) as exc:  # armed all the same; the boot refuses it
             journal.log(Event.ERROR, f"could not delete an earlier handoff record: {exc}",
                         priority=journal.WARNING)
@@ -297,7 +309,7 @@ def disarm(*, quiet: bool = False, volumes: Sequence[str] | None = None,
                     raise NotArmed(f"nothing is armed or cached for {who}")
         known = sweep.known_paths(chain, host)
         paths = [t.path for t in named] if named is not None else known
-        counts = {"records": sum(c.discard() for c in channels.REGISTRY.values()),
+        counts = {"records": sum(c.discard(host) for c in channels.REGISTRY.values()),
                   "keys": 0, "keyslots": 0}
         # keyslots: on every LUKS volume of the machine; passphrases: only the named volumes'
         seen = chain.uuids() if chain else set()

@@ -2,11 +2,12 @@
 
 A channel is what the person's ``reboot=`` choice selects: ``keyring`` carries the
 passphrases across a soft reboot in the kernel keyring (RAM only); ``efi`` carries one-time
-keys across a full reboot in a sealed record in an EFI variable.  :mod:`keyhandoff.update`
-does what every channel shares (choosing the volumes, asking once, the state lock, the chain
-state, the keyslot sweeps, the login hand-off on the last boot) and calls the chosen
-channel for the rest, through the :class:`Channel` interface below.  A new channel is one
-module that implements it and one line in :data:`REGISTRY`.
+keys across a full reboot in a sealed record in an EFI variable; ``kexec`` carries the same
+record across ``systemctl kexec`` in a RAM-only segment of the loaded kernel's initrd.
+:mod:`keyhandoff.update` does what every channel shares (choosing the volumes, asking once,
+the state lock, the chain state, the keyslot sweeps, the login hand-off on the last boot)
+and calls the chosen channel for the rest, through the :class:`Channel` interface below.  A
+new channel is one module that implements it and one line in :data:`REGISTRY`.
 
 What a channel implements, in the order the runner meets it:
 
@@ -32,8 +33,9 @@ What a channel implements, in the order the runner meets it:
 ``finish(work, chain, passphrases)``
     After the volumes are open: destroy what was used, keep what later boots need, append
     the passphrases the login may get to ``passphrases``.  Returns the keyslots destroyed.
-``discard()``
-    Remove what the channel stores outside our keyring (a record in firmware); how many.
+``discard(host)``
+    Remove what the channel stores outside our keyring (a record in firmware, a loaded
+    kexec image); how many.
 ``forget_keys(cache, uuids)``
     Remove the channel's own keys in our keyring for these volumes; how many.
 
@@ -53,6 +55,7 @@ if TYPE_CHECKING:
     from keyhandoff.cache import PassphraseCache
     from keyhandoff.chain import Chain, Reboot, Target
     from keyhandoff.host import Host
+    from keyhandoff.kexec import RunningKernel
     from keyhandoff.reports import ArmReport, RestoreReport
     from keyhandoff.secret import Secret
 
@@ -69,11 +72,16 @@ class Availability:
 
 @dataclass(frozen=True, slots=True)
 class Work:
-    """What every channel call works with: our keyring, the machine, progress words."""
+    """What every channel call works with: our keyring, the machine, progress words.
+
+    ``kernel``: the kernel a runner named for the ``kexec`` channel (None: the one the boot
+    loader would start).
+    """
 
     cache: PassphraseCache
     host: Host
     say: Progress
+    kernel: RunningKernel | None = None
 
 
 class Channel(Protocol):
@@ -85,6 +93,9 @@ class Channel(Protocol):
     reboot: ClassVar[Reboot]
     #: whether our keyring survives that reboot (the chain state then survives too)
     keeps_keyring: ClassVar[bool]
+    #: whether :func:`cold` calls this channel's ``restore`` after a boot without chain
+    #: state (``kexec`` says no: ``efi``'s restore takes every one-time record, its too)
+    cold_restore: ClassVar[bool]
 
     def availability(self) -> Availability:
         """Whether this machine could use the channel (no write to firmware or flash)."""
@@ -116,7 +127,7 @@ class Channel(Protocol):
         """Destroy what was used; keep what later boots need; collect login passphrases."""
         ...
 
-    def discard(self) -> int:
+    def discard(self, host: Host) -> int:
         """Remove what the channel stores outside our keyring; how many records."""
         ...
 
@@ -126,7 +137,7 @@ class Channel(Protocol):
 
 
 def for_reboot(reboot: str) -> Channel:
-    """The channel that carries across ``reboot`` (``"soft"`` or ``"full"``)."""
+    """The channel that carries across ``reboot`` (``"soft"``, ``"full"`` or ``"kexec"``)."""
     for channel in REGISTRY.values():
         if channel.reboot == reboot:
             return channel
@@ -135,7 +146,7 @@ def for_reboot(reboot: str) -> Channel:
 
 def cold() -> list[Channel]:
     """The channels that can find a handoff after our keyring was lost (no chain state)."""
-    return [c for c in REGISTRY.values() if not c.keeps_keyring]
+    return [c for c in REGISTRY.values() if not c.keeps_keyring and c.cold_restore]
 
 
 def others(channel: Channel) -> list[Channel]:
@@ -145,9 +156,10 @@ def others(channel: Channel) -> list[Channel]:
 
 def _registry() -> dict[str, Channel]:
     from keyhandoff.channels.efi import EfiChannel
+    from keyhandoff.channels.kexec import KexecChannel
     from keyhandoff.channels.keyring import KeyringChannel
 
-    channels: list[Channel] = [KeyringChannel(), EfiChannel()]
+    channels: list[Channel] = [KeyringChannel(), EfiChannel(), KexecChannel()]
     return {c.name: c for c in channels}
 
 

@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import time
 import uuid as _uuid
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Final
 
 from keyhandoff import journal, names
@@ -63,6 +65,12 @@ class EfiChannel:
     name: ClassVar[str] = "efi"
     reboot: ClassVar[Reboot] = "full"
     keeps_keyring: ClassVar[bool] = False
+    #: this channel's restore takes every one-time record there is, the kexec channel's too
+    cold_restore: ClassVar[bool] = True
+    #: the record's channel byte (a :class:`keyhandoff.record.RecordChannel` name)
+    record_channel: ClassVar[str] = "EFI"
+    #: where the record travels, for the reports
+    carrier: ClassVar[str] = "the EFI record"
 
     # --- choosing -------------------------------------------------------------------------
 
@@ -78,11 +86,16 @@ class EfiChannel:
     def refuse(self, targets: Sequence[Target]) -> None:
         """Refuse before asking: no writable EFI variables, or a LUKS1 volume."""
         from keyhandoff import efi
-        from keyhandoff.luks import LuksHeader
 
         caps = efi.probe()
         if not caps.nv_writable:
             raise ChannelUnavailable(f"cannot carry a record across a full reboot: {caps.detail}")
+        self._refuse_luks1(targets)
+
+    def _refuse_luks1(self, targets: Sequence[Target]) -> None:
+        """A one-time keyslot needs a LUKS2 token: refuse LUKS1 volumes, never downgrade."""
+        from keyhandoff.luks import LuksHeader
+
         refused = []
         for t in targets:
             with LuksHeader.open(t.path) as header:
@@ -150,7 +163,7 @@ class EfiChannel:
         gone (or be this call's, useless without its keyslots), so the chain that needed it
         goes too and nothing claims to be armed that is not.
         """
-        from keyhandoff import efi, onetime, record, sealing
+        from keyhandoff import onetime, record, sealing
         from keyhandoff.luks import LuksError, LuksHeader
 
         now, boot_id = work.host.now(), work.host.boot_id()
@@ -176,16 +189,16 @@ class EfiChannel:
                             volume, record.EntryKind.SEALED_PASSPHRASE, Secret(sealed)))
                 reports.append(VolumeReport(
                     t.uuid, t.name, armed=True,
-                    how=f"one-time keyslot {slot_info.keyslot}; the EFI record holds only its "
-                        "key"))
+                    how=f"one-time keyslot {slot_info.keyslot}; {self.carrier} holds only "
+                        "its key"))
             sealed_record = record.HandoffRecord(
-                channel=record.RecordChannel.EFI, created=now, not_after=chain.not_after,
+                channel=record.RecordChannel[self.record_channel], created=now,
+                not_after=chain.not_after,
                 boots_left=chain.boots_left, boot_id=_uuid.UUID(boot_id), entries=tuple(entries),
             )
             blob = record.seal(sealed_record, record_key)
-            work.say("writing the handoff record to the EFI variable")
             stored = "tried"
-            efi.RecordVariable().store(blob)
+            self._store(work, blob)
             stored = "yes"
             chain.armed_boot = boot_id
             chain.save(work.cache, now)
@@ -194,13 +207,7 @@ class EfiChannel:
                 with contextlib.suppress(LuksError, OSError), LuksHeader.open(path) as header:
                     onetime.destroy(header, slot)
             if stored != "no":
-                with contextlib.suppress(efi.EfiError, OSError):
-                    if stored == "yes" or not efi.RECORD_VARIABLE.exists():
-                        with contextlib.suppress(efi.EfiVariableNotFound):
-                            efi.RECORD_VARIABLE.delete()
-                        work.cache.forget_key(CHAIN_KEY)
-                        journal.log(Event.WIPED, "the EFI record could not be replaced: "
-                                    "nothing is armed now", priority=journal.WARNING)
+                self._unstore(work, stored=stored == "yes")
             raise
         finally:
             record_key.wipe()
@@ -212,8 +219,31 @@ class EfiChannel:
                            tuple(reports))
         return report, {slot.binding for _path, slot in created}
 
+    def _store(self, work: Work, blob: bytes) -> None:
+        """Store the sealed record where the next boot finds it (here: the EFI variable)."""
+        from keyhandoff import efi
+
+        work.say("writing the handoff record to the EFI variable")
+        efi.RecordVariable().store(blob)
+
+    def _unstore(self, work: Work, *, stored: bool) -> None:
+        """After a failed arm that tried to store: remove the record and the chain with it.
+
+        ``stored``: the store had succeeded.  When it had not, a previous record may be gone
+        all the same (the variable is replaced by delete-then-write).
+        """
+        from keyhandoff import efi
+
+        with contextlib.suppress(efi.EfiError, OSError):
+            if stored or not efi.RECORD_VARIABLE.exists():
+                with contextlib.suppress(efi.EfiVariableNotFound):
+                    efi.RECORD_VARIABLE.delete()
+                work.cache.forget_key(CHAIN_KEY)
+                journal.log(Event.WIPED, "the EFI record could not be replaced: "
+                            "nothing is armed now", priority=journal.WARNING)
+
     def armed_this_boot(self, chain: Chain, host: Host) -> bool:
-        """A full reboot changes the boot id."""
+        """A full reboot (or a kexec) changes the boot id."""
         return chain.armed_boot == host.boot_id()
 
     # --- boot time ------------------------------------------------------------------------
@@ -230,7 +260,7 @@ class EfiChannel:
         if chain is not None and chain.restored_boot == work.host.boot_id():
             return RestoreReport(None, (), None, 0)  # restored already in this boot
         given = list(volumes) if volumes is not None else known_paths(None, work.host)
-        blob, refused = _take_record(work.cache)
+        blob, refused, source = _take_record(work.cache, work.host)
         if blob is not None and wait > 0:
             _wait_for(given, wait)  # only when a record needs the headers: not on every boot
         paths = sweep_paths(given, work.host)
@@ -241,18 +271,19 @@ class EfiChannel:
         if blob is not None:
             with blob:
                 try:
-                    opened, claimed = _open_record(blob, found, now, work.host)
+                    opened, claimed = _open_record(blob, found, now, work.host, source)
                 except record.RecordRefused as exc:
                     refused = str(exc)
                     journal.log(Event.RECORD_REFUSED, f"handoff record refused: {exc}",
                                 priority=journal.WARNING, reason=str(exc))
         destroyed = destroy_unclaimed(paths, claimed)
         restored: list[str] = []
+        name = source.channel if blob is not None else None
         if opened is not None:
+            name = _CHANNELS[opened.channel.name][0]
             with opened:
                 restored = self._load(work, opened, found, claimed, now)
-        return RestoreReport(self.name if blob is not None else None, tuple(restored), refused,
-                             destroyed)
+        return RestoreReport(name, tuple(restored), refused, destroyed)
 
     def _load(self, work: Work, opened: HandoffRecord, found: list[FoundSlot],
               claimed: set[str], now: int) -> list[str]:
@@ -279,12 +310,13 @@ class EfiChannel:
                 cache.put_key(SEALED_PREFIX + volume, entry.payload,
                               timeout=max(1, opened.not_after - now))
         login = any(e.kind is record.EntryKind.SEALED_PASSPHRASE for e in opened.entries)
-        chain = Chain(channel=self.name, reboot=self.reboot, not_after=opened.not_after,
+        name, reboot = _CHANNELS[opened.channel.name]
+        chain = Chain(channel=name, reboot=reboot, not_after=opened.not_after,
                       boots_left=opened.boots_left - 1, login=login, volumes=tuple(volumes),
                       pending=tuple(pending), restored_boot=work.host.boot_id())
         chain.save(cache, now)
         journal.log(Event.RESTORED, f"restored one-time keys for {len(restored)} volume(s)",
-                    channel=self.name, volumes=len(restored), boots_left=chain.boots_left)
+                    channel=name, volumes=len(restored), boots_left=chain.boots_left)
         return restored
 
     def finish(self, work: Work, chain: Chain, passphrases: list[Secret]) -> int:
@@ -363,7 +395,7 @@ class EfiChannel:
 
     # --- wiping ---------------------------------------------------------------------------
 
-    def discard(self) -> int:
+    def discard(self, host: Host) -> int:  # noqa: ARG002  # the interface's
         """Delete the record variable and the initramfs's copy of it; how many there were."""
         from keyhandoff import efi
         from keyhandoff.cache import PassphraseCache
@@ -390,37 +422,117 @@ def _wait_for(paths: list[str], seconds: float) -> None:
         time.sleep(0.1)
 
 
-def _take_record(cache: PassphraseCache) -> tuple[Secret | None, str | None]:
-    """The sealed record, taken so it is never used twice; and why one was refused.
+@dataclass(frozen=True, slots=True)
+class Source:
+    """Where a record was taken from, and the channel bytes a record from there may carry."""
 
-    First ``keyhandoff:record`` (:data:`~keyhandoff.names.RECORD_BLOB_KEY`) in our keyring:
-    where the token plugin in the initramfs put the record when it opened a volume (it
-    deleted the EFI variable before it answered).  Read only under the trust rule
-    (:func:`keyhandoff.keyring.find_trusted`: root's, exactly our permissions, found from
-    our keyring; a key of that name that fails it is ignored and left alone) and removed
-    before it is used.  Then the EFI variable, read and deleted.  When both are there the
-    keyring copy wins and the variable, stale, is deleted too; whichever cannot be removed,
-    nothing is used.
+    #: the channel a refused record from here is reported under
+    channel: str
+    accepts: frozenset[str]
+
+
+#: The record's channel byte (a RecordChannel name): the channel and reboot it restores as.
+_CHANNELS: Final[dict[str, tuple[str, Reboot]]] = {"EFI": ("efi", "full"),
+                                                   "KEXEC": ("kexec", "kexec")}
+#: The token plugin publishes a record of either channel there, after checking its source.
+PUBLISHED: Final = Source("efi", frozenset(_CHANNELS))
+KEXEC_FILE: Final = Source("kexec", frozenset({"KEXEC"}))
+EFI_VARIABLE: Final = Source("efi", frozenset({"EFI"}))
+NO_SOURCE: Final = Source("", frozenset())
+
+
+def _take_record(cache: PassphraseCache,
+                 host: Host) -> tuple[Secret | None, str | None, Source]:
+    """The sealed record, taken so it is never used twice; why one was refused; its source.
+
+    Three sources, newest first, each read and removed before anything is opened:
+
+    1. ``keyhandoff:record`` (:data:`~keyhandoff.names.RECORD_BLOB_KEY`) in our keyring:
+       where the token plugin in the initramfs put the record when it opened a volume (it
+       removed the record's source before it answered).  Read only under the trust rule
+       (:func:`keyhandoff.keyring.find_trusted`: root's, exactly our permissions, found
+       from our keyring; a key of that name that fails it is ignored and left alone).
+    2. The kexec channel's file (``host.kexec_record_path``), which the initramfs moved
+       there from the loaded initrd segment: only root's own private regular file is read.
+    3. The EFI variable.
+
+    The first one there is used and the others, stale, are deleted; whichever cannot be
+    removed, nothing is used.
     """
+    taken: list[tuple[Secret, Source]] = []
+    refusals: list[str] = []
+    for (blob, why), source in ((_take_published(cache), PUBLISHED),
+                                (_take_file(host.kexec_record_path), KEXEC_FILE),
+                                (_take_variable(), EFI_VARIABLE)):
+        if blob is not None:
+            taken.append((blob, source))
+        if why is not None:
+            refusals.append(why)
+    if refusals:
+        for blob, _source in taken:
+            blob.wipe()
+        return None, refusals[0], NO_SOURCE
+    if not taken:
+        return None, None, NO_SOURCE
+    for stale, source in taken[1:]:
+        stale.wipe()
+        journal.log(Event.WIPED, f"deleted a stale {source.channel} record (a newer one was "
+                    "taken first)")
+    return taken[0][0], None, taken[0][1]
+
+
+def _take_variable() -> tuple[Secret | None, str | None]:
+    """The EFI variable's record, read and deleted; or why it is not used."""
     from keyhandoff import efi
 
-    blob, refused = _take_published(cache)
     if not efi.supported():
-        return blob, refused
+        return None, None
     try:
-        stale = efi.RecordVariable().take()
+        return efi.RecordVariable().take(), None
     except efi.EfiError as exc:
-        if blob is not None:
-            blob.wipe()
-        refused = f"the record could not be deleted, so it is not used: {exc}"
-        journal.log(Event.RECORD_REFUSED, refused, priority=journal.WARNING)
-        return None, refused
-    if blob is None and refused is None:
-        return stale, None
-    if stale is not None:  # the keyring's copy is the newer; or neither is used
-        stale.wipe()
-        journal.log(Event.WIPED, "deleted a stale EFI record (the initramfs had taken one)")
-    return blob, refused
+        why = f"the record could not be deleted, so it is not used: {exc}"
+        journal.log(Event.RECORD_REFUSED, why, priority=journal.WARNING)
+        return None, why
+
+
+def _take_file(path: str) -> tuple[Secret | None, str | None]:
+    """The kexec record at ``path``, removed before it is returned; or why it is not used.
+
+    Only a regular file owned by root, with no permission for group or others, and no
+    larger than a record can be, is read (opened without following a link).  Anything else
+    of that name is refused and left alone for someone to look at.
+    """
+    from keyhandoff import record
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None, None
+    except OSError as exc:
+        why = f"the kexec record {path} cannot be opened, so it is not used: {exc.strerror}"
+        journal.log(Event.RECORD_REFUSED, why, priority=journal.WARNING)
+        return None, why
+    try:
+        info = os.fstat(fd)
+        if (not stat.S_ISREG(info.st_mode) or info.st_uid != 0 or info.st_mode & 0o077
+                or info.st_size > record.MAX_RECORD_SIZE):
+            why = (f"the kexec record {path} is not root's private file of a record's size, "
+                   "so it is not used (left as it is)")
+            journal.log(Event.RECORD_REFUSED, why, priority=journal.WARNING)
+            return None, why
+        blob = _read_all(fd, record.MAX_RECORD_SIZE)
+    finally:
+        os.close(fd)
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass  # taken meanwhile: it was read, and is gone
+    except OSError as exc:
+        blob.wipe()
+        why = f"the kexec record could not be removed, so it is not used: {exc.strerror}"
+        journal.log(Event.RECORD_REFUSED, why, priority=journal.WARNING)
+        return None, why
+    return blob, None
 
 
 def _take_published(cache: PassphraseCache) -> tuple[Secret | None, str | None]:
@@ -448,16 +560,36 @@ def _take_published(cache: PassphraseCache) -> tuple[Secret | None, str | None]:
     return blob, None
 
 
-def _open_record(blob: Secret, found: list[FoundSlot], now: int,
-                 host: Host) -> tuple[HandoffRecord, set[str]]:
+def _read_all(fd: int, limit: int) -> Secret:
+    """At most ``limit`` bytes of ``fd``, read straight into a Secret's buffer."""
+    buf = bytearray(limit)
+    view = memoryview(buf)
+    got = 0
+    try:
+        while got < limit:
+            n = os.readv(fd, [view[got:]])
+            if n == 0:
+                break
+            got += n
+    finally:
+        view.release()
+    del buf[got:]
+    return Secret(buf, allow_empty=True)
+
+
+def _open_record(blob: Secret, found: list[FoundSlot], now: int, host: Host,
+                 source: Source) -> tuple[HandoffRecord, set[str]]:
     from keyhandoff import record
 
     header = record.parse_header(blob.view())
+    if header.channel.name not in source.accepts:
+        raise record.RecordForeign(f"sealed for channel {header.channel.name}, found where "
+                                   f"only {' or '.join(sorted(source.accepts))} records go")
     located = STORE.find(header.key_id, found)
     if located is None:
         raise record.RecordForeign("no one-time keyslot on this machine's volumes matches it")
     key, claimed = located
     with key:
         opened = record.open_record(blob.view(), key, now=now, boot_id=_uuid.UUID(host.boot_id()),
-                                    channel=record.RecordChannel.EFI)
+                                    channel=header.channel)
     return opened, claimed

@@ -41,6 +41,7 @@ class KeyringChannel:
     name: ClassVar[str] = "keyring"
     reboot: ClassVar[Reboot] = "soft"
     keeps_keyring: ClassVar[bool] = True
+    cold_restore: ClassVar[bool] = False
 
     def availability(self) -> Availability:
         """Always: the kernel keyring is there (whether systemd can soft-reboot is its own)."""
@@ -112,7 +113,7 @@ class KeyringChannel:
         # (an earlier full arming, a crash), and are swept as on every boot.
         for other in others(self):
             try:
-                other.discard()
+                other.discard(work.host)
             except (KeyhandoffError, OSError) as exc:
                 journal.log(Event.RECORD_REFUSED,
                             f"the record could not be deleted, so it is not used: {exc}",
@@ -136,7 +137,7 @@ class KeyringChannel:
                     passphrases.append(work.cache.get(item.uuid))
         return 0
 
-    def discard(self) -> int:
+    def discard(self, host: Host) -> int:  # noqa: ARG002  # the interface's
         """Nothing is stored outside the keyring."""
         return 0
 

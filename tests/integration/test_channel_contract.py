@@ -12,6 +12,13 @@ counts one more soft reboot; a boot that loses the keyring gets a new boot id an
 keyring.  The clock is moved through the ``Host`` for the late and clock-back boots, and
 "late" also lets the kernel expire every key of ours for real.  These stand-ins replace
 what the kernel and the RTC would report; everything else is real.
+
+The ``kexec`` channel needs one more stand-in, because this host's kernel has no kexec at
+all: ``keyhandoff.kexec``'s state, next kernel, load and unload are replaced by a bench
+kernel that keeps the initrd the channel built (the real sealed memfd with its appended
+archive) and, at the "next boot", unpacks the appended archive with GNU cpio as the new
+kernel does and moves the record where the initramfs step moves it.  The VM's ``kexec``
+scenario loads and boots a kernel for real.
 """
 
 from __future__ import annotations
@@ -30,13 +37,15 @@ CHANNELS = sorted(channels.REGISTRY)
 #: Where each channel keeps a record outside our keyring, relative to the efivarfs dir
 #: (``None``: it keeps none, so there is no record to tamper with, replay or misdate).
 #: Every registered channel needs an entry: test_every_channel_has_a_bench holds it.
+#: ``{efivars}``: the scratch efivarfs directory; ``{state}``: the bench's state directory.
 RECORDS: dict[str, str | None] = {
     "keyring": None,
-    "efi": f"{names.EFI_RECORD_NAME}-{names.EFI_VENDOR_GUID}",
+    "efi": f"{{efivars}}{names.EFI_RECORD_NAME}-{names.EFI_VENDOR_GUID}",
+    "kexec": "{state}/kexec-record",
 }
 
 SCENARIO = """
-import json, os, sys, time, uuid
+import json, os, subprocess, sys, tempfile, time, uuid
 from datetime import timedelta
 from keyhandoff import channels, efi, keyring, onetime, update
 from keyhandoff.cache import PassphraseCache
@@ -52,10 +61,45 @@ channel = channels.REGISTRY[name]
 boot_file = os.path.join(state, "boot_id")
 shift = [0]
 soft = [7]
+record_file = (record.format(efivars=os.environ["EFIVARFS_PATH"], state=state)
+               if record != "-" else None)
 host = Host(boot_id_path=boot_file, clock=lambda: time.time() + shift[0],
-            soft_reboot_count=lambda: soft[0])
+            soft_reboot_count=lambda: soft[0],
+            kexec_record_path=os.path.join(state, "kexec-record"),
+            kexec_mark_path=os.path.join(state, "kexec-loaded"))
 cache = PassphraseCache()
-record_file = os.environ["EFIVARFS_PATH"] + record if record != "-" else None
+loaded = {}                            # the bench kernel's loaded initrd (kexec only)
+if name == "kexec":                    # this host has no kexec: the kernel's part, stood in
+    from keyhandoff import kexec
+    bench_kernel = os.path.join(state, "vmlinuz-bench")
+    bench_initrd = os.path.join(state, "initrd.img-bench")
+    with open(bench_kernel, "wb") as f:
+        f.write(b"MZ bench kernel")
+    with open(bench_initrd, "wb") as f:
+        f.write(bytes([0x1F, 0x8B]) + b" a distribution initrd, 37 bytes long")
+    def bench_load(kernel_fd, initrd_fd, cmdline):
+        size = os.fstat(initrd_fd).st_size
+        loaded["initrd"] = os.pread(initrd_fd, size, 0)
+    kexec.state = lambda root="/": kexec.KexecState(True, "", False, "initrd" in loaded)
+    kexec.next_kernel = lambda root="/": kexec.RunningKernel("bench", bench_kernel, bench_initrd,
+                                                             "ro")
+    kexec.load = bench_load
+    kexec.unload = lambda root="/": loaded.pop("initrd", None) is not None
+
+def kexec_into_the_loaded_kernel():
+    # the new kernel unpacks the archive after the distribution's (at the next multiple of
+    # 4), and the initramfs step moves the record to /run/keyhandoff (here: the state dir)
+    data = loaded.pop("initrd")
+    start = os.path.getsize(bench_initrd)
+    start += -start % 4
+    with tempfile.TemporaryDirectory() as root:
+        subprocess.run(["cpio", "-idm", "--quiet", "--no-absolute-filenames"],
+                       input=data[start:], cwd=root, check=True)
+        os.replace(os.path.join(root, "keyhandoff", "kexec-record"), host.kexec_record_path)
+
+def record_held():
+    # where the channel keeps the record outside our keyring: a file, or the loaded image
+    return record_file is not None and (os.path.exists(record_file) or "initrd" in loaded)
 
 def new_boot():
     if channel.keeps_keyring:          # a soft reboot: same kernel, one more soft reboot
@@ -64,6 +108,11 @@ def new_boot():
         keyring.clear(cache.keyring_serial)
         with open(boot_file, "w") as f:
             f.write(str(uuid.uuid4()))
+        if loaded:                     # systemctl kexec: /run is new, so is its record
+            for path in (host.kexec_mark_path,):
+                if os.path.exists(path):
+                    os.unlink(path)
+            kexec_into_the_loaded_kernel()
 
 def slots():
     out = 0
@@ -108,12 +157,12 @@ with _debug_log() as log:
                    ask=None, host=host)
 out["opened"] = [m for m in log if m.startswith("Trying to open LUKS2 keyslot")]
 out["arm"] = [r.channel, [v.armed for v in r.volumes]]
-out["record_armed"] = record_file is not None and os.path.exists(record_file)
+out["record_armed"] = record_held()
 
 if scenario == "same-boot":            # restore in the arming boot: the unit restarted
     r = update.restore(volumes=images, host=host)
     out["same"] = [list(r.restored), slots(), update.status(host=host)["armed"],
-                   record_file is not None and os.path.exists(record_file)]
+                   record_held()]
     new_boot()                          # and the real next boot still gets the handoff
 elif scenario == "disarm":
     out["disarm"] = update.disarm(quiet=True, volumes=images, host=host)
@@ -136,19 +185,22 @@ elif scenario == "tampered":           # one header byte of the record flipped
     data[4 + 20] ^= 0x01
     os.remove(record_file)
     open(record_file, "wb").write(bytes(data))
+    os.chmod(record_file, 0o600)
 elif scenario == "foreign":            # another machine's record, under a key of its own
     from keyhandoff import record as record_format
     now = int(time.time())
     other = record_format.HandoffRecord(
-        channel=record_format.RecordChannel.EFI, created=now, not_after=now + 600,
+        channel=record_format.RecordChannel[channel.record_channel], created=now,
+        not_after=now + 600,
         boots_left=1, boot_id=uuid.uuid4(), entries=(record_format.Entry(
             uuid.UUID(vols[0]), record_format.EntryKind.ONETIME_KEY,
             Secret(bytearray(os.urandom(32)))),))
     with record_format.new_record_key() as key:
         blob = record_format.seal(other, key)
-    attributes = open(record_file, "rb").read()[:4]
+    attributes = open(record_file, "rb").read()[:4] if name == "efi" else b""
     os.remove(record_file)
     open(record_file, "wb").write(attributes + blob)
+    os.chmod(record_file, 0o600)
 
 if scenario != "disarm":
     r = update.restore(volumes=images, host=host)
@@ -160,7 +212,7 @@ if scenario != "disarm":
     out["finish"] = {"login": f.login, "slots": slots(),
                      "cached": [opens_with_cache(i, v) for i, v in zip(images, vols)]}
 out["after"] = {"armed": update.status(host=host)["armed"], "slots": slots(), "keys": ours(),
-                "record": record_file is not None and os.path.exists(record_file)}
+                "record": record_held()}
 update.disarm(quiet=True, volumes=images, host=host)
 cache.forget_all()
 print(json.dumps(out))
@@ -196,7 +248,7 @@ def test_every_channel_has_a_bench():
     assert set(RECORDS) == set(channels.REGISTRY)
     for name, channel in channels.REGISTRY.items():
         assert channel.name == name
-        assert channel.reboot in ("soft", "full")
+        assert channel.reboot in ("soft", "full", "kexec")
     assert len({c.reboot for c in channels.REGISTRY.values()}) == len(channels.REGISTRY)
 
 

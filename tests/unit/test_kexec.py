@@ -172,7 +172,7 @@ def test_an_absent_kernel_or_initrd_is_a_clear_error(tmp_path, missing, what):
     with pytest.raises(KexecError) as info:
         kexec.running_kernel(root=root)
     assert info.value.errno == errno.ENOENT
-    assert str(info.value).startswith(f"the running kernel's {what} {root}/{missing} is absent")
+    assert str(info.value).startswith(f"the kernel's {what} {root}/{missing} is absent")
     assert "[Errno" not in str(info.value)
 
 
@@ -182,6 +182,70 @@ def test_a_directory_is_not_a_kernel_image(tmp_path):
     os.mkdir(tmp_path / f"boot/vmlinuz-{RELEASE}")
     with pytest.raises(KexecError, match="is not a file"):
         kexec.running_kernel(root=root)
+
+
+# --- next_kernel() and named_kernel() ---------------------------------------------------------
+
+NEWER = "6.1.0-29-amd64"
+
+
+def _with_links(tmp_path, *, relative=True):
+    """Debian after a kernel update: /vmlinuz and /initrd.img link to the newer kernel."""
+    root = _debian(tmp_path, f"BOOT_IMAGE=/boot/vmlinuz-{RELEASE} root=UUID=1234 ro\n")
+    for name in (f"boot/vmlinuz-{NEWER}", f"boot/initrd.img-{NEWER}"):
+        (tmp_path / name).write_text("newer")
+    prefix = "" if relative else "/"
+    os.symlink(f"{prefix}boot/vmlinuz-{NEWER}", tmp_path / "vmlinuz")
+    os.symlink(f"{prefix}boot/initrd.img-{NEWER}", tmp_path / "initrd.img")
+    return root
+
+
+@pytest.mark.parametrize("relative", [True, False])
+def test_the_next_kernel_is_the_one_debians_links_name(tmp_path, relative):
+    root = _with_links(tmp_path, relative=relative)
+    found = kexec.next_kernel(root=root)
+    assert found.release == NEWER
+    assert os.path.samefile(found.kernel, tmp_path / f"boot/vmlinuz-{NEWER}")
+    assert os.path.samefile(found.initrd, tmp_path / f"boot/initrd.img-{NEWER}")
+    assert found.cmdline == "root=UUID=1234 ro"
+
+
+def test_without_the_links_the_next_kernel_is_the_running_one(tmp_path):
+    root = _debian(tmp_path, "ro\n")
+    assert kexec.next_kernel(root=root) == kexec.running_kernel(root=root)
+
+
+def test_a_vmlinuz_link_to_a_file_of_another_name_is_refused(tmp_path):
+    root = _debian(tmp_path, "ro\n")
+    os.symlink(f"boot/initrd.img-{RELEASE}", tmp_path / "vmlinuz")
+    with pytest.raises(KexecError, match="not named vmlinuz-<release>"):
+        kexec.next_kernel(root=root)
+
+
+def test_a_dangling_vmlinuz_link_is_a_clear_error(tmp_path):
+    root = _debian(tmp_path, "ro\n")
+    os.symlink(f"boot/vmlinuz-{NEWER}", tmp_path / "vmlinuz")
+    with pytest.raises(KexecError, match=r"the kernel's image .* is absent"):
+        kexec.next_kernel(root=root)
+
+
+def test_a_named_kernel_finds_its_initrd_and_takes_this_command_line(tmp_path):
+    root = _debian(tmp_path, f"BOOT_IMAGE=/boot/vmlinuz-{RELEASE} ro quiet\n")
+    image = str(tmp_path / f"boot/vmlinuz-{RELEASE}")
+    found = kexec.named_kernel(image, root=root)
+    assert (found.release, found.initrd, found.cmdline) == (
+        RELEASE, f"{root}/boot/initrd.img-{RELEASE}", "ro quiet")
+    other = tmp_path / "custom.img"
+    other.write_text("initrd")
+    assert kexec.named_kernel(image, str(other), "ro", root=root).initrd == str(other)
+
+
+def test_a_named_kernel_of_no_release_needs_its_initrd(tmp_path):
+    root = _debian(tmp_path, "ro\n")
+    image = tmp_path / "bzImage"
+    image.write_text("MZ")
+    with pytest.raises(KexecError, match="no initrd named"):
+        kexec.named_kernel(str(image), root=root)
 
 
 # --- combined_initrd() -----------------------------------------------------------------------
