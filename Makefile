@@ -179,6 +179,10 @@ install-initramfs:
 		$(DESTDIR)$(DRACUTMODULESDIR)/90keyhandoff/keyhandoff-keep-typed.sh
 	install -D -m 0644 initramfs/dracut/90keyhandoff/keyhandoff-keep-typed.service \
 		$(DESTDIR)$(DRACUTMODULESDIR)/90keyhandoff/keyhandoff-keep-typed.service
+	install -D -m 0755 initramfs/dracut/90keyhandoff/keyhandoff-kexec-record.sh \
+		$(DESTDIR)$(DRACUTMODULESDIR)/90keyhandoff/keyhandoff-kexec-record.sh
+	install -D -m 0644 initramfs/dracut/90keyhandoff/keyhandoff-kexec-record.service \
+		$(DESTDIR)$(DRACUTMODULESDIR)/90keyhandoff/keyhandoff-kexec-record.service
 	install -D -m 0755 initramfs/initramfs-tools/hooks/keyhandoff \
 		$(DESTDIR)$(INITRAMFSTOOLSDIR)/hooks/keyhandoff
 	install -D -m 0755 initramfs/initramfs-tools/scripts/local-top/keyhandoff \

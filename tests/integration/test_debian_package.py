@@ -110,6 +110,8 @@ def test_cryptsetup_keyhandoff_holds_the_plugin_and_the_initramfs_parts(built):
         "/usr/lib/dracut/modules.d/90keyhandoff/module-setup.sh",
         "/usr/lib/dracut/modules.d/90keyhandoff/keyhandoff-keep-typed.sh",
         "/usr/lib/dracut/modules.d/90keyhandoff/keyhandoff-keep-typed.service",
+        "/usr/lib/dracut/modules.d/90keyhandoff/keyhandoff-kexec-record.sh",
+        "/usr/lib/dracut/modules.d/90keyhandoff/keyhandoff-kexec-record.service",
         "/usr/share/initramfs-tools/hooks/keyhandoff",
         "/usr/share/initramfs-tools/scripts/local-top/keyhandoff",
         "/usr/share/initramfs-tools/scripts/local-premount/keyhandoff",

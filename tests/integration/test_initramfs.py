@@ -362,9 +362,11 @@ def test_no_python_and_nothing_else_of_ours(images: Images) -> None:
     if images.generator == "initramfs-tools":
         expected |= {"scripts/local-top/keyhandoff", "scripts/local-premount/keyhandoff",
                      "scripts/local-bottom/keyhandoff"}
-    else:  # the keep-typed unit, enabled, and its script
+    else:  # the keep-typed and kexec-record units, enabled, and their scripts
         expected |= {"usr/lib/keyhandoff", f"usr/lib/systemd/system/{KEEP_TYPED}",
-                     f"etc/systemd/system/initrd.target.wants/{KEEP_TYPED}"}
+                     f"etc/systemd/system/initrd.target.wants/{KEEP_TYPED}",
+                     f"usr/lib/systemd/system/{KEXEC_RECORD}",
+                     f"etc/systemd/system/initrd.target.wants/{KEXEC_RECORD}"}
     assert files_named(images.root, "keyhandoff") == expected
 
 
@@ -386,7 +388,60 @@ def test_dracut_image_has_what_tries_tokens(built: Callable[[str], Images]) -> N
 
 
 KEEP_TYPED = "keyhandoff-keep-typed.service"
+KEXEC_RECORD = "keyhandoff-kexec-record.service"
 DRACUT_MODULE = INITRAMFS / "dracut" / "90keyhandoff"
+#: What a loaded kexec segment puts in the initramfs root, and where the initramfs moves it.
+SEGMENT_RECORD = "keyhandoff/kexec-record"
+MOVED_RECORD = "run/keyhandoff/kexec-record"
+
+
+def _stage_segment_record(root: Path) -> bytes:
+    """The kexec archive's entries as the kernel unpacks them: keyhandoff/ 0700, file 0400."""
+    (root / "keyhandoff").mkdir(mode=0o700)
+    record = b"KHST\x01\x04 a sealed record, as far as this step cares"
+    (root / SEGMENT_RECORD).write_bytes(record)
+    (root / SEGMENT_RECORD).chmod(0o400)
+    (root / "run").mkdir(exist_ok=True)
+    return record
+
+
+def _check_moved(root: Path, record: bytes) -> None:
+    moved = root / MOVED_RECORD
+    try:
+        assert moved.read_bytes() == record
+        assert moved.stat().st_mode & 0o777 == 0o400
+        assert (root / "run/keyhandoff").stat().st_mode & 0o777 == 0o700
+        assert not (root / "keyhandoff").exists()  # nothing left in the initramfs root
+    finally:
+        shutil.rmtree(root / "run/keyhandoff", ignore_errors=True)
+        shutil.rmtree(root / "keyhandoff", ignore_errors=True)
+
+
+def test_dracut_image_moves_a_kexec_record_to_run_before_cryptsetup(
+    built: Callable[[str], Images],
+) -> None:
+    """The kexec-record unit is enabled, ordered before cryptsetup-pre.target (which it
+    pulls in), and runs only where the segment's file is; its script, run in the unpacked
+    image with the image's own sh and mv, moves the file to /run/keyhandoff, root's only.
+    The kexec itself is the VM's (tests/vm: the ``kexec`` scenario)."""
+    images = built("dracut")
+    unit = inside(images.root, f"/usr/lib/systemd/system/{KEXEC_RECORD}")
+    assert unit.read_bytes() == (DRACUT_MODULE / KEXEC_RECORD).read_bytes()
+    wants = images.root / "etc/systemd/system/initrd.target.wants" / KEXEC_RECORD
+    assert inside(images.root, os.readlink(wants)).samefile(unit)
+    lines = set(unit.read_text().splitlines())
+    assert {"DefaultDependencies=no", "Wants=cryptsetup-pre.target",
+            "Before=cryptsetup-pre.target", "ConditionPathExists=/keyhandoff/kexec-record",
+            "ExecStart=/usr/lib/keyhandoff/kexec-record"} <= lines
+    script = inside(images.root, "/usr/lib/keyhandoff/kexec-record")
+    assert script.read_bytes() == (DRACUT_MODULE / "keyhandoff-kexec-record.sh").read_bytes()
+    none = run(["chroot", images.root, "/usr/lib/keyhandoff/kexec-record"])
+    assert (none.returncode, none.stdout + none.stderr) == (0, "")  # no record: nothing
+    assert not (images.root / "run/keyhandoff").exists()
+    record = _stage_segment_record(images.root)
+    done = run(["chroot", images.root, "/usr/lib/keyhandoff/kexec-record"])
+    assert (done.returncode, done.stdout + done.stderr) == (0, "")
+    _check_moved(images.root, record)
 
 
 def test_dracut_image_keeps_what_was_typed_until_the_switch(
@@ -434,8 +489,9 @@ def test_dracut_image_keeps_what_was_typed_until_the_switch(
         run([keyctl, "unlink", serial, "@u"])
 
 
-def test_dracut_module_without_keyctl_installs_the_plugin_only(tmp_path: Path) -> None:
-    """No keyutils on the machine: the module still installs the plugin, says why, no unit."""
+def test_dracut_module_without_keyctl_installs_no_keep_typed_unit(tmp_path: Path) -> None:
+    """No keyutils: the module installs the plugin and the kexec-record step, says why there
+    is no keep-typed unit."""
     calls = tmp_path / "calls"
     shim = f"""
 dinfo() {{ echo "dinfo $*" >> {calls}; }}
@@ -453,8 +509,15 @@ install
     assert done.returncode == 0, done.stderr
     said = calls.read_text().splitlines()
     assert said[0] == "inst_libdir_file cryptsetup/libcryptsetup-token-keyhandoff-onetime.so"
-    assert len(said) == 2, said
-    assert said[1].startswith("dinfo keyhandoff: no keyctl"), said
+    # the kexec-record step needs no keyctl: it always comes along
+    assert said[1:4] == [
+        "inst_multiple mkdir chmod mv rmdir",
+        # $moddir and $systemdsystemunitdir are dracut's, unset in this shim
+        "inst_script /keyhandoff-kexec-record.sh /usr/lib/keyhandoff/kexec-record",
+        f"inst_simple /{KEXEC_RECORD} /{KEXEC_RECORD}",
+    ], said
+    assert len(said) == 5, said
+    assert said[4].startswith("dinfo keyhandoff: no keyctl"), said
 
 
 # --------------------------------------------------------------------------- running the image
@@ -574,6 +637,20 @@ def test_local_top_asks_the_token_for_each_luks_entry(
         result = in_chroot(root, ["/scripts/local-top/keyhandoff"], mounts="all", trace=trace)
         assert result.returncode == 0, result.stderr
         assert cryptsetup_runs(trace) == [], line
+
+
+@STAND_IN_ONLY
+def test_local_top_moves_a_kexec_record_to_run_first(debian_images: Images) -> None:
+    """With no crypttab at all (a data volume only, opened in the real root) the script
+    still moves the record the kexec segment carried, before anything else, in the image's
+    own shell."""
+    root = debian_images.root
+    write_crypttab(root, "")
+    record = _stage_segment_record(root)
+    result = in_chroot(root, ["/scripts/local-top/keyhandoff"], mounts="all")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout + result.stderr == ""
+    _check_moved(root, record)
 
 
 @pytest.mark.parametrize(("own_module", "expected"), [

@@ -135,6 +135,8 @@ def expected_files(inst: Install) -> set[str]:
               "/usr/lib/dracut/modules.d/90keyhandoff/module-setup.sh",
               "/usr/lib/dracut/modules.d/90keyhandoff/keyhandoff-keep-typed.sh",
               "/usr/lib/dracut/modules.d/90keyhandoff/keyhandoff-keep-typed.service",
+              "/usr/lib/dracut/modules.d/90keyhandoff/keyhandoff-kexec-record.sh",
+              "/usr/lib/dracut/modules.d/90keyhandoff/keyhandoff-kexec-record.service",
               "/usr/share/initramfs-tools/hooks/keyhandoff",
               "/usr/share/initramfs-tools/scripts/local-top/keyhandoff",
               "/usr/share/initramfs-tools/scripts/local-premount/keyhandoff",
@@ -180,7 +182,8 @@ def test_installed_modes(installed):
     assert os.stat(root / "usr/bin/keyhandoff").st_mode & 0o777 == 0o755
     for script in ("usr/share/initramfs-tools/hooks/keyhandoff",
                    "usr/lib/dracut/modules.d/90keyhandoff/module-setup.sh",
-                   "usr/lib/dracut/modules.d/90keyhandoff/keyhandoff-keep-typed.sh"):
+                   "usr/lib/dracut/modules.d/90keyhandoff/keyhandoff-keep-typed.sh",
+                   "usr/lib/dracut/modules.d/90keyhandoff/keyhandoff-kexec-record.sh"):
         assert os.stat(root / script).st_mode & 0o777 == 0o755
     for data in (installed.unitdir / "keyhandoff-agent.service",
                  root / "usr/lib/keyhandoff/keyhandoff.conf",

@@ -126,13 +126,15 @@ RuntimeDirectory=keyhandoff
 RuntimeDirectoryMode=0700
 RuntimeDirectoryPreserve=yes
 """
-# what the units that arm share: the EFI store, the disks, the immutable flag
+# what the units that arm share: the EFI store, the disks, the immutable flag, and the
+# kexec channel's load (kexec_file_load, CAP_SYS_BOOT)
 ARMING = """
 ReadWritePaths=/sys/firmware/efi/efivars -/run/cryptsetup
 DevicePolicy=closed
 DeviceAllow=block-* rw
 SystemCallFilter=@system-service
-CapabilityBoundingSet=CAP_LINUX_IMMUTABLE CAP_SYS_ADMIN CAP_IPC_LOCK
+SystemCallFilter=kexec_file_load
+CapabilityBoundingSet=CAP_LINUX_IMMUTABLE CAP_SYS_ADMIN CAP_IPC_LOCK CAP_SYS_BOOT
 """
 INTENDED = {
     "keyhandoff-agent.service": SHARED + """
@@ -327,5 +329,6 @@ def test_only_our_units_get_the_dropin():
              if ".venv" not in p.parts and ".git" not in p.parts}
     # and the dracut module's, which runs only in the initramfs, where the drop-in is not
     # (test_initramfs.py: nothing else named keyhandoff is in the image)
-    initrd = Path("initramfs/dracut/90keyhandoff/keyhandoff-keep-typed.service")
-    assert named == {u.relative_to(REPO) for u in UNITS} | {initrd}
+    initrd = {Path(f"initramfs/dracut/90keyhandoff/keyhandoff-{name}.service")
+              for name in ("keep-typed", "kexec-record")}
+    assert named == {u.relative_to(REPO) for u in UNITS} | initrd

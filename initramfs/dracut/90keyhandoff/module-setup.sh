@@ -8,12 +8,17 @@
 # initramfs needs to open the root: no hook, no crypttab change.  Installed like dracut's
 # own 91tpm2-tss and 91fido2 install systemd's plugins (inst_libdir_file "cryptsetup/..."),
 # with the libraries it links (libcryptsetup, libcrypto, json-c).  The record arrives in
-# efivarfs, which 00systemd's module installs and systemd mounts.
+# efivarfs, which 00systemd's module installs and systemd mounts, or, after a kexec, in the
+# loaded initrd segment.
 #
 # Where keyctl (keyutils) is installed, one small unit comes along, keyhandoff-keep-typed:
 # when the person typed, what systemd-cryptsetup kept of it for 150 s gets 150 s again once
 # the volumes are open and 300 s just before the switch, so that the real root's
 # `keyhandoff capture-initrd` finds it on a slow machine too (keyhandoff-keep-typed.sh).
+# keyhandoff-kexec-record.service always comes along: after a `systemctl kexec` into a
+# kernel keyhandoff's kexec channel loaded, it moves the record that the loaded initrd
+# segment carried from the initramfs root to /run/keyhandoff before any volume is opened
+# (keyhandoff-kexec-record.sh; mkdir, chmod and mv are dracut's own 99base tools).
 # No Python and no other part of keyhandoff goes into the image.
 
 keyhandoff_plugin=libcryptsetup-token-keyhandoff-onetime.so
@@ -45,6 +50,11 @@ depends() {
 # called by dracut
 install() {
     inst_libdir_file "cryptsetup/$keyhandoff_plugin"
+    inst_multiple mkdir chmod mv rmdir
+    inst_script "$moddir/keyhandoff-kexec-record.sh" /usr/lib/keyhandoff/kexec-record
+    inst_simple "$moddir/keyhandoff-kexec-record.service" \
+        "$systemdsystemunitdir/keyhandoff-kexec-record.service"
+    $SYSTEMCTL -q --root "$initdir" enable keyhandoff-kexec-record.service
     if ! find_binary keyctl >/dev/null; then
         dinfo "keyhandoff: no keyctl (apt-get install keyutils): what is typed in the initramfs keeps systemd's 150 s only"
         return 0
