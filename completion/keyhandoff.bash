@@ -32,7 +32,7 @@ _keyhandoff()
     # option values
     case $prev in
         --reboot)
-            COMPREPLY=($(compgen -W "soft full" -- "$cur"))
+            COMPREPLY=($(compgen -W "soft full kexec" -- "$cur"))
             return 0
             ;;
         --config)
@@ -80,7 +80,7 @@ _keyhandoff()
             esac
             ;;
         status) opts="--help --json" ;;
-        arm) opts="--help --reboot --boots --ttl --login --volume --no-ask --ask-timeout --json" ;;
+        arm) opts="--help --reboot --kernel --initrd --boots --ttl --login --volume --no-ask --ask-timeout --json" ;;
         rearm) opts="--help --if-armed --json" ;;
         disarm) opts="--help --volume --json" ;;
         schedule) opts="--help --json" ;;

@@ -68,8 +68,8 @@ def test_config_prints_every_setting_and_where_it_came_from(tmp_path):
     assert r.stderr == (f"keyhandoff: warning: {tmp_path}/{ADMIN}:5: unknown setting "
                         "capture.retian (did you mean retain?), ignored\n")
     line = {k: vendor_lines.index(f"{k} = {v}") + 1 for k, v in (
-        ("retain", "600"), ("auto_arm", "true"), ("ask_dir", '"/run/systemd/ask-password"'),
-        ("systemd_keyname", '"cryptsetup"'))}
+        ("retain", "600"), ("auto_arm", "true"), ("reboot", '"full"'),
+        ("ask_dir", '"/run/systemd/ask-password"'), ("systemd_keyname", '"cryptsetup"'))}
     assert r.stdout == "\n".join([
         f"# {vendor}",
         f"# {tmp_path}/{ADMIN}",
@@ -81,6 +81,7 @@ def test_config_prints_every_setting_and_where_it_came_from(tmp_path):
         "",
         "[update]",
         f"auto_arm = true  # {vendor}:{line['auto_arm']}",
+        f'reboot = "full"  # {vendor}:{line["reboot"]}',
         "",
         "[login]",
         f"enabled = true  # {tmp_path}/{ADMIN}:2",
@@ -114,10 +115,11 @@ def test_config_json_and_its_errors(tmp_path):
     # keyhandoff/jsonout.py's vocabulary: a duration is a span in microseconds
     assert out["settings"] == {
         "capture_retain_usec": 600_000_000, "capture_wait_for_update_usec": 7200_000_000,
-        "update_auto_arm": True, "login_enabled": True, "login_timeout_usec": 30_000_000,
+        "update_auto_arm": True, "update_reboot": "full", "login_enabled": True,
+        "login_timeout_usec": 30_000_000,
         "agent_ask_dir": "/run/systemd/ask-password", "agent_systemd_keyname": "cryptsetup"}
     assert set(sources) == {"capture.retain", "capture.wait_for_update", "update.auto_arm",
-                            "login.enabled", "login.timeout", "agent.ask_dir",
+                            "update.reboot", "login.enabled", "login.timeout", "agent.ask_dir",
                             "agent.systemd_keyname"}
 
 

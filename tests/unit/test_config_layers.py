@@ -54,6 +54,7 @@ def test_the_layers_and_their_order(tmp_path):
         "capture.retain": f"{RUN_D}/10-runtime.conf:2",
         "capture.wait_for_update": "default",
         "update.auto_arm": "default",
+        "update.reboot": "default",
         "login.enabled": f"{ETC_D}/30-admin.conf:4",
         "login.timeout": f"{USR_D}/20-pkg.conf:2",
         "agent.ask_dir": "default",

@@ -180,7 +180,7 @@ def test_bash_completes_commands_options_and_values():
     assert complete("keyhandoff", "ca") == ["cache", "capture-initrd"]
     assert complete("keyhandoff", "cache", "") == ["put", "list", "forget"]
     assert complete("keyhandoff", "cache", "put", "--") == ["--help", "--volume", "--timeout"]
-    assert complete("keyhandoff", "arm", "--reboot", "") == ["soft", "full"]
+    assert complete("keyhandoff", "arm", "--reboot", "") == ["soft", "full", "kexec"]
     assert complete("keyhandoff", "rearm", "--if") == ["--if-armed"]
     assert complete("keyhandoff", "--v") == ["--version"]
     assert complete("keyhandoff", "agent", "--config", str(REPO / "units" / "keyhandoff.co")) \
