@@ -48,7 +48,7 @@ from keyhandoff.host import THIS_HOST, Host
 from keyhandoff.journal import Event
 
 if TYPE_CHECKING:
-    from keyhandoff.chain import Chain
+    from keyhandoff.chain import Chain, Reboot
 
 __all__ = ["BOOTS", "LOCK_WAIT", "REBOOT", "ScheduleReport", "last_report", "reconcile",
            "status"]
@@ -56,7 +56,7 @@ __all__ = ["BOOTS", "LOCK_WAIT", "REBOOT", "ScheduleReport", "last_report", "rec
 #: Seconds to wait for another state change (a runner arming): never block for long.
 LOCK_WAIT: Final = 5.0
 #: The channel and boots of an automatic arming: the update boot and the one after it.
-REBOOT: Final = "full"
+REBOOT: Final[Reboot] = "full"
 BOOTS: Final = 2
 #: The file, beside the state lock, that keeps the last outcome (no secret).
 REPORT_NAME: Final = "schedule"
@@ -175,7 +175,7 @@ def _arm(host: Host, conf: config_mod.Config, link: str, cache: PassphraseCache,
                               "capture expired): nothing is armed, the update's boots will "
                               "ask for the passphrase as usual", link, missing)
     ttl = max(60, min(conf.capture_timeout, int(update.MAX_TTL.total_seconds())))
-    reboot = "kexec" if conf.auto_reboot == "kexec" else REBOOT
+    reboot: Reboot = "kexec" if conf.auto_reboot == "kexec" else REBOOT
     try:
         report = update.arm(reboot=reboot, boots=BOOTS, ttl=timedelta(seconds=ttl),
                             login=conf.login_enabled, ask=None, lock_wait=lock_wait,

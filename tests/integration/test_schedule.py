@@ -179,6 +179,17 @@ out["report"] = reconcile(auto_arm=False)
 out["chain"] = chain_now()
 out["cached_after"] = len(cache.entries())
 """,
+    "kexec": """
+from keyhandoff import kexec
+capture()
+schedule_update()
+out["report"] = reconcile(auto_reboot="kexec")
+out["chain"] = chain_now()
+out["cached_after"] = len(cache.entries())
+out["slots"] = onetime_slots()
+out["record"] = efi.RECORD_VARIABLE.exists()
+out["state"] = [kexec.state().possible, kexec.state().reason]
+""",
 }
 
 
@@ -302,6 +313,23 @@ def test_a_runners_arming_is_left_alone(tmp_path, cache):
     assert (chain["boots_left"], chain["auto_boot"]) == (2, False)
     assert out["slots"] == 1
     assert out["record"] is True
+
+
+def test_automatic_kexec_arming_where_kexec_is_impossible_says_why(tmp_path, cache):
+    """``[update] reboot = "kexec"`` on a kernel without kexec (this host): nothing armed,
+    nothing written, the capture kept for the boots to be asked as usual; the reason is the
+    kernel's.  (Where kexec is possible, the VM's kexec scenario arms and kexecs.)"""
+    out, _proc, _img = run("kexec", tmp_path, make("sched-kexec"))
+    possible, reason = out["state"]
+    if possible:
+        pytest.skip("this host can kexec: the VM's kexec scenario arms it for real")
+    report = out["report"]
+    assert report["action"] == "unavailable", report
+    said = ("the kexec-reboot channel is unavailable here (cannot carry a record across "
+            f"kexec: {reason})")
+    assert said in report["detail"]
+    assert (out["chain"], out["slots"], out["record"]) == (None, [], False)
+    assert out["cached_after"] == 1
 
 
 def test_auto_arm_off_arms_nothing(tmp_path, cache):

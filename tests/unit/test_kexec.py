@@ -14,7 +14,7 @@ import pytest
 from support.parts import require_binary
 from support.passphrases import make
 
-from keyhandoff import kexec, status
+from keyhandoff import kexec, names, status
 from keyhandoff._bindings._linux import ffi, lib
 from keyhandoff.errors import (
     InvalidArchiveEntry,
@@ -477,9 +477,23 @@ def test_status_names_the_kernel_kexec_would_load_without_its_command_line(tmp_p
     section = status._kexec_section(root)
     assert section == {
         "possible": True, "reason": None, "needs_signed_kernel": False, "loaded": False,
+        "loaded_by_keyhandoff": False,
         "next_kernel": {"release": RELEASE, "kernel": f"{root}/boot/vmlinuz-{RELEASE}",
                         "initrd": f"{root}/boot/initrd.img-{RELEASE}"}}
     assert "kh-secret-looking-arg" not in repr(section)
+
+
+@pytest.mark.parametrize(("loaded", "marked", "ours"), [
+    ("1", True, True), ("1", False, False), ("0", True, False)])
+def test_status_says_whether_the_loaded_image_is_keyhandoffs(tmp_path, loaded, marked, ours):
+    root = _debian(tmp_path, "ro\n")
+    (tmp_path / "sys/kernel/kexec_loaded").write_text(loaded + "\n")
+    if marked:
+        mark = tmp_path / names.KEXEC_LOADED_MARK.lstrip("/")
+        mark.parent.mkdir(parents=True)
+        mark.write_text("boot\n")
+    section = status._kexec_section(root)
+    assert (section["loaded"], section["loaded_by_keyhandoff"]) == (loaded == "1", ours)
 
 
 def test_status_says_why_kexec_is_not_possible(tmp_path):

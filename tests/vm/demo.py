@@ -341,6 +341,8 @@ class Boot:
     console: str
     #: the job's exit status (VMTEST-DONE), None when not seen (a soft reboot's boot)
     rc: int | None = None
+    #: host monotonic times at which the console showed each VMTEST-BOOTED / VMTEST-DONE
+    marks: dict[str, list[float]] = field(default_factory=dict)
 
 
 def run_boot(m: Machine, person: Person, job_: GuestJob, label: str, *, phases: int = 1) -> Boot:

@@ -19,6 +19,15 @@ Scenarios:
 3. ``root-tampered`` (dracut): a bit of the record is flipped in ``OVMF_VARS`` while the
    machine is off: the plugin refuses it, the person is prompted, the real root refuses the
    record too and destroys the one-time keyslot.  Prompts: 2 in 2 boots.
+4. ``kexec`` (dracut): boot 1 the person types, the runner arms ``full`` (boots=2,
+   login=True) and reboots; boot 2 the plugin opens the root from the EFI record, and the
+   runner arms ``kexec`` instead (from the passphrase the chain kept), which loads the
+   guest's kernel with the record in its initrd's RAM-only segment; ``systemctl kexec``;
+   boot 3, in the same QEMU process (no firmware), the initramfs moves the record to
+   /run/keyhandoff and the plugin opens the root unasked.  Prompts: 1.  ``OVMF_VARS`` is
+   byte for byte the same from before the kexec arming to the end; no one-time keyslot is
+   left.  Figures: seconds from each reboot's start (the job's end) to the root being open,
+   kexec against the full reboot before it; the loaded initrd and its extra segment.
 
 Figures: prompts per scenario; the initramfs with and without keyhandoff's part; from the
 start of ``systemd-cryptsetup@vmroot_crypt.service`` to the root being open, in an update
@@ -29,6 +38,7 @@ from __future__ import annotations
 
 import logging
 import re
+import shutil
 import subprocess
 import threading
 import time
@@ -223,12 +233,20 @@ class Console:
 
 
 def run_root_boot(m: Machine, console: Console, person: Person, job_: GuestJob,
-                  label: str) -> Boot:
-    """Boot; answer the initramfs prompt at the console and real-root prompts by the person."""
+                  label: str, *, phases: int = 1,
+                  on_mark: tuple[str, Callable[[], object]] | None = None) -> Boot:
+    """Boot; answer the initramfs prompt at the console and real-root prompts by the person.
+
+    ``phases``: how many boots run this job disk in one QEMU process (2: a kexec between
+    them; the last one ends the process).  ``on_mark``: a line the first phase prints, and
+    what the host does as soon as it sees it (before that phase ends).  The host times at
+    which each ``VMTEST-BOOTED`` and ``VMTEST-DONE`` was seen go to the Boot's ``marks``.
+    """
     before = len(console.prompts) + len(person.prompts)
     started = time.monotonic()
     stop = threading.Event()
     threads: list[threading.Thread] = []
+    marks: dict[str, list[float]] = {"booted": [], "done": []}
     try:
         m.start(job_)
         threads.append(threading.Thread(target=console.watch, args=(stop,), daemon=True))
@@ -236,9 +254,15 @@ def run_root_boot(m: Machine, console: Console, person: Person, job_: GuestJob,
                                         daemon=True))
         for t in threads:
             t.start()
-        m.wait_for(BOOTED_RE, BOOT_TIMEOUT)
-        done = m.wait_for(DONE_RE, JOB_TIMEOUT + 60)
-        if done.group(2) != "none":
+        for phase in range(phases):
+            m.wait_for(BOOTED_RE, BOOT_TIMEOUT)
+            marks["booted"].append(time.monotonic())
+            if on_mark is not None and phase == 0:
+                m.wait_for(re.escape(on_mark[0]), JOB_TIMEOUT)
+                on_mark[1]()
+            done = m.wait_for(DONE_RE, JOB_TIMEOUT + 60)
+            marks["done"].append(time.monotonic())
+        if done.group(2) != "none" or phases > 1:
             m.wait_exit(JOB_TIMEOUT + 60)
     except BaseException:
         m.kill()
@@ -250,7 +274,7 @@ def run_root_boot(m: Machine, console: Console, person: Person, job_: GuestJob,
     text = m.console()
     results = [(r.name, r.passed, r.detail) for r in m.results()]
     prompts = len(console.prompts) + len(person.prompts) - before
-    boot = Boot(label, time.monotonic() - started, prompts, results, text)
+    boot = Boot(label, time.monotonic() - started, prompts, results, text, marks=marks)
     log.info("  %s: %.0f s, %d prompt(s) to the person, %s", label, boot.seconds, boot.prompts,
              ", ".join(f"{n} {'ok' if ok else 'FAILED'}" for n, ok, _ in results) or "no results")
     return boot
@@ -403,10 +427,155 @@ def scenario_root_tampered(images: RootImages, workdir: Path) -> Outcome:
     return out
 
 
+# Boot 2 of the kexec scenario: the efi chain's update boot, where the runner arms kexec
+# instead, and boot 3 after the kexec, on one job disk (a kexec keeps the QEMU process):
+# the phase file on the root disk says which; the job says its next action in out/action.
+KEXEC_PHASES = """
+phase_file = "/var/lib/kh-kexec-phase"
+def next_action(action):
+    with open(os.path.join(os.environ["VMTEST_OUT"], "action"), "w") as f:
+        f.write(action + "\\n")
+def open_at():
+    v = subprocess.run(["systemctl", "show", "--value", "-p", "ActiveEnterTimestampMonotonic",
+                        "systemd-cryptsetup@" + MAPPING + ".service"], capture_output=True,
+                       text=True).stdout.strip()
+    return int(v) / 1e6 if v.isdigit() else 0.0
+from keyhandoff import update
+wait_until(lambda: active("keyhandoff-finish.service"), 60)
+efivars = "/sys/firmware/efi/efivars"
+stash = lambda: [n for n in os.listdir(efivars) if n.startswith("KeyHandoffStash-")]
+boot_id = open("/proc/sys/kernel/random/boot_id").read().strip()
+if not os.path.exists(phase_file):
+    result("efi-restored", UUID in cached_volumes(), "boot 2: the efi chain kept the passphrase "
+           "for its next boot")
+    print("KH-OPEN-AT", f"{open_at():.2f}", flush=True)
+    release = os.uname().release
+    for name, dest in (("vmlinuz", f"/boot/vmlinuz-{release}"),
+                       ("initrd.img", f"/boot/initrd.img-{release}")):
+        shutil.copyfile(os.path.join(os.environ["VMTEST_JOB"], name), dest)
+        link = "/" + name
+        if os.path.lexists(link):
+            os.unlink(link)
+        os.symlink(dest.lstrip("/"), link)  # as Debian's linux-base keeps them
+    print("KH-VARS-SNAPSHOT", flush=True)  # the host copies OVMF_VARS now
+    time.sleep(3)
+    report = update.arm(reboot="kexec", ttl=timedelta(minutes=10), ask=None)
+    print(report.summary(), flush=True)
+    result("kexec-armed", report.channel == "kexec" and all(v.armed for v in report.volumes),
+           report.channel)
+    result("kexec-onetime-slot", onetime_tokens(DEVICE) == 1, "the kexec record's keyslot")
+    st = json.loads(subprocess.run(["keyhandoff", "status", "--json"], capture_output=True,
+                                   text=True).stdout)
+    kx = st.get("kexec", {})
+    result("kexec-loaded", kx.get("loaded") is True and kx.get("loaded_by_keyhandoff") is True,
+           f"status: {kx.get('next_kernel')}")
+    result("no-efi-record-1", stash() == [], "no record in the firmware")
+    from keyhandoff.newc import Archive
+    import stat as stat_mod
+    segment = len(Archive({"keyhandoff": (stat_mod.S_IFDIR | 0o700, b""),
+                           "keyhandoff/kexec-record": (0o400, bytes(127))}).to_bytes())
+    size = os.path.getsize(f"/boot/initrd.img-{release}")
+    print("KH-SEGMENT", size, segment, flush=True)
+    with open(phase_file, "w") as f:
+        f.write(boot_id)
+    os.sync()
+    next_action("kexec")
+else:
+    before = open(phase_file).read().strip()
+    os.unlink(phase_file)
+    result("kexec-new-boot", before != boot_id, f"boot id {before[:8]} -> {boot_id[:8]}")
+    result("kexec-root-on-luks", subprocess.run(["findmnt", "-n", "-o", "SOURCE", "/"],
+           capture_output=True, text=True).stdout.strip() == "/dev/mapper/" + MAPPING,
+           "the kernel the kexec started opened the root")
+    out = subprocess.run(["journalctl", "-b", "-o", "json", "_PID=1",
+                          "UNIT=keyhandoff-kexec-record.service"], capture_output=True,
+                         text=True).stdout
+    done = [json.loads(line).get("JOB_RESULT") for line in out.splitlines()]
+    result("kexec-record-moved", "done" in done,
+           "keyhandoff-kexec-record ran in the initramfs")
+    restored = [json.loads(line) for line in subprocess.run(
+        ["journalctl", "-b", "-o", "json", "-u", "keyhandoff-restore.service"],
+        capture_output=True, text=True).stdout.splitlines()]
+    said = [(e.get("MESSAGE"), e.get("KEYHANDOFF_CHANNEL")) for e in restored
+            if e.get("KEYHANDOFF_EVENT") == "RESTORED"]
+    result("kexec-restored", ("restored one-time keys for 1 volume(s)", "kexec") in said,
+           f"keyhandoff-restore said {said}")
+    print("KH-OPEN-AT", f"{open_at():.2f}", flush=True)
+    result("kexec-disarmed", not update.status()["armed"], "nothing armed any more")
+    result("kexec-no-onetime-left", onetime_tokens(DEVICE) == 0, "no one-time keyslot left")
+    result("kexec-record-gone", not os.path.exists("/run/keyhandoff/kexec-record"),
+           "the record file was taken")
+    result("no-efi-record-2", stash() == [], "no record in the firmware")
+    next_action("poweroff")
+"""
+
+
+def scenario_kexec(images: RootImages, workdir: Path) -> Outcome:
+    """dracut: type once, a full reboot from the EFI record, then kexec from a RAM segment."""
+    image, pw = images.get("dracut")
+    out = Outcome("kexec", expected_prompts=1)
+    m, console, person = _machine(image, workdir, pw)
+    kernel_files = {"vmlinuz": image.kernel.read_bytes(), "initrd.img": image.initrd.read_bytes()}
+    snapshot = workdir / "OVMF_VARS-before-kexec.fd"
+    try:
+        out.boots.append(run_root_boot(m, console, person, root_job(
+            ROOT_OPEN + WAIT_CAPTURED + KEPT_TYPED + arm(2, login=True) + NO_LEAK, pw,
+            action="reboot"), "boot 1 (person types in the initramfs; arm full)"))
+        phases = root_job("import shutil\n" + ROOT_OPEN + KEXEC_PHASES + NO_LEAK, pw,
+                          action="none")
+        phases.files.update(kernel_files)
+        out.boots.append(run_root_boot(
+            m, console, person, phases, "boot 2 (EFI record; arm kexec) + boot 3 (kexec)",
+            phases=2, on_mark=("KH-VARS-SNAPSHOT", lambda: shutil.copyfile(m.vars_file,
+                                                                            snapshot))))
+    finally:
+        m.kill()
+    out.check()
+    _kexec_figures(out, image)
+    if not snapshot.exists():
+        out.problems.append("OVMF_VARS was not copied before the kexec arming")
+    elif snapshot.read_bytes() != m.vars_file.read_bytes():
+        out.problems.append("OVMF_VARS changed between the kexec arming and the end: "
+                            "something wrote an EFI variable")
+    else:
+        out.notes.append(f"OVMF_VARS ({m.vars_file.stat().st_size:,} bytes) is byte for byte "
+                         "the same from before the kexec arming to the end")
+    _scan_vars(out, m.vars_file, pw)
+    _check_root_header(out, m)
+    return out
+
+
+def _kexec_figures(out: Outcome, image: RunImage) -> None:
+    """The reboot and kexec seconds, from the job's end to the root being open."""
+    if len(out.boots) < 2:
+        return
+    first, both = out.boots
+    opens = [float(x) for x in re.findall(r"KH-OPEN-AT ([0-9.]+)", both.console)]
+    booted = both.marks.get("booted", [])
+    ends = [*first.marks.get("done", []), *both.marks.get("done", [])[:1]]
+    uptimes = [float(x) for x in re.findall(r"VMTEST-BOOTED \S+ uptime=([0-9.]+)", both.console)]
+    if len(opens) == 2 and len(booted) == 2 and len(ends) == 2 and len(uptimes) == 2:
+        # the host saw VMTEST-BOOTED at booted[i]; the root opened (uptime - open) before
+        seconds = [booted[i] - (uptimes[i] - opens[i]) - ends[i] for i in range(2)]
+        out.notes.append(f"from the job's end to the root open: full reboot {seconds[0]:.1f} s "
+                         f"(QEMU restarted: firmware, kernel, initramfs), kexec "
+                         f"{seconds[1]:.1f} s; the root opened {opens[0]:.1f} s / "
+                         f"{opens[1]:.1f} s after each kernel's start")
+    else:
+        out.problems.append(f"kexec figures incomplete: opens {opens}, booted {booted}, "
+                            f"ends {ends}, uptimes {uptimes}")
+    for match in re.finditer(r"KH-SEGMENT (\d+) (\d+)", both.console):
+        size, segment = int(match.group(1)), int(match.group(2))
+        out.notes.append(f"the loaded initrd: {size:,} bytes of the distribution's initramfs + "
+                         f"{segment:,} bytes of keyhandoff's segment (padded to 4)")
+    _figures(out, image)
+
+
 ROOT_SCENARIOS: dict[str, Callable[[RootImages, Path], Outcome]] = {
     "root-full-reboot": scenario_root_full_reboot,
     "root-initramfs-tools": scenario_root_initramfs_tools,
     "root-tampered": scenario_root_tampered,
+    "kexec": scenario_kexec,
 }
 # The image each scenario boots (RootImages' key: the generator, or generator-flavour), for
 # every scenario of all_root_scenarios(): tests/vm puts the scenarios of one image on one
@@ -418,6 +587,7 @@ ROOT_GENERATOR: dict[str, str] = {
     "root-full-reboot": "dracut",
     "root-initramfs-tools": "initramfs-tools",
     "root-tampered": "dracut",
+    "kexec": "dracut",
 }
 
 

@@ -73,6 +73,12 @@ def parse_results(console: str) -> list[Result]:
     ]
 
 
+def _disk_bytes(tree: Path) -> int:
+    """JOB_DISK_BYTES, or room for what a big job carries (a kernel and its initramfs)."""
+    carried = sum(p.stat().st_size for p in tree.rglob("*") if p.is_file())
+    return max(JOB_DISK_BYTES, (carried + carried // 4 + JOB_DISK_BYTES) >> 20 << 20)
+
+
 def build_job_disk(job: GuestJob, workdir: Path) -> Path:
     """Write ``job`` into ``workdir/job/`` and pack it as ``workdir/job.img`` (ext4)."""
     tree = workdir / "job"
@@ -103,7 +109,7 @@ def build_job_disk(job: GuestJob, workdir: Path) -> Path:
             "-d",
             str(tree),
             str(image),
-            f"{JOB_DISK_BYTES >> 20}M",
+            f"{_disk_bytes(tree) >> 20}M",
         ],
         check=True,
         capture_output=True,
