@@ -159,7 +159,34 @@ static long kh_record_timeout(const struct khr_header *header)
     return left > RECORD_TIMEOUT ? RECORD_TIMEOUT : left < 1 ? 1 : (long)left;
 }
 
+/* Publish a record taken from its source, then remove the source (remove(source)); when
+ * the removal fails, invalidate the key and answer nothing: a record is never used while
+ * its source remains.  0 or -EPERM, said in the words given for the two failures. */
+static int kh_publish_and_remove(struct crypt_device *cd, const uint8_t *buf, size_t len,
+                                 const struct khr_header *header,
+                                 int (*remove)(const void *), const void *source,
+                                 const char *unpublished, const char *unremoved)
+{
+    int32_t serial = kh_publish(buf, len, kh_record_timeout(header));
+
+    if (serial < 0) {
+        kh_say(cd, unpublished);
+        return -EPERM;
+    }
+    if (remove(source) != 0) {
+        kh_keyctl(KEYCTL_INVALIDATE, (unsigned long)serial, 0, 0, 0);
+        kh_say(cd, unremoved);
+        return -EPERM;
+    }
+    return 0;
+}
+
 /* ------------------------------------------------------------------------- kexec file */
+
+static int kh_unlink_path(const void *path)
+{
+    return unlink((const char *)path);
+}
 
 /* The kexec channel's record: the file the initramfs moved out of the loaded initrd segment
  * ($KEYHANDOFF_KEXEC_RECORD, default /run/keyhandoff/kexec-record).  Read only when it is a
@@ -175,7 +202,6 @@ static long kh_take_kexec_file(struct crypt_device *cd, uint8_t *buf)
     size_t got = 0;
     ssize_t n;
     long rc;
-    int32_t serial;
     int fd;
 
     if (path == NULL || *path == '\0')
@@ -219,19 +245,11 @@ static long kh_take_kexec_file(struct crypt_device *cd, uint8_t *buf)
         rc = -EINVAL;
         goto out;
     }
-    serial = kh_publish(buf, got, kh_record_timeout(&header));
-    if (serial < 0) {
-        kh_say(cd, "cannot publish the kexec record in the keyring: not used");
-        rc = -EPERM;
+    rc = kh_publish_and_remove(cd, buf, got, &header, kh_unlink_path, path,
+                               "cannot publish the kexec record in the keyring: not used",
+                               "cannot remove the kexec record file: record not used");
+    if (rc != 0)
         goto out;
-    }
-    if (unlink(path) != 0) {
-        /* removed before use: a record that stays behind is never answered from */
-        kh_keyctl(KEYCTL_INVALIDATE, (unsigned long)serial, 0, 0, 0);
-        kh_say(cd, "cannot remove the kexec record file: record not used");
-        rc = -EPERM;
-        goto out;
-    }
     kh_say(cd, "record taken from the kexec segment's file");
     rc = (long)got;
 out:
@@ -291,6 +309,11 @@ static int kh_delete_variable(int dirfd)
         close(fd);
     }
     return unlinkat(dirfd, EFI_RECORD_FILE, 0);
+}
+
+static int kh_delete_variable_at(const void *dirfd)
+{
+    return kh_delete_variable(*(const int *)dirfd);
 }
 
 int64_t kh_now(void)
@@ -355,22 +378,11 @@ long kh_take_record(struct crypt_device *cd, uint8_t *buf)
     }
     n -= EFI_ATTR_LEN;
     memcpy(buf, raw + EFI_ATTR_LEN, (size_t)n);
-    {
-        int32_t serial = kh_publish(buf, (size_t)n, kh_record_timeout(&header));
-
-        if (serial < 0) {
-            kh_say(cd, "cannot publish the record in the keyring: not used");
-            rc = -EPERM;
-            goto out;
-        }
-        if (kh_delete_variable(dirfd) != 0) {
-            /* delete before use: a record that stays in NVRAM is never answered from */
-            kh_keyctl(KEYCTL_INVALIDATE, (unsigned long)serial, 0, 0, 0);
-            kh_say(cd, "cannot delete the EFI variable: record not used");
-            rc = -EPERM;
-            goto out;
-        }
-    }
+    rc = kh_publish_and_remove(cd, buf, (size_t)n, &header, kh_delete_variable_at, &dirfd,
+                               "cannot publish the record in the keyring: not used",
+                               "cannot delete the EFI variable: record not used");
+    if (rc != 0)
+        goto out;
     kh_say(cd, "record taken from the EFI variable");
     rc = (int)n;
 out:
