@@ -205,7 +205,7 @@ def arm(  # each is a caller's choice, all keyword-only
         raise ArmRefused("no volume to arm (no prompting entry in /etc/crypttab"
                          + (f"; skipped: {', '.join(n for n, _ in skipped)})" if skipped
                             else ")"))
-    channel.refuse(chosen)  # before anyone is asked for anything
+    channel.refuse(work, chosen)  # before anyone is asked for anything
     passphrases = gather(chosen, work.cache, ask, work.say)
     try:
         with statelock.held("arm", wait=lock_wait, progress=work.say):

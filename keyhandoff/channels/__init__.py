@@ -14,7 +14,7 @@ What a channel implements, in the order the runner meets it:
 ``availability()``
     Cheap, with no write to firmware or flash: whether this machine could use the channel,
     in words.  For ``status`` and for choosing.
-``refuse(targets)``
+``refuse(work, targets)``
     Before any passphrase is asked or read: raise :class:`~keyhandoff.errors.ArmRefused`
     or :class:`~keyhandoff.errors.ChannelUnavailable` when the channel cannot carry these
     volumes (this may test the firmware for real).
@@ -101,7 +101,7 @@ class Channel(Protocol):
         """Whether this machine could use the channel (no write to firmware or flash)."""
         ...
 
-    def refuse(self, targets: Sequence[Target]) -> None:
+    def refuse(self, work: Work, targets: Sequence[Target]) -> None:
         """Raise before any secret is read when these volumes cannot be carried."""
         ...
 

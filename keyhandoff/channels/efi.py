@@ -83,7 +83,7 @@ class EfiChannel:
         return Availability(available=True, detail="UEFI runtime variables present "
                             "(writability is tested when arming)")
 
-    def refuse(self, targets: Sequence[Target]) -> None:
+    def refuse(self, work: Work, targets: Sequence[Target]) -> None:  # noqa: ARG002
         """Refuse before asking: no writable EFI variables, or a LUKS1 volume."""
         from keyhandoff import efi
 

@@ -79,17 +79,18 @@ class KexecChannel(EfiChannel):
         return Availability(available=True,
                             detail=f"{detail} ({state.reason})" if state.reason else detail)
 
-    def refuse(self, targets: Sequence[Target]) -> None:
+    def refuse(self, work: Work, targets: Sequence[Target]) -> None:
         """Refuse before asking: no kexec here, no kernel to load, or a LUKS1 volume."""
         from keyhandoff import kexec
 
         state = kexec.state()
         if not state.possible:
             raise ChannelUnavailable(f"cannot carry a record across kexec: {state.reason}")
-        try:
-            kexec.next_kernel()
-        except KexecError as exc:
-            raise ChannelUnavailable(f"cannot carry a record across kexec: {exc}") from None
+        if work.kernel is None:  # a kernel a runner named was checked when it was named
+            try:
+                kexec.next_kernel()
+            except KexecError as exc:
+                raise ChannelUnavailable(f"cannot carry a record across kexec: {exc}") from None
         self._refuse_luks1(targets)
 
     def _store(self, work: Work, blob: bytes) -> None:

@@ -47,7 +47,7 @@ class KeyringChannel:
         """Always: the kernel keyring is there (whether systemd can soft-reboot is its own)."""
         return Availability(available=True, detail="the kernel keyring survives a soft reboot")
 
-    def refuse(self, targets: Sequence[Target]) -> None:
+    def refuse(self, work: Work, targets: Sequence[Target]) -> None:
         """Any LUKS volume can be carried."""
 
     def arm(self, work: Work, chain: Chain, targets: Sequence[Target],
