@@ -487,12 +487,14 @@ else:
     result("kexec-root-on-luks", subprocess.run(["findmnt", "-n", "-o", "SOURCE", "/"],
            capture_output=True, text=True).stdout.strip() == "/dev/mapper/" + MAPPING,
            "the kernel the kexec started opened the root")
-    out = subprocess.run(["journalctl", "-b", "-o", "json", "_PID=1",
-                          "UNIT=keyhandoff-kexec-record.service"], capture_output=True,
+    # PID 1's lines about the unit, by their text: it runs before journald in the initramfs,
+    # so its lines come from the kernel log, without the UNIT= and JOB_RESULT= fields
+    out = subprocess.run(["journalctl", "-b", "-o", "cat", "_PID=1"], capture_output=True,
                          text=True).stdout
-    done = [json.loads(line).get("JOB_RESULT") for line in out.splitlines()]
-    result("kexec-record-moved", "done" in done,
-           "keyhandoff-kexec-record ran in the initramfs")
+    lines = [x for x in out.splitlines() if "keyhandoff-kexec-record.service" in x]
+    result("kexec-record-moved", any(x.startswith("Finished keyhandoff-kexec-record.service")
+                                     for x in lines) and not any("skipped" in x for x in lines),
+           f"keyhandoff-kexec-record in the initramfs: {lines}")
     restored = [json.loads(line) for line in subprocess.run(
         ["journalctl", "-b", "-o", "json", "-u", "keyhandoff-restore.service"],
         capture_output=True, text=True).stdout.splitlines()]
