@@ -487,9 +487,9 @@ else:
     result("kexec-root-on-luks", subprocess.run(["findmnt", "-n", "-o", "SOURCE", "/"],
            capture_output=True, text=True).stdout.strip() == "/dev/mapper/" + MAPPING,
            "the kernel the kexec started opened the root")
-    # PID 1's lines about the unit, by their text: it runs before journald in the initramfs,
-    # so its lines come from the kernel log, without the UNIT= and JOB_RESULT= fields
-    out = subprocess.run(["journalctl", "-b", "-o", "cat", "_PID=1"], capture_output=True,
+    # the journal's lines about the unit, by their text: it runs before journald in the
+    # initramfs, so PID 1's lines come from the kernel log (no _PID=1, UNIT=, JOB_RESULT=)
+    out = subprocess.run(["journalctl", "-b", "-o", "cat", "--no-pager"], capture_output=True,
                          text=True).stdout
     lines = [x for x in out.splitlines() if "keyhandoff-kexec-record.service" in x]
     result("kexec-record-moved", any(x.startswith("Finished keyhandoff-kexec-record.service")
