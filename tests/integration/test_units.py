@@ -129,7 +129,7 @@ RuntimeDirectoryPreserve=yes
 # what the units that arm share: the EFI store, the disks, the immutable flag, and the
 # kexec channel's load (kexec_file_load, CAP_SYS_BOOT)
 ARMING = """
-ReadWritePaths=/sys/firmware/efi/efivars -/run/cryptsetup
+ReadWritePaths=-/sys/firmware/efi/efivars -/run/cryptsetup
 DevicePolicy=closed
 DeviceAllow=block-* rw
 SystemCallFilter=@system-service
@@ -175,7 +175,7 @@ CapabilityBoundingSet=
     "keyhandoff-schedule-shutdown.service": SHARED + RUNTIME_DIR + ARMING,
     "keyhandoff-schedule.service": SHARED + RUNTIME_DIR + ARMING,
     "keyhandoff-restore.service": SHARED + RUNTIME_DIR + """
-ReadWritePaths=/sys/firmware/efi/efivars -/run/cryptsetup
+ReadWritePaths=-/sys/firmware/efi/efivars -/run/cryptsetup
 RestrictAddressFamilies=AF_UNIX AF_NETLINK
 DevicePolicy=closed
 DeviceAllow=block-* rw
