@@ -23,7 +23,8 @@ from keyhandoff import crypttab, names
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-__all__ = ["BOOT_ID_PATH", "SOFT_REBOOT_SINCE", "THIS_HOST", "UPDATE_LINKS", "Host"]
+__all__ = ["BOOT_ID_PATH", "SHUTDOWN_TARGETS", "SOFT_REBOOT_SINCE", "THIS_HOST", "UPDATE_LINKS",
+           "Host"]
 
 #: Where the running kernel's boot id is read.
 BOOT_ID_PATH: Final = "/proc/sys/kernel/random/boot_id"
@@ -31,6 +32,10 @@ BOOT_ID_PATH: Final = "/proc/sys/kernel/random/boot_id"
 SOFT_REBOOT_SINCE: Final = 254
 #: The links that schedule an offline update (systemd.offline-updates(7)), below the root.
 UPDATE_LINKS: Final = ("system-update", "etc/system-update")
+#: The targets a shutdown starts (systemd.special(7)), and what each says is coming.
+SHUTDOWN_TARGETS: Final = {"soft-reboot.target": "soft-reboot", "kexec.target": "kexec",
+                           "reboot.target": "reboot", "poweroff.target": "poweroff",
+                           "halt.target": "halt"}
 
 
 def _systemd_update_target_active() -> bool:
@@ -65,6 +70,34 @@ def _systemd_version() -> int | None:
     return int(m.group(1)) if m else None
 
 
+def _systemd_coming_shutdown() -> str | None:
+    """What the queued shutdown is (a :data:`SHUTDOWN_TARGETS` value), or None.
+
+    Read from the manager's job list (``systemctl list-jobs``, over PID 1's private socket:
+    the system bus may be stopped already): every shutdown that stops units, whoever asked
+    for it (logind, ``systemctl``, a runner starting ``reboot.target`` itself), has a start
+    job for its target queued until those stops are done.  logind's
+    ``PrepareForShutdownWithMetadata`` says the same, but only for shutdowns logind makes.
+    """
+    if not _systemd_booted():
+        return None
+    try:
+        proc = subprocess.run(["systemctl", "list-jobs", "--no-legend", "--no-pager"],
+                              capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return coming_from_jobs(proc.stdout) if proc.returncode == 0 else None
+
+
+def coming_from_jobs(text: str) -> str | None:
+    """The shutdown ``systemctl list-jobs --no-legend`` shows queued (JOB UNIT TYPE STATE)."""
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) >= 3 and fields[2] == "start" and fields[1] in SHUTDOWN_TARGETS:
+            return SHUTDOWN_TARGETS[fields[1]]
+    return None
+
+
 def _systemd_booted() -> bool:
     """sd_booted(): systemd is the running init (``/run/systemd/system`` exists)."""
     return os.path.isdir("/run/systemd/system")
@@ -87,6 +120,8 @@ class Host:
     kexec_record_path: str = names.KEXEC_RECORD
     #: the mark that says the loaded kexec image is keyhandoff's
     kexec_mark_path: str = names.KEXEC_LOADED_MARK
+    #: the shutdown queued now (``"soft-reboot"``, ``"kexec"``, ``"reboot"``, ...), or None
+    coming_shutdown: Callable[[], str | None] = _systemd_coming_shutdown
 
     def boot_id(self) -> str:
         """The running boot's id (a soft reboot keeps it; kexec and a full reboot do not)."""
@@ -131,6 +166,19 @@ class Host:
     def in_update_boot(self) -> bool:
         """Whether this boot is an update boot (``system-update.target`` is active)."""
         return self.update_target_active()
+
+    def shutdown_coming(self) -> str | None:
+        """The shutdown being carried out now (see :func:`coming_from_jobs`), or None."""
+        return self.coming_shutdown()
+
+    def kexec_loaded_by_others(self) -> bool:
+        """Whether a kexec image is loaded that keyhandoff did not load (its mark is absent).
+
+        Read under :attr:`root` (``/sys/kernel/kexec_loaded``): a scratch root has none.
+        """
+        from keyhandoff import kexec  # noqa: PLC0415 (the compiled binding: only when asked)
+
+        return kexec.state(root=self.root).loaded and not os.path.exists(self.kexec_mark_path)
 
     def crypttab(self) -> list[crypttab.CrypttabEntry]:
         """Every entry of crypttab (an unreadable file is an empty one)."""

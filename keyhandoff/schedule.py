@@ -4,19 +4,29 @@ No runner has to call :func:`keyhandoff.update.arm`.  systemd's offline-update p
 (``systemd.offline-updates(7)``) has the runner create ``/system-update`` (or
 ``/etc/system-update``) before it reboots, and remove it in the update boot before the
 final reboot.  ``keyhandoff-schedule.path`` starts ``keyhandoff schedule`` whenever that
-link appears or goes, and :func:`reconcile` looks at the machine as it is then:
+link appears or goes, ``keyhandoff-schedule-shutdown.service`` runs it again when a
+shutdown stops it, and :func:`reconcile` looks at the machine as it is then:
 
 * an update is scheduled and nothing is armed (``[update] auto_arm``, on by default):
-  arm for ``boots=2`` (the update boot and the boot after it), through the ``full`` channel
-  or, with ``[update] reboot = "kexec"``, the ``kexec`` channel, from the
-  passphrases captured at boot, never asking anyone and waiting at most
-  :data:`LOCK_WAIT` seconds for the state lock.  The captured passphrases are then removed
-  from the cache (the record carries what the boots need).  The chain state records that
-  the arming was automatic and in which boot (:attr:`keyhandoff.chain.Chain.auto_boot`);
+  arm for ``boots=2`` (the update boot and the boot after it), from the passphrases
+  captured at boot, never asking anyone and waiting at most :data:`LOCK_WAIT` seconds for
+  the state lock.  The channel is the one for the reboot that follows (:func:`channel_for`):
+  ``full``, or with ``[update] reboot = "kexec"`` the ``kexec`` channel, while no shutdown
+  is under way; at a shutdown, the one for what the manager's job list says is coming
+  (:meth:`keyhandoff.host.Host.shutdown_coming`): ``soft`` for a soft reboot, ``kexec``
+  only for a kexec of keyhandoff's own loaded image, else ``full`` (an EFI variable lives
+  through a kexec of someone else's image, a reboot and a power-off).  The chain state
+  records that the arming was automatic and in which boot
+  (:attr:`keyhandoff.chain.Chain.auto_boot`);
+* the captured passphrases stay in the cache (under their own kernel timeout) until the
+  shutdown has been looked at: a soft reboot, known only then, needs them in the kernel
+  keyring.  At the shutdown an automatic chain of this boot that does not suit what is
+  coming is armed again for it, and then the captured passphrases are taken out of the
+  cache (the record carries what the boots need);
 * scheduled, but a volume's passphrase is not captured (or its capture expired): nothing
   is armed and nothing fails; the journal says so (``NOTHING_CAPTURED``, naming the
   volumes) and the boots will ask as usual;
-* something is armed already (a runner's arm, or an earlier reconcile): left alone;
+* something is armed already by a runner, or by an earlier boot: left alone;
 * not scheduled any more (the link removed: cancelled): disarm, but only a chain armed
   automatically in *this* boot.  A chain restored from an earlier boot is never touched:
   in the update boot the runner removes the link before its final reboot, and the chain's
@@ -33,6 +43,7 @@ no longer than it could have waited in the cache.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -48,10 +59,12 @@ from keyhandoff.host import THIS_HOST, Host
 from keyhandoff.journal import Event
 
 if TYPE_CHECKING:
-    from keyhandoff.chain import Chain, Reboot
+    from collections.abc import Sequence
 
-__all__ = ["BOOTS", "LOCK_WAIT", "REBOOT", "ScheduleReport", "last_report", "reconcile",
-           "status"]
+    from keyhandoff.chain import Chain, Reboot, Target
+
+__all__ = ["BOOTS", "LOCK_WAIT", "REBOOT", "ScheduleReport", "channel_for", "last_report",
+           "reconcile", "status"]
 
 #: Seconds to wait for another state change (a runner arming): never block for long.
 LOCK_WAIT: Final = 5.0
@@ -60,6 +73,29 @@ REBOOT: Final[Reboot] = "full"
 BOOTS: Final = 2
 #: The file, beside the state lock, that keeps the last outcome (no secret).
 REPORT_NAME: Final = "schedule"
+#: What the reboot that follows is called in words, by :meth:`Host.shutdown_coming`'s value.
+_COMING_WORDS: Final = {"soft-reboot": "a soft reboot", "kexec": "a kexec",
+                        "reboot": "a reboot", "poweroff": "a power-off", "halt": "a halt"}
+
+
+def channel_for(coming: str | None, conf: config_mod.Config, host: Host) -> Reboot:
+    """The channel an automatic arming uses when ``coming`` (None: no shutdown yet) follows.
+
+    ``soft`` for a soft reboot (the kernel keyring lives on; the root stays open).
+    ``kexec`` for the setting's kexec while no shutdown is under way, or for a coming kexec
+    of keyhandoff's own image; but never over a kexec image someone else loaded
+    (:meth:`Host.kexec_loaded_by_others`): that one is not replaced, and ``full``'s EFI
+    variable reaches the kernel it starts as it reaches a rebooted one.  ``full`` otherwise.
+    """
+    if coming == "soft-reboot":
+        return "soft"
+    if host.kexec_loaded_by_others():
+        return REBOOT
+    if coming is None:
+        return "kexec" if conf.auto_reboot == "kexec" else REBOOT
+    if coming == "kexec" and os.path.exists(host.kexec_mark_path):
+        return "kexec"
+    return REBOOT
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,20 +135,23 @@ def reconcile(*, host: Host = THIS_HOST, config: config_mod.Config | None = None
     """
     conf = config if config is not None else config_mod.load_for_boot("schedule")
     link = host.scheduled_update()
+    coming = host.shutdown_coming()
     if host.in_update_boot():
         return _told(ScheduleReport("update-boot", "this is an update boot "
                                     "(system-update.target is active): nothing to do",
                                     link), host)
     try:
         with statelock.held("schedule", wait=lock_wait):
-            report = _decide(host, conf, link, lock_wait)
+            report = _decide(host, conf, link, coming, lock_wait)
+            if coming is not None:
+                report = dataclasses.replace(report, extra={**report.extra, "coming": coming})
             _keep(report, host)
     except statelock.Busy as exc:
         report = ScheduleReport("busy", f"not looked at: {exc}", link, ok=False)
     return _told(report, host, kept=report.action != "busy")
 
 
-def _decide(host: Host, conf: config_mod.Config, link: str | None,
+def _decide(host: Host, conf: config_mod.Config, link: str | None, coming: str | None,
             lock_wait: float) -> ScheduleReport:
     cache = PassphraseCache()
     chain = chain_mod.load(cache)
@@ -123,6 +162,8 @@ def _decide(host: Host, conf: config_mod.Config, link: str | None,
     if link is None:
         return _cancelled(chain, boot, host, lock_wait)
     if chain is not None and chain.not_after > host.now():
+        if coming is not None and chain.auto_boot == boot:
+            return _at_shutdown(host, conf, link, coming, chain, cache, lock_wait)
         how = ("automatically in this boot" if chain.auto_boot == boot
                else "automatically in an earlier boot" if chain.auto_boot
                else "by an update runner")
@@ -130,6 +171,11 @@ def _decide(host: Host, conf: config_mod.Config, link: str | None,
                               f"handoff is armed already ({how}): left as it is", link,
                               tuple(t.name for t in chain.volumes),
                               extra={"armed_automatically": bool(chain.auto_boot)})
+    return _disabled(conf, link) or _arm(host, conf, link, cache, lock_wait, coming)
+
+
+def _disabled(conf: config_mod.Config, link: str) -> ScheduleReport | None:
+    """Why the configuration keeps this from arming, or None."""
     if conf.config_error is not None:  # fail-safe: a broken file must not turn arming on
         return ScheduleReport("disabled", f"an offline update is scheduled ({link}); "
                               f"{conf.config_error}: nothing is armed, the boots will ask",
@@ -138,7 +184,45 @@ def _decide(host: Host, conf: config_mod.Config, link: str | None,
         return ScheduleReport("disabled", f"an offline update is scheduled ({link}); automatic "
                               "arming is off ([update] auto_arm = false): the boots will ask",
                               link)
-    return _arm(host, conf, link, cache, lock_wait)
+    return None
+
+
+def _at_shutdown(host: Host, conf: config_mod.Config, link: str, coming: str, chain: Chain,
+                 cache: PassphraseCache, lock_wait: float) -> ScheduleReport:
+    """A shutdown is under way and this boot armed automatically: make it fit what is coming.
+
+    The chain's channel suits ``coming``: left as it is.  It does not (a soft reboot of a
+    ``full`` chain, a reboot of a ``kexec`` chain): armed again from the captured
+    passphrases, which supersedes it.  Either way the captured passphrases then leave the
+    cache.  Nothing captured any more: the chain stays, and the journal says what the boots
+    will do.
+    """
+    names = tuple(t.name for t in chain.volumes)
+    words = _COMING_WORDS.get(coming, coming)
+    want = channel_for(coming, conf, host)
+    if chain.reboot == want:
+        consumed = _consume(cache, chain.volumes)
+        return ScheduleReport("left-alone", f"{words} is coming and the handoff armed "
+                              f"automatically in this boot ({chain.channel}) carries over it: "
+                              "left as it is; the captured passphrase was taken out of the "
+                              "cache", link, names, extra={"armed_automatically": True,
+                                                            "consumed": consumed})
+    captured = {e.volume for e in cache.entries()}
+    refusal = _disabled(conf, link)
+    if refusal is not None or any(t.uuid not in captured for t in chain.volumes):
+        why = ("the configuration does not allow arming it again" if refusal is not None
+               else "the passphrase is no longer captured to arm it again")
+        return ScheduleReport("left-alone", f"{words} is coming, which the handoff armed "
+                              f"automatically in this boot ({chain.channel}) does not carry "
+                              f"over, and {why}: left as it is; the boots it does not reach "
+                              "will ask as usual", link, names,
+                              extra={"armed_automatically": True})
+    return _arm(host, conf, link, cache, lock_wait, coming)
+
+
+def _consume(cache: PassphraseCache, targets: Sequence[Target]) -> int:
+    """Take the captured passphrases of ``targets`` out of the cache (a record carries them)."""
+    return sum(cache.forget(t.uuid) for t in targets)
 
 
 def _cancelled(chain: Chain | None, boot: str, host: Host, lock_wait: float) -> ScheduleReport:
@@ -156,7 +240,7 @@ def _cancelled(chain: Chain | None, boot: str, host: Host, lock_wait: float) -> 
 
 
 def _arm(host: Host, conf: config_mod.Config, link: str, cache: PassphraseCache,
-         lock_wait: float) -> ScheduleReport:
+         lock_wait: float, coming: str | None) -> ScheduleReport:
     try:
         chosen = update.targets(host=host)
     except (KeyhandoffError, OSError) as exc:
@@ -175,7 +259,7 @@ def _arm(host: Host, conf: config_mod.Config, link: str, cache: PassphraseCache,
                               "capture expired): nothing is armed, the update's boots will "
                               "ask for the passphrase as usual", link, missing)
     ttl = max(60, min(conf.capture_timeout, int(update.MAX_TTL.total_seconds())))
-    reboot: Reboot = "kexec" if conf.auto_reboot == "kexec" else REBOOT
+    reboot = channel_for(coming, conf, host)
     try:
         report = update.arm(reboot=reboot, boots=BOOTS, ttl=timedelta(seconds=ttl),
                             login=conf.login_enabled, ask=None, lock_wait=lock_wait,
@@ -188,11 +272,18 @@ def _arm(host: Host, conf: config_mod.Config, link: str, cache: PassphraseCache,
         return ScheduleReport("refused", f"an offline update is scheduled ({link}); arming "
                               f"was refused: {exc}; the boots will ask as usual", link, names,
                               ok=False)
-    consumed = sum(cache.forget(t.uuid) for t in chosen)  # the record carries it now
+    if coming is not None:  # the record carries it now
+        consumed = _consume(cache, chosen)
+        kept = (f"{_COMING_WORDS.get(coming, coming)} is coming; the captured passphrase was "
+                "taken out of the cache")
+    else:  # a soft reboot, known only at the shutdown, would need it
+        consumed = 0
+        kept = ("the captured passphrase stays in the cache under its own timeout until the "
+                "shutdown says which reboot is coming")
     return ScheduleReport("armed", f"an offline update is scheduled ({link}): armed "
                           f"{len(chosen)} volume(s) for the update boot and the boot after "
-                          f"it via {report.channel}, until {_when(report.deadline)}; the captured "
-                          "passphrase was taken out of the cache", link, names,
+                          f"it via {report.channel}, until {_when(report.deadline)}; {kept}",
+                          link, names,
                           extra={"channel": report.channel, "boots": BOOTS,
                                  "deadline": report.deadline, "consumed": consumed})
 

@@ -39,8 +39,11 @@ with open(os.path.join(root, "etc", "crypttab"), "w") as f:
     f.write(f"data {img} none luks\\n")
 boot_file = os.path.join(state, "boot_id")
 in_update_target = [False]
+coming = [None]                                       # the shutdown queued: none yet
 host = Host(boot_id_path=boot_file, crypttab_path=os.path.join(root, "etc", "crypttab"),
-            root=root, update_target_active=lambda: in_update_target[0])
+            root=root, update_target_active=lambda: in_update_target[0],
+            coming_shutdown=lambda: coming[0],
+            kexec_mark_path=os.path.join(state, "run", "kexec-loaded"))
 cache = PassphraseCache()
 link = os.path.join(root, "system-update")
 out = {}
@@ -179,6 +182,64 @@ out["report"] = reconcile(auto_arm=False)
 out["chain"] = chain_now()
 out["cached_after"] = len(cache.entries())
 """,
+    "shutdown-soft": """
+capture()
+schedule_update()
+out["armed"] = reconcile()
+out["cached_armed"] = len(cache.entries())         # kept: a soft reboot would need it
+coming[0] = "soft-reboot"                           # the shutdown unit, at systemctl soft-reboot
+out["report"] = reconcile()
+out["chain"] = chain_now()
+out["cached_after"] = len(cache.entries())
+out["slots"] = onetime_slots()
+out["record"] = efi.RECORD_VARIABLE.exists()
+out["status"] = schedule.status(host=host, config=Config())
+""",
+    "shutdown-reboot": """
+capture()
+schedule_update()
+out["armed"] = reconcile()["action"]
+coming[0] = "reboot"
+out["report"] = reconcile()
+out["chain"] = chain_now()
+out["cached_after"] = len(cache.entries())
+out["slots"] = onetime_slots()
+out["record"] = efi.RECORD_VARIABLE.exists()
+""",
+    "shutdown-first": """
+capture()
+schedule_update()
+coming[0] = "soft-reboot"                           # the path unit never got to run
+out["report"] = reconcile()
+out["chain"] = chain_now()
+out["cached_after"] = len(cache.entries())
+out["slots"] = onetime_slots()
+out["record"] = efi.RECORD_VARIABLE.exists()
+""",
+    "shutdown-expired": """
+capture()
+schedule_update()
+out["armed"] = reconcile()["action"]
+cache.forget(update.targets(host=host)[0].uuid)     # the capture's own timeout ran out
+coming[0] = "soft-reboot"
+out["report"] = reconcile()
+out["chain"] = chain_now()
+out["slots"] = onetime_slots()
+out["record"] = efi.RECORD_VARIABLE.exists()
+""",
+    "foreign-kexec": """
+os.makedirs(os.path.join(root, "sys", "kernel"))
+with open(os.path.join(root, "sys", "kernel", "kexec_loaded"), "w") as f:
+    f.write("1\\n")                                 # someone else's image, no mark of ours
+capture()
+schedule_update()
+out["report"] = reconcile(auto_reboot="kexec")
+out["chain"] = chain_now()
+coming[0] = "kexec"
+out["at_kexec"] = reconcile(auto_reboot="kexec")
+out["cached_after"] = len(cache.entries())
+out["record"] = efi.RECORD_VARIABLE.exists()
+""",
     "kexec": """
 from keyhandoff import kexec
 capture()
@@ -222,13 +283,15 @@ def test_scheduled_and_captured_arms_full_for_two_boots(tmp_path, cache):
     assert report["ok"] is True
     assert report["channel"] == "efi"
     assert report["boots"] == 2
-    assert report["consumed"] == 1
+    assert report["consumed"] == 0                     # kept until the shutdown looks
+    assert "stays in the cache under its own timeout until the shutdown" in report["detail"]
+    assert "coming" not in report                      # no shutdown under way
     chain = out["chain"]
     assert chain["reboot"] == "full"
     assert chain["boots_left"] == 2
     assert chain["auto"] is True                       # armed automatically, in this boot
     assert 7200 - 5 <= chain["ttl"] <= 7200            # the policy's time, not the default
-    assert out["cached_after"] == []                   # the record carries it now
+    assert len(out["cached_after"]) == 1               # a soft reboot may still need it
     assert len(out["slots"]) == 1
     assert out["record"] is True
     assert out["again"] == "left-alone"                # a second run changes nothing
@@ -241,6 +304,78 @@ def test_scheduled_and_captured_arms_full_for_two_boots(tmp_path, cache):
     assert b"SCHEDULE an offline update is scheduled" in proc.stderr
     assert b"action=armed volumes=data" in proc.stderr
     assert opens(img, pw)
+
+
+def test_a_soft_reboot_coming_arms_the_keyring_channel_instead(tmp_path, cache):
+    """The shutdown unit sees soft-reboot.target queued: the EFI arming would not carry over
+    (a soft reboot keeps the boot id); the keyring channel replaces it, the record and the
+    one-time keyslot go, and the capture leaves the cache."""
+    pw = make("sched-soft")
+    out, proc, img = run("shutdown-soft", tmp_path, pw)
+    assert out["armed"]["channel"] == "efi"
+    assert out["cached_armed"] == 1
+    report = out["report"]
+    assert report["action"] == "armed", report
+    assert (report["channel"], report["coming"], report["consumed"]) == ("keyring",
+                                                                         "soft-reboot", 1)
+    assert "a soft reboot is coming; the captured passphrase was taken out" in report["detail"]
+    chain = out["chain"]
+    assert (chain["reboot"], chain["boots_left"], chain["auto"]) == ("soft", 2, True)
+    assert out["cached_after"] == 0
+    assert out["slots"] == []                          # the EFI arming's keyslot: superseded
+    assert out["record"] is False
+    assert out["status"]["last_action"] == "armed"
+    assert b"armed 1 volume(s) via keyring" in proc.stderr
+    assert opens(img, pw)
+
+
+def test_a_reboot_coming_keeps_the_efi_arming_and_drops_the_capture(tmp_path, cache):
+    out, _proc, _img = run("shutdown-reboot", tmp_path, make("sched-rb"))
+    assert out["armed"] == "armed"
+    report = out["report"]
+    assert (report["action"], report["coming"], report["consumed"]) == ("left-alone", "reboot",
+                                                                        1), report
+    said = "a reboot is coming and the handoff armed automatically in this boot (efi) carries"
+    assert said in report["detail"]
+    assert out["chain"]["reboot"] == "full"
+    assert out["cached_after"] == 0
+    assert len(out["slots"]) == 1
+    assert out["record"] is True
+
+
+def test_a_soft_reboot_coming_before_the_path_unit_ran_arms_it_at_once(tmp_path, cache):
+    out, _proc, _img = run("shutdown-first", tmp_path, make("sched-first"))
+    report = out["report"]
+    assert (report["action"], report["channel"], report["consumed"]) == ("armed", "keyring", 1)
+    assert out["chain"]["reboot"] == "soft"
+    assert (out["cached_after"], out["slots"], out["record"]) == (0, [], False)
+
+
+def test_a_soft_reboot_coming_after_the_capture_expired_leaves_the_efi_arming(tmp_path, cache):
+    out, _proc, _img = run("shutdown-expired", tmp_path, make("sched-exp"))
+    assert out["armed"] == "armed"
+    report = out["report"]
+    assert report["action"] == "left-alone", report
+    said = ("a soft reboot is coming, which the handoff armed automatically in this boot (efi) "
+            "does not carry over, and the passphrase is no longer captured")
+    assert said in report["detail"]
+    assert out["chain"]["reboot"] == "full"            # a later full boot still gets it
+    assert len(out["slots"]) == 1
+    assert out["record"] is True
+
+
+def test_a_kexec_image_someone_else_loaded_is_not_replaced(tmp_path, cache):
+    """``[update] reboot = "kexec"``, but a kexec image keyhandoff did not load is there:
+    the efi channel arms instead (its variable reaches the kernel that image starts)."""
+    out, _proc, _img = run("foreign-kexec", tmp_path, make("sched-foreign"))
+    report = out["report"]
+    assert (report["action"], report["channel"]) == ("armed", "efi"), report
+    assert out["chain"]["reboot"] == "full"
+    at_kexec = out["at_kexec"]
+    assert (at_kexec["action"], at_kexec["coming"], at_kexec["consumed"]) == ("left-alone",
+                                                                              "kexec", 1)
+    assert out["cached_after"] == 0
+    assert out["record"] is True
 
 
 def test_cancelled_schedule_disarms_what_it_armed(tmp_path, cache):

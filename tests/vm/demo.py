@@ -574,6 +574,97 @@ result("disarmed", not update.status()["armed"], "nothing armed any more")
     return out
 
 
+#: Close the data volume, so the next userspace has to open it again (an active one is not
+#: re-prompted at all), and clear systemd's own cache of what was typed: after a soft
+#: reboot, only keyhandoff can answer.
+CLOSE_DATA = """
+subprocess.run(["umount", "/data"], check=True)
+subprocess.run(["systemctl", "stop", "systemd-cryptsetup@data.service"], check=True)
+from keyhandoff.cache import SystemdCache
+SystemdCache().clear()
+result("closed", not os.path.exists("/dev/mapper/data"), "volume closed before soft-reboot")
+"""
+#: keyhandoff's own words about the schedule in this boot (soft reboots included).
+SCHEDULE_JOURNAL = """
+print(subprocess.run(["journalctl", "-b", "--no-pager", "-o", "short-monotonic",
+                      "-u", "keyhandoff-schedule*"],
+                     capture_output=True, text=True).stdout[-3000:], flush=True)
+"""
+
+
+def scenario_auto_soft_reboot(image: RunImage, workdir: Path) -> Outcome:
+    """A runner that schedules its update and soft-reboots, and never calls keyhandoff.
+
+    Boot 1: the person types; the runner makes ``/system-update`` and keyhandoff-schedule.path
+    arms ``full`` at once (no shutdown is under way yet).  ``systemctl soft-reboot``: the
+    shutdown unit sees ``soft-reboot.target`` queued and arms the keyring channel instead.
+    The update boot (same kernel) opens the volume unasked, and the runner soft-reboots
+    again after removing the link; the final userspace opens it unasked and nothing is left.
+    """
+    pw = make("demo-autosoft")
+    out = Outcome("auto-soft-reboot", expected_prompts=1)
+    m, person, data = _setup(image, workdir, pw)
+    body = WAIT_OPEN + """
+phase_file = "/run/kh-demo-phase"
+phase = open(phase_file).read() if os.path.exists(phase_file) else "schedule"
+from keyhandoff import schedule, update
+if phase == "schedule":
+""" + _indent(WAIT_CAPTURED + CLOSE_DATA + SCHEDULE_DEMO_UPDATE + """
+wait_until(lambda: (schedule.last_report() or {}).get("action") == "armed", 120)
+r = schedule.last_report() or {}
+result("armed-at-schedule", r.get("channel") == "efi" and "coming" not in r,
+       r.get("detail", "no outcome"))
+result("capture-kept", UUID in cached_volumes(), "kept for the shutdown to decide")
+open(phase_file, "w").write("update")
+subprocess.Popen(["systemctl", "soft-reboot", "--no-block"])   # the runner's reboot
+""") + """
+elif phase == "update":
+""" + _indent(LATENCY + """
+default = subprocess.run(["systemctl", "get-default"], capture_output=True, text=True)
+result("update-target", default.stdout.strip() == "system-update.target",
+       f"the update boot, entered by a soft reboot (default target {default.stdout.strip()})")
+r = schedule.last_report() or {}
+result("armed-at-shutdown", r.get("action") == "armed" and r.get("channel") == "keyring"
+       and r.get("coming") == "soft-reboot", r.get("detail", "no outcome"))
+st = update.status()
+result("soft-chain", st.get("reboot") == "soft" and st.get("boots_left") == 1, str(st))
+from keyhandoff import efi
+result("no-efi-record", not efi.RECORD_VARIABLE.exists(), "the EFI arming was superseded")
+result("no-onetime", onetime_tokens(DEVICE) == 0, "nor is its one-time keyslot left")
+with open("/data/update-applied", "w") as f:
+    f.write("applied\\n")
+os.sync()
+""" + SCHEDULE_JOURNAL + CLOSE_DATA + """
+os.unlink("/system-update")                                   # the runner, before its reboot
+open(phase_file, "w").write("final")
+subprocess.Popen(["systemctl", "soft-reboot", "--no-block"])
+""") + """
+else:
+""" + _indent(LATENCY + """
+default = subprocess.run(["systemctl", "get-default"], capture_output=True, text=True)
+result("final-boot", default.stdout.strip() != "system-update.target", default.stdout.strip())
+result("update-marker", os.path.exists("/data/update-applied"), "the update wrote into it")
+wait_until(lambda: active("keyhandoff-finish.service"), 60)
+result("disarmed", not update.status()["armed"], "nothing armed any more")
+result("capture-gone", UUID not in cached_volumes(), "no passphrase left in the cache")
+""" + NO_LEAK + """
+subprocess.Popen(["systemctl", "poweroff", "--no-block"])
+""")
+    try:
+        out.boots.append(run_boot(m, person, job(body, pw, action="none"),
+                                  "boot 1 + 2 soft reboots", phases=3))
+    finally:
+        m.kill()
+    out.check()
+    _latencies(out)
+    _check_data_image(out, data)
+    return out
+
+
+def _indent(code: str) -> str:
+    return "\n".join("    " + line for line in code.strip().splitlines()) + "\n"
+
+
 def scenario_unarmed_then_late(image: RunImage, workdir: Path) -> Outcome:
     pw = make("demo-late")
     out = Outcome("unarmed-then-late", expected_prompts=3)
@@ -622,6 +713,7 @@ result("armed", r.channel == "efi", r.channel)
 SCENARIOS: dict[str, Callable[[RunImage, Path], Outcome]] = {
     "full-reboot": scenario_full_reboot,
     "soft-reboot": scenario_soft_reboot,
+    "auto-soft-reboot": scenario_auto_soft_reboot,
     "unarmed-then-late": scenario_unarmed_then_late,
     "tampered": scenario_tampered,
 }

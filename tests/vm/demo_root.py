@@ -508,6 +508,11 @@ else:
     result("kexec-record-gone", not os.path.exists("/run/keyhandoff/kexec-record"),
            "the record file was taken")
     result("no-efi-record-2", stash() == [], "no record in the firmware")
+    # the firmware's runtime variables work after a kexec: keyhandoff's efi arming, which
+    # stands when the kexec image is someone else's, reaches a kernel started this way
+    listed = os.listdir(efivars)
+    result("efi-variables-after-kexec", any(n.startswith("BootOrder-") for n in listed),
+           f"{len(listed)} EFI variables listed by the kernel the kexec started")
     next_action("poweroff")
 """
 
