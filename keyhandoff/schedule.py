@@ -22,7 +22,8 @@ shutdown stops it, and :func:`reconcile` looks at the machine as it is then:
   shutdown has been looked at: a soft reboot, known only then, needs them in the kernel
   keyring.  At the shutdown an automatic chain of this boot that does not suit what is
   coming is armed again for it, and then the captured passphrases are taken out of the
-  cache (the record carries what the boots need);
+  cache (the record carries what the boots need; for a soft reboot the keyring channel
+  keeps them as they are, under the chain's deadline);
 * scheduled, but a volume's passphrase is not captured (or its capture expired): nothing
   is armed and nothing fails; the journal says so (``NOTHING_CAPTURED``, naming the
   volumes) and the boots will ask as usual;
@@ -51,8 +52,8 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Final
 
 from keyhandoff import chain as chain_mod
+from keyhandoff import channels, journal, statelock, timefmt, update
 from keyhandoff import config as config_mod
-from keyhandoff import journal, statelock, timefmt, update
 from keyhandoff.cache import PassphraseCache
 from keyhandoff.errors import ArmRefused, ChannelUnavailable, KeyhandoffError
 from keyhandoff.host import THIS_HOST, Host
@@ -201,12 +202,11 @@ def _at_shutdown(host: Host, conf: config_mod.Config, link: str, coming: str, ch
     words = _COMING_WORDS.get(coming, coming)
     want = channel_for(coming, conf, host)
     if chain.reboot == want:
-        consumed = _consume(cache, chain.volumes)
+        consumed, kept = _consume(cache, chain.volumes, want)
         return ScheduleReport("left-alone", f"{words} is coming and the handoff armed "
                               f"automatically in this boot ({chain.channel}) carries over it: "
-                              "left as it is; the captured passphrase was taken out of the "
-                              "cache", link, names, extra={"armed_automatically": True,
-                                                            "consumed": consumed})
+                              f"left as it is; {kept}", link, names,
+                              extra={"armed_automatically": True, "consumed": consumed})
     captured = {e.volume for e in cache.entries()}
     refusal = _disabled(conf, link)
     if refusal is not None or any(t.uuid not in captured for t in chain.volumes):
@@ -220,9 +220,18 @@ def _at_shutdown(host: Host, conf: config_mod.Config, link: str, coming: str, ch
     return _arm(host, conf, link, cache, lock_wait, coming)
 
 
-def _consume(cache: PassphraseCache, targets: Sequence[Target]) -> int:
-    """Take the captured passphrases of ``targets`` out of the cache (a record carries them)."""
-    return sum(cache.forget(t.uuid) for t in targets)
+def _consume(cache: PassphraseCache, targets: Sequence[Target],
+             reboot: Reboot) -> tuple[int, str]:
+    """Take the captured passphrases of ``targets`` out of the cache: a record carries them.
+
+    Not for ``soft``: the keyring channel keeps the passphrases as they are, the same keys
+    under the chain's deadline (:mod:`keyhandoff.channels.keyring`).  How many, and in words.
+    """
+    if channels.for_reboot(reboot).keeps_keyring:
+        return 0, ("the passphrase stays in the kernel keyring, under the chain's deadline, "
+                   "for the soft reboot")
+    return (sum(cache.forget(t.uuid) for t in targets),
+            "the captured passphrase was taken out of the cache")
 
 
 def _cancelled(chain: Chain | None, boot: str, host: Host, lock_wait: float) -> ScheduleReport:
@@ -272,10 +281,9 @@ def _arm(host: Host, conf: config_mod.Config, link: str, cache: PassphraseCache,
         return ScheduleReport("refused", f"an offline update is scheduled ({link}); arming "
                               f"was refused: {exc}; the boots will ask as usual", link, names,
                               ok=False)
-    if coming is not None:  # the record carries it now
-        consumed = _consume(cache, chosen)
-        kept = (f"{_COMING_WORDS.get(coming, coming)} is coming; the captured passphrase was "
-                "taken out of the cache")
+    if coming is not None:
+        consumed, kept = _consume(cache, chosen, reboot)
+        kept = f"{_COMING_WORDS.get(coming, coming)} is coming; {kept}"
     else:  # a soft reboot, known only at the shutdown, would need it
         consumed = 0
         kept = ("the captured passphrase stays in the cache under its own timeout until the "

@@ -188,9 +188,10 @@ schedule_update()
 out["armed"] = reconcile()
 out["cached_armed"] = len(cache.entries())         # kept: a soft reboot would need it
 coming[0] = "soft-reboot"                           # the shutdown unit, at systemctl soft-reboot
-out["report"] = reconcile()
+out["report"] = reconcile(wait_for_update=7200)
 out["chain"] = chain_now()
 out["cached_after"] = len(cache.entries())
+out["key_ttl"] = cache.entries()[0].seconds_left if cache.entries() else None
 out["slots"] = onetime_slots()
 out["record"] = efi.RECORD_VARIABLE.exists()
 out["status"] = schedule.status(host=host, config=Config())
@@ -317,11 +318,13 @@ def test_a_soft_reboot_coming_arms_the_keyring_channel_instead(tmp_path, cache):
     report = out["report"]
     assert report["action"] == "armed", report
     assert (report["channel"], report["coming"], report["consumed"]) == ("keyring",
-                                                                         "soft-reboot", 1)
-    assert "a soft reboot is coming; the captured passphrase was taken out" in report["detail"]
+                                                                         "soft-reboot", 0)
+    assert ("a soft reboot is coming; the passphrase stays in the kernel keyring, under the "
+            "chain's deadline") in report["detail"]
     chain = out["chain"]
     assert (chain["reboot"], chain["boots_left"], chain["auto"]) == ("soft", 2, True)
-    assert out["cached_after"] == 0
+    assert out["cached_after"] == 1                    # the chain's own: the same key
+    assert 7200 - 5 <= out["key_ttl"] <= 7200          # under the chain's deadline
     assert out["slots"] == []                          # the EFI arming's keyslot: superseded
     assert out["record"] is False
     assert out["status"]["last_action"] == "armed"
@@ -346,9 +349,9 @@ def test_a_reboot_coming_keeps_the_efi_arming_and_drops_the_capture(tmp_path, ca
 def test_a_soft_reboot_coming_before_the_path_unit_ran_arms_it_at_once(tmp_path, cache):
     out, _proc, _img = run("shutdown-first", tmp_path, make("sched-first"))
     report = out["report"]
-    assert (report["action"], report["channel"], report["consumed"]) == ("armed", "keyring", 1)
+    assert (report["action"], report["channel"], report["consumed"]) == ("armed", "keyring", 0)
     assert out["chain"]["reboot"] == "soft"
-    assert (out["cached_after"], out["slots"], out["record"]) == (0, [], False)
+    assert (out["cached_after"], out["slots"], out["record"]) == (1, [], False)
 
 
 def test_a_soft_reboot_coming_after_the_capture_expired_leaves_the_efi_arming(tmp_path, cache):
