@@ -307,8 +307,10 @@ result("auto-armed", settled and said and handoff.get("armed") is True
        and sched.get("armed_automatically_in_this_boot") is True,
        str(sched.get("last_detail")))
 result("onetime-slot", onetime_tokens(DEVICE) == 1, "the update boot's one-time keyslot")
-result("capture-consumed", UUID not in cached_volumes(),
-       "the captured passphrase left the cache: the record carries what the boots need")
+# kept until the shutdown unit knows which reboot is coming (a soft reboot needs it); the
+# reboot's shutdown then takes it out (keyhandoff-schedule-shutdown: "a reboot is coming")
+result("capture-kept", UUID in cached_volumes(),
+       "the captured passphrase waits in the cache, under its own timeout, for the shutdown")
 keyhandoff_journal("0", "boot-1")
 """.replace("@SCHEDULE@", SCHEDULE_ID)
 NOTHING_ARMED = """
