@@ -78,6 +78,12 @@ def chain_now():
 def boot():
     return host.boot_id()
 
+def snapshot():                 # what is armed, cached and written after a step
+    out["chain"] = chain_now()
+    out["cached_after"] = len(cache.entries())
+    out["slots"] = onetime_slots()
+    out["record"] = efi.RECORD_VARIABLE.exists()
+
 def reconcile(**conf):
     r = schedule.reconcile(host=host, config=Config(**conf))
     return r.as_dict()
@@ -202,20 +208,14 @@ schedule_update()
 out["armed"] = reconcile()["action"]
 coming[0] = "reboot"
 out["report"] = reconcile()
-out["chain"] = chain_now()
-out["cached_after"] = len(cache.entries())
-out["slots"] = onetime_slots()
-out["record"] = efi.RECORD_VARIABLE.exists()
+snapshot()
 """,
     "shutdown-first": """
 capture()
 schedule_update()
 coming[0] = "soft-reboot"                           # the path unit never got to run
 out["report"] = reconcile()
-out["chain"] = chain_now()
-out["cached_after"] = len(cache.entries())
-out["slots"] = onetime_slots()
-out["record"] = efi.RECORD_VARIABLE.exists()
+snapshot()
 """,
     "shutdown-expired": """
 capture()
