@@ -136,11 +136,11 @@ def reconcile(*, host: Host = THIS_HOST, config: config_mod.Config | None = None
     """
     conf = config if config is not None else config_mod.load_for_boot("schedule")
     link = host.scheduled_update()
-    coming = host.shutdown_coming()
     if host.in_update_boot():
         return _told(ScheduleReport("update-boot", "this is an update boot "
                                     "(system-update.target is active): nothing to do",
                                     link), host)
+    coming = host.shutdown_coming()  # not asked in an update boot, which does nothing
     try:
         with statelock.held("schedule", wait=lock_wait):
             report = _decide(host, conf, link, coming, lock_wait)
@@ -217,7 +217,7 @@ def _at_shutdown(host: Host, conf: config_mod.Config, link: str, coming: str, ch
                               f"over, and {why}: left as it is; the boots it does not reach "
                               "will ask as usual", link, names,
                               extra={"armed_automatically": True})
-    return _arm(host, conf, link, cache, lock_wait, coming)
+    return _arm(host, conf, link, cache, lock_wait, coming, want)
 
 
 def _consume(cache: PassphraseCache, targets: Sequence[Target],
@@ -249,7 +249,8 @@ def _cancelled(chain: Chain | None, boot: str, host: Host, lock_wait: float) -> 
 
 
 def _arm(host: Host, conf: config_mod.Config, link: str, cache: PassphraseCache,
-         lock_wait: float, coming: str | None) -> ScheduleReport:
+         lock_wait: float, coming: str | None, reboot: Reboot | None = None) -> ScheduleReport:
+    """Arm through ``reboot`` (:func:`channel_for` when the caller has not chosen already)."""
     try:
         chosen = update.targets(host=host)
     except (KeyhandoffError, OSError) as exc:
@@ -268,7 +269,7 @@ def _arm(host: Host, conf: config_mod.Config, link: str, cache: PassphraseCache,
                               "capture expired): nothing is armed, the update's boots will "
                               "ask for the passphrase as usual", link, missing)
     ttl = max(60, min(conf.capture_timeout, int(update.MAX_TTL.total_seconds())))
-    reboot = channel_for(coming, conf, host)
+    reboot = reboot or channel_for(coming, conf, host)
     try:
         report = update.arm(reboot=reboot, boots=BOOTS, ttl=timedelta(seconds=ttl),
                             login=conf.login_enabled, ask=None, lock_wait=lock_wait,
