@@ -171,6 +171,13 @@ class Host:
         """The shutdown being carried out now (see :func:`coming_from_jobs`), or None."""
         return self.coming_shutdown()
 
+    def kexec_image_ours(self) -> bool:
+        """Whether keyhandoff loaded the kexec image in the kernel: its mark is there.
+
+        The mark lives in ``/run`` (a kexec or a reboot empties it) and goes at an unload.
+        """
+        return os.path.exists(self.kexec_mark_path)
+
     def kexec_loaded_by_others(self) -> bool:
         """Whether a kexec image is loaded that keyhandoff did not load (its mark is absent).
 
@@ -178,7 +185,7 @@ class Host:
         """
         from keyhandoff import kexec  # noqa: PLC0415 (the compiled binding: only when asked)
 
-        return kexec.state(root=self.root).loaded and not os.path.exists(self.kexec_mark_path)
+        return kexec.state(root=self.root).loaded and not self.kexec_image_ours()
 
     def crypttab(self) -> list[crypttab.CrypttabEntry]:
         """Every entry of crypttab (an unreadable file is an empty one)."""

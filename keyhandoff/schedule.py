@@ -94,7 +94,7 @@ def channel_for(coming: str | None, conf: config_mod.Config, host: Host) -> Rebo
         return REBOOT
     if coming is None:
         return "kexec" if conf.auto_reboot == "kexec" else REBOOT
-    if coming == "kexec" and os.path.exists(host.kexec_mark_path):
+    if coming == "kexec" and host.kexec_image_ours():
         return "kexec"
     return REBOOT
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 
 from keyhandoff.host import SHUTDOWN_TARGETS, Host, coming_from_jobs
+from keyhandoff.schedule import _COMING_WORDS
 
 SOFT_REBOOT_JOBS = """\
 1462 soft-reboot.target                  start waiting
@@ -41,8 +42,14 @@ def test_the_host_asks_its_callable(tmp_path):
     (tmp_path / "sys/kernel").mkdir(parents=True)
     (tmp_path / "sys/kernel/kexec_loaded").write_text("1\n")
     assert host.kexec_loaded_by_others() is True           # loaded, and no mark of ours
+    assert host.kexec_image_ours() is False
     (tmp_path / "mark").write_text("boot\n")
+    assert host.kexec_image_ours() is True
     assert host.kexec_loaded_by_others() is False          # ours
     (tmp_path / "sys/kernel/kexec_loaded").write_text("0\n")
     (tmp_path / "mark").unlink()
     assert host.kexec_loaded_by_others() is False          # nothing loaded
+
+
+def test_every_shutdown_the_job_list_names_has_words_in_the_report():
+    assert set(_COMING_WORDS) == set(SHUTDOWN_TARGETS.values())
