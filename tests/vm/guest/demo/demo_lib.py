@@ -170,10 +170,33 @@ def keyring_locked() -> bool | None:
                       LOGIN_COLLECTION, "org.freedesktop.Secret.Collection", "Locked"])
     words = done.stdout.decode(errors="replace").split()
     if done.returncode != 0 or len(words) != 2 or words[0] != "b":
-        print(f"KH-GKR busctl rc={done.returncode}: "
-              f"{done.stderr.decode(errors='replace').strip()[-300:]}", flush=True)
+        print(f"KH-GKR busctl rc={done.returncode}: {_own_error(done)}", flush=True)
         return None
     return words[1] == "true"
+
+
+def _own_error(done: subprocess.CompletedProcess) -> str:
+    """The command's own error line: stderr without keyctl's "Joined session keyring" line."""
+    lines = [line for line in done.stderr.decode(errors="replace").splitlines()
+             if line.strip() and not line.startswith("Joined session keyring")]
+    return " / ".join(lines)[-300:]
+
+
+def secret_collections() -> list[str]:
+    """The Secret Service's ``Collections`` property: the collections the daemon holds now.
+
+    gnome-keyring-daemon computes it from its PKCS#11 store at each read
+    (``gkd_secret_service_skeleton_get_property``), so it lists a collection that has no
+    object on the bus yet (see :func:`keyring_login`'s ``created``).
+    """
+    done = as_person(["busctl", "--user", "get-property", "org.freedesktop.secrets",
+                      "/org/freedesktop/secrets", "org.freedesktop.Secret.Service",
+                      "Collections"])
+    words = done.stdout.decode(errors="replace").split()
+    if done.returncode != 0 or len(words) < 2 or words[0] != "ao":
+        print(f"KH-GKR busctl rc={done.returncode}: {_own_error(done)}", flush=True)
+        return []
+    return [word.strip('"') for word in words[2:]]
 
 
 def store_item() -> bool:
@@ -241,21 +264,28 @@ REFUSED_SAID = ("gkr-pam: the password for the login keyring was invalid.",
                 "failed to unlock login keyring on startup")
 
 
-def keyring_login(service: str) -> tuple[bool | None, list[str]]:
+def keyring_login(service: str, *, created: bool = False) -> tuple[bool | None, list[str]]:
     """A fresh login through ``service``: (the collection's Locked, the keyring's journal lines).
 
-    The daemon is stopped first, so nothing from an earlier login is unlocked already.
+    The daemon is stopped first, so nothing from an earlier login is unlocked already; the
+    control socket starts a new one when pam_gnome_keyring's session half connects.
+
+    ``created``: this login creates the login keyring.  The daemon then has no object for it
+    on the bus until it starts again: its Secret Service puts collections on the bus when it
+    starts (``gkd_secret_service_init_collections``) and when one is created over D-Bus, but
+    pam_gnome_keyring's unlock creates it in the PKCS#11 store (``gkd-login.c``,
+    ``create_login_keyring``), so ``Locked`` is not asked for; :func:`secret_collections` lists it.
     """
     stop_keyring_daemon()
     cursor = journal_cursor()
     pam_said = pam_session(service)
     wait_until(lambda: any(w in line for line in keyring_messages(cursor)
                            for w in UNLOCKED_SAID + REFUSED_SAID), 15)
-    # The login collection appears on the bus once the D-Bus-activated "--start" daemon has
-    # joined the one pam_gnome_keyring started; on a first login (the keyring being created)
-    # that took longer under TCG than one call: ask until it answers, bounded.
-    wait_until(lambda: keyring_locked() is not None, 60, step=2)
-    locked = keyring_locked()
+    locked = None
+    if not created:
+        # a slow guest (TCG) may answer after the journal line: ask until it does, bounded
+        wait_until(lambda: keyring_locked() is not None, 60, step=2)
+        locked = keyring_locked()
     lines = keyring_messages(cursor)
     print(f"KH-GKR {service}: Locked={locked}; pamtester: {pam_said!r}", flush=True)
     for line in lines:
