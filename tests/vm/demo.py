@@ -266,12 +266,13 @@ result("person-session", start_person_session(),
 fresh = not os.path.exists(LOGIN_KEYRING)
 _, lines = keyring_login("kh-gkr-gdm", created=True)
 held = wait_until(lambda: LOGIN_COLLECTION in secret_collections(), 30, step=2)
+on_bus = keyring_locked()  # reported: None (busctl's error printed) until the daemon restarts
 os.sync()
 written = wait_until(lambda: os.path.exists(LOGIN_KEYRING), 30)
 result("gnome-keyring-created", fresh and written and held and said(lines, UNLOCKED_SAID),
        f"first autologin made the login keyring from pam_gdm's PAM_AUTHTOK (none before: "
        f"{fresh}; {LOGIN_KEYRING} written: {written}; in the Secret Service's Collections: "
-       f"{held})")
+       f"{held}; its object on the bus in this daemon: {on_bus is not None})")
 locked, lines = keyring_login("kh-gkr-gdm")
 stored = locked is False and store_item()
 result("gnome-keyring-item-stored", stored and said(lines, UNLOCKED_SAID),
